@@ -1,0 +1,126 @@
+// Adam / AdamW as one per-element functor, shared by the CPU twin (csrc/cpu/adam.cpp) and the CUDA kernel
+// (csrc/cuda/adam.cu). The Triton kernel (kernels/adam.py) and the reference (dlcore/ops/adam.py) compute the
+// same function in the same order.
+//
+//   g  ← ±g / grad_scale                        (maximize flips the sign; GradScaler's scale undone here)
+//   g  ← g + wd·θ                               (Adam: L2 penalty folded into the gradient)
+//   θ  ← θ·(1 − lr·wd)                          (AdamW: decoupled decay)
+//   m  ← m + (1 − β1)(g − m)                    (= β1 m + (1 − β1) g, written as torch's lerp)
+//   v  ← β2 v + (1 − β2) g²
+//   v̂  ← max(v̂, v) if amsgrad else v
+//   θ  ← θ − (lr / (1 − β1ᵗ)) · m / (√v̂ / √(1 − β2ᵗ) + ε)
+//
+// The multi-tensor tables (built once per parameter set by dlcore/_multi_tensor.py):
+//   ptrs   int64 [n_tensors, 6]  addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master (0 = none)
+//   numels int64 [n_tensors]
+//   scal   fp32  [n_tensors, 4]  lr, step_size = lr / (1 − β1ᵗ), bc2_sqrt = √(1 − β2ᵗ), t
+//   chunks int64 [n_chunks, 2]   (tensor index, first element) of each chunk of chunk_size elements
+#pragma once
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/dtype.h"
+
+namespace dlcore {
+
+enum AdamSlot : int { kParam = 0, kGrad = 1, kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kMaster = 5, kSlots = 6 };
+constexpr int kScalars = 4;
+
+struct AdamHyper {
+  float beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+  uint32_t seed;
+};
+
+// Per-tensor coefficients, derived once per chunk from the group's hyper-parameters and the tensor's scalars.
+struct AdamCoef {
+  float grad_mult, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
+  uint32_t key;  // stochastic-rounding stream of this (seed, tensor, step)
+};
+
+DL_HD AdamCoef adam_coef(const AdamHyper& h, const float* scal, int64_t tensor, float grad_scale) {
+  AdamCoef c;
+  const float lr = scal[0];
+  c.grad_mult = (h.maximize ? -1.0f : 1.0f) / grad_scale;
+  c.l2 = h.decoupled ? 0.0f : h.weight_decay;
+  c.decay = h.decoupled ? 1.0f - lr * h.weight_decay : 1.0f;
+  c.one_minus_beta1 = 1.0f - h.beta1;
+  c.beta2 = h.beta2;
+  c.one_minus_beta2 = 1.0f - h.beta2;
+  c.step_size = scal[1];
+  c.bc2_sqrt = scal[2];
+  c.eps = h.eps;
+  c.key = mix32(h.seed ^ mix32(uint32_t(tensor) * 0x9E3779B9u + uint32_t(scal[3])));
+  return c;
+}
+
+template <int PD, int SD, bool AMS, bool MASTER>
+struct AdamElement {
+  using PT = typename Storage<PD>::T;
+  using ST = typename Storage<SD>::T;
+  PT* __restrict__ p;
+  const PT* __restrict__ g;
+  ST* __restrict__ m;
+  ST* __restrict__ v;
+  ST* __restrict__ vmax;
+  float* __restrict__ master;
+
+  DL_HD void operator()(int64_t i, const AdamCoef& c) const {
+    float theta = MASTER ? master[i] : Storage<PD>::load(p[i]);
+    float grad = Storage<PD>::load(g[i]) * c.grad_mult;
+    grad += c.l2 * theta;
+    theta *= c.decay;
+    float mf = Storage<SD>::load(m[i]);
+    mf += c.one_minus_beta1 * (grad - mf);
+    float vf = c.beta2 * Storage<SD>::load(v[i]) + c.one_minus_beta2 * grad * grad;
+    float vhat = vf;
+    if (AMS) vhat = fmaxf(Storage<SD>::load(vmax[i]), vf);
+    const float denom = sqrtf(vhat) / c.bc2_sqrt + c.eps;
+    theta -= c.step_size * (mf / denom);
+    // One hash per element gives both 16-bit rounding streams (low half: exp_avg, high half: exp_avg_sq).
+    const uint32_t r = mix32(uint32_t(i) ^ c.key);
+    m[i] = Storage<SD>::store_sr(mf, r);
+    v[i] = Storage<SD>::store_sr(vf, r >> 16);
+    if (AMS) vmax[i] = Storage<SD>::store_sr(vhat, r >> 16);
+    if (MASTER) master[i] = theta;
+    p[i] = Storage<PD>::store(theta);
+  }
+};
+
+template <int PD, int SD, bool AMS, bool MASTER>
+DL_HD AdamElement<PD, SD, AMS, MASTER> adam_element(const int64_t* row) {
+  using E = AdamElement<PD, SD, AMS, MASTER>;
+  return E{reinterpret_cast<typename E::PT*>(row[kParam]), reinterpret_cast<const typename E::PT*>(row[kGrad]),
+           reinterpret_cast<typename E::ST*>(row[kExpAvg]), reinterpret_cast<typename E::ST*>(row[kExpAvgSq]),
+           reinterpret_cast<typename E::ST*>(row[kMaxExpAvgSq]), reinterpret_cast<float*>(row[kMaster])};
+}
+
+// Compile-time variants come from one table: every (param dtype, state dtype, amsgrad, master) combination.
+template <int V> using IntC = std::integral_constant<int, V>;
+
+template <class F> void dispatch_dtype(int code, const char* what, F&& f) {
+  switch (code) {
+    case kF32: f(IntC<kF32>{}); break;
+    case kBF16: f(IntC<kBF16>{}); break;
+    case kF16: f(IntC<kF16>{}); break;
+    default: throw std::invalid_argument(std::string("dlcore: unsupported dtype code for ") + what);
+  }
+}
+
+template <class F> void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+// f is called as f(IntC<PD>, IntC<SD>, bool_constant<AMS>, bool_constant<MASTER>).
+template <class F> void dispatch_adam(int param_dtype, int state_dtype, bool amsgrad, bool master, F&& f) {
+  dispatch_dtype(param_dtype, "param", [&](auto pd) {
+    dispatch_dtype(state_dtype, "state", [&](auto sd) {
+      dispatch_bool(amsgrad, [&](auto ams) { dispatch_bool(master, [&](auto mw) { f(pd, sd, ams, mw); }); });
+    });
+  });
+}
+
+}  // namespace dlcore

@@ -1,0 +1,26 @@
+"""The compiled extensions, loaded once. A missing or broken build is recorded with its reason (shown by
+`dlcore info` and in the error a user gets when asking for that backend), never hidden."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# Dtype codes shared with csrc/common/dtype.h (enum DType).
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(name), None
+    except ImportError as exc:  # not built, or built for another Python
+        return None, f"{name} could not be imported: {exc}"
+
+
+cpu, cpu_error = _load("dlcore._C_cpu")
+cuda, cuda_error = _load("dlcore._C_cuda")
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current torch stream on `device` as the integer the CUDA extension takes."""
+    return torch.cuda.current_stream(device).cuda_stream

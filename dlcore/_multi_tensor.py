@@ -1,0 +1,65 @@
+"""Multi-tensor launch plans, shared by every multi-tensor op (apex's multi_tensor_apply, as tables).
+
+A plan holds, on the tensors' device:
+  ptrs   int64 [n_tensors, n_slots]  one address per slot (0 for an absent optional tensor)
+  numels int64 [n_tensors]
+  chunks int64 [n_chunks, 2]         (tensor index, first element) of every chunk of `chunk_size` elements
+so one launch covers every tensor of a group whatever their sizes. Plans are cached by the addresses they hold
+and rebuilt only when an address changes (e.g. gradients re-allocated after zero_grad(set_to_none=True)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Plan:
+    ptrs: torch.Tensor
+    numels: torch.Tensor
+    chunks: torch.Tensor
+    n_chunks: int
+    chunk_size: int
+    key: tuple
+
+
+def _address(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def build_plan(slots: Sequence[Sequence[Optional[torch.Tensor]]], chunk_size: int, device: torch.device,
+               key: Optional[tuple] = None) -> Plan:
+    """`slots[s][i]` is tensor i's tensor for slot s (None where the slot is unused)."""
+    n = len(slots[0])
+    numels = [t.numel() for t in slots[0]]
+    if key is None:
+        key = plan_key(slots, chunk_size)
+    ptr_rows = [[_address(slot[i]) for slot in slots] for i in range(n)]
+    chunk_rows = [(i, start) for i, numel in enumerate(numels) for start in range(0, numel, chunk_size)]
+    host = dict(
+        ptrs=torch.tensor(ptr_rows, dtype=torch.int64).reshape(n, len(slots)),
+        numels=torch.tensor(numels, dtype=torch.int64),
+        chunks=torch.tensor(chunk_rows, dtype=torch.int64).reshape(len(chunk_rows), 2),
+    )
+    on_device = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+    return Plan(**on_device, n_chunks=len(chunk_rows), chunk_size=chunk_size, key=key)
+
+
+def plan_key(slots, chunk_size: int) -> tuple:
+    # Addresses alone are not enough: a freed tensor's address can come back holding a tensor of another size.
+    return (chunk_size,) + tuple(_address(t) for slot in slots for t in slot) + tuple(t.numel() for t in slots[0])
+
+
+class PlanCache:
+    """Remembers the last plan built for one group of tensors."""
+
+    def __init__(self):
+        self._plan: Optional[Plan] = None
+
+    def get(self, slots, chunk_size: int, device: torch.device) -> Plan:
+        key = plan_key(slots, chunk_size)
+        if self._plan is None or self._plan.key != key:
+            self._plan = build_plan(slots, chunk_size, device, key)
+        return self._plan

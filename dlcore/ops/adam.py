@@ -1,0 +1,279 @@
+"""Fused Adam / AdamW: the plain-PyTorch reference, the four backends behind the dispatch point, and the
+functional entry point ``dlcore.functional.adam`` (torch.optim.adam.adam's list-of-tensors form).
+
+The math (csrc/common/adam.h has it with the formulas) is one table-driven multi-tensor step:
+  slots    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGrad), master (fp32 copy of low-precision params)
+  scal     fp32 [n, 4] per tensor: lr, lr / (1 − β1ᵗ), √(1 − β2ᵗ), t   (on the device when capturable)
+Every backend's launcher has the signature of `reference_launch`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from dlcore import _dispatch, _ext
+from dlcore._multi_tensor import PlanCache
+
+OP = "adam"
+SLOTS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_CHUNK = 1 << 16   # elements per OpenMP task: large enough to amortise scheduling, small enough to balance
+CUDA_CHUNK = 1 << 14  # elements per CUDA block (512 threads × 32)
+_M32 = 0xFFFFFFFF
+
+_dispatch.define_op(OP, gpu_order=("cuda", "triton"))  # not yet measured on a GPU: CUDA C++ first
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    maximize: bool
+    seed: int = 0  # stochastic-rounding stream (bf16 state only), < 2**31
+
+
+def scalar_table(lr: Union[float, torch.Tensor], beta1: float, beta2: float, steps: Sequence[torch.Tensor],
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-tensor [lr, lr/(1−β1ᵗ), √(1−β2ᵗ), t]. Computed on the host from CPU step counters, or with tensor ops
+    on the device when the steps (and lr) live there (capturable: no host sync, CUDA-graph safe)."""
+    if steps[0].device.type == "cpu" and not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu"):
+        lr_f = float(lr)
+        rows = []
+        for s in steps:
+            t = float(s)
+            rows.append((lr_f, lr_f / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), t))
+        return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
+    t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=dtype)
+    lr_t = torch.as_tensor(lr, device=device, dtype=dtype).reshape(()).expand_as(t)
+    step_size = lr_t / (1.0 - torch.pow(beta1, t))
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t))
+    return torch.stack([lr_t, step_size, bc2_sqrt, t], dim=1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, float64-capable): the test oracle and the `reference` backend.
+# ---------------------------------------------------------------------------------------------------------------
+def mix32(x):
+    """lowbias32 on Python ints or int64 tensors (low 32 bits), as csrc/common/dtype.h."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _store(value: torch.Tensor, dtype: torch.dtype, random16: Optional[torch.Tensor]) -> torch.Tensor:
+    """Round fp32 `value` to `dtype`: stochastically for bf16 state (random16 given), else to nearest."""
+    if random16 is None or dtype != torch.bfloat16:
+        return value.to(dtype)
+    bits = value.view(torch.int32).to(torch.int64) & _M32
+    rounded = (((bits + random16) & 0xFFFF0000) - ((bits + random16) & 0x80000000) * 2).to(torch.int32)
+    sr = rounded.view(torch.float32)
+    return torch.where(torch.isfinite(value), sr, value).to(torch.bfloat16)
+
+
+def reference_launch(slots, scal, hyper: AdamHyper, *, param_dtype, state_dtype, amsgrad, master,
+                     grad_scale=None, found_inf=None, cache: Optional[PlanCache] = None):
+    """One Adam step over every tensor in `slots` (lists per SLOTS entry), in the kernels' order of operations.
+    Math in fp32, or fp64 when the params are fp64."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters = slots
+    math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    grad_mult = (-1.0 if hyper.maximize else 1.0) / (1.0 if grad_scale is None else float(grad_scale))
+    stochastic = state_dtype == torch.bfloat16
+    for i, (lr, step_size, bc2_sqrt, step) in enumerate(scal.tolist()):
+        p = params[i]
+        theta = (masters[i] if master else p).to(math_dtype)
+        grad = grads[i].to(math_dtype) * grad_mult
+        if hyper.decoupled:
+            theta = theta * (1.0 - lr * hyper.weight_decay)
+        else:
+            grad = grad + hyper.weight_decay * theta
+        m = exp_avgs[i].to(math_dtype)
+        m = m + (1.0 - hyper.beta1) * (grad - m)
+        v = hyper.beta2 * exp_avg_sqs[i].to(math_dtype) + (1.0 - hyper.beta2) * grad * grad
+        vhat = torch.maximum(max_sqs[i].to(math_dtype), v) if amsgrad else v
+        theta = theta - step_size * (m / (vhat.sqrt() / bc2_sqrt + hyper.eps))
+        r = None
+        if stochastic:
+            key = mix32(hyper.seed ^ mix32((i * 0x9E3779B9 + int(step)) & _M32))
+            idx = torch.arange(p.numel(), dtype=torch.int64, device=p.device).reshape(p.shape)
+            r = mix32(idx ^ key)
+        exp_avgs[i].copy_(_store(m, state_dtype, None if r is None else r & 0xFFFF))
+        exp_avg_sqs[i].copy_(_store(v, state_dtype, None if r is None else r >> 16))
+        if amsgrad:
+            max_sqs[i].copy_(_store(vhat, state_dtype, None if r is None else r >> 16))
+        if master:
+            masters[i].copy_(theta)
+        p.copy_(theta)
+
+
+_dispatch.register(OP, "reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,))(
+    reference_launch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled backends: same signature, the plan tables from dlcore/_multi_tensor.py.
+# ---------------------------------------------------------------------------------------------------------------
+def _address(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale, found_inf):
+    return dict(ptrs=plan.ptrs.data_ptr(), numels=plan.numels.data_ptr(), scal=scal.data_ptr(),
+                chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks, chunk_size=plan.chunk_size,
+                param_dtype=_ext.DTYPE_CODE[param_dtype], state_dtype=_ext.DTYPE_CODE[state_dtype],
+                amsgrad=amsgrad, master=master, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, maximize=hyper.maximize,
+                seed=hyper.seed, grad_scale_ptr=_address(grad_scale), found_inf_ptr=_address(found_inf))
+
+
+@_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, available=lambda: _ext.cpu_error)
+def cpu_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
+               found_inf=None, cache=None):
+    plan = (cache or PlanCache()).get(slots, CPU_CHUNK, torch.device("cpu"))
+    _ext.cpu.adam_step(**_native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale,
+                                      found_inf))
+
+
+def _cuda_available() -> Optional[str]:
+    if _ext.cuda is None:
+        return _ext.cuda_error
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+@_dispatch.register(OP, "cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_cuda_available)
+def cuda_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
+                found_inf=None, cache=None):
+    device = slots[0][0].device
+    plan = (cache or PlanCache()).get(slots, CUDA_CHUNK, device)
+    with torch.cuda.device(device):
+        _ext.cuda.adam_step(**_native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master,
+                                           grad_scale, found_inf), stream=_ext.cuda_stream(device))
+
+
+_triton_error: Optional[str] = None
+
+
+def _triton_available() -> Optional[str]:
+    global _triton_error
+    if _triton_error is None:
+        try:
+            import dlcore.kernels.adam  # noqa: F401
+            _triton_error = ""
+        except Exception as exc:  # triton missing or broken: report, don't fall back
+            _triton_error = f"triton kernels could not be imported: {exc}"
+    return _triton_error or None
+
+
+@_dispatch.register(OP, "triton", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES, available=_triton_available)
+def triton_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
+                  found_inf=None, cache=None):
+    from dlcore.kernels import adam as kernel
+
+    device = slots[0][0].device
+    plan = (cache or PlanCache()).get(slots, kernel.block_size(device), device)
+    kernel.launch(plan, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
+                  master=master, grad_scale=grad_scale, found_inf=found_inf)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional form.
+# ---------------------------------------------------------------------------------------------------------------
+def _check_float_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        raise TypeError(f"{name} must be a one-element tensor, got {type(t).__name__}")
+    return t.to(device=device, dtype=torch.float32).reshape(())
+
+
+def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+         exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
+         *, lr: Union[float, torch.Tensor] = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+         decoupled_weight_decay: bool = False, master_params: Optional[list[torch.Tensor]] = None,
+         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, seed: int = 0,
+         plan_cache: Optional[PlanCache] = None) -> None:
+    """One fused Adam/AdamW step over lists of tensors, in place (torch.optim.adam.adam's functional form).
+
+    All tensors share one device; params are float32, bfloat16 or float16 (float64 on the reference backend),
+    grads match their params, the states (exp_avg, exp_avg_sq, max_exp_avg_sq) share one float dtype and each
+    tensor's shape and layout. ``state_steps`` (one-element float tensors) are incremented here, as torch does;
+    when ``found_inf`` is non-zero nothing changes. ``master_params`` are fp32 copies of low-precision params that
+    the step updates (the params receive them rounded to nearest). bf16 state is rounded stochastically with the
+    stream ``seed``.
+    """
+    n = len(params)
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                      ("state_steps", state_steps)):
+        if len(lst) != n:
+            raise ValueError(f"adam: {name} has {len(lst)} tensors but params has {n}")
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise ValueError(f"adam: amsgrad needs {n} max_exp_avg_sqs, got {len(max_exp_avg_sqs)}")
+    if master_params is not None and len(master_params) != n:
+        raise ValueError(f"adam: master_params has {len(master_params)} tensors but params has {n}")
+    if n == 0:
+        return
+    device = params[0].device
+    param_dtype, state_dtype = params[0].dtype, exp_avgs[0].dtype
+    for i in range(n):
+        p, g = params[i], grads[i]
+        others = [("grads", g), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
+        if amsgrad:
+            others.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
+        if p.device != device:
+            raise ValueError(f"adam: params[{i}] is on {p.device} but params[0] is on {device}; "
+                             "one call takes tensors of one device")
+        if p.dtype != param_dtype:
+            raise TypeError(f"adam: params[{i}] is {p.dtype} but params[0] is {param_dtype}")
+        if p.is_sparse or g.is_sparse:
+            raise RuntimeError(f"adam: params[{i}] has a sparse gradient; dlcore Adam supports dense gradients "
+                               "only (use torch.optim.SparseAdam)")
+        if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"adam: params[{i}] is not dense (stride {p.stride()}); dlcore Adam needs contiguous "
+                             "or channels_last parameters")
+        for name, t in others:
+            if t.device != device:
+                raise ValueError(f"adam: {name}[{i}] is on {t.device} but params[{i}] is on {device}")
+            if t.shape != p.shape or t.stride() != p.stride():
+                raise ValueError(f"adam: {name}[{i}] has shape {tuple(t.shape)} stride {t.stride()} but "
+                                 f"params[{i}] has {tuple(p.shape)} stride {p.stride()}")
+        if g.dtype != param_dtype:
+            raise TypeError(f"adam: grads[{i}] is {g.dtype} but params[{i}] is {param_dtype}")
+        for name, t in others[1:]:
+            if t.dtype != state_dtype:
+                raise TypeError(f"adam: {name}[{i}] is {t.dtype} but exp_avgs[0] is {state_dtype}")
+        if master_params is not None and (master_params[i].dtype != torch.float32
+                                          or master_params[i].shape != p.shape
+                                          or master_params[i].stride() != p.stride()):
+            raise ValueError(f"adam: master_params[{i}] must be float32 with params[{i}]'s shape and layout")
+    backend, launch = _dispatch.select(OP, device, param_dtype)
+    if state_dtype not in KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ()):
+        raise TypeError(f"adam: state dtype {state_dtype} is not supported by backend {backend!r}")
+    grad_scale = _check_float_scalar(grad_scale, "grad_scale", device)
+    found_inf = _check_float_scalar(found_inf, "found_inf", device)
+
+    for s in state_steps:
+        s.add_(1)
+    table_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    scal = scalar_table(lr, beta1, beta2, state_steps, device, table_dtype)
+    hyper = AdamHyper(float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay),
+                      bool(maximize), int(seed) & 0x7FFFFFFF)
+    none = [None] * n
+    slots = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+             list(max_exp_avg_sqs) if amsgrad else none, list(master_params) if master_params is not None else none]
+    launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=bool(amsgrad),
+           master=master_params is not None, grad_scale=grad_scale, found_inf=found_inf, cache=plan_cache)
+    if found_inf is not None:  # a skipped step does not count, as in torch's fused Adam
+        for s in state_steps:
+            s.sub_(found_inf.to(s.device))
