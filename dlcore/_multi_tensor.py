@@ -4,11 +4,12 @@ A plan holds, on the tensors' device:
   ptrs   int64 [n_tensors, n_slots]  one address per slot (0 for an absent optional tensor)
   numels int64 [n_tensors]
   chunks int64 [n_chunks, 2]         (tensor index, first element) of every chunk of `chunk_size` elements
-so one launch covers every tensor of a group whatever their sizes. Plans are cached by the addresses they hold
-and rebuilt only when an address changes (e.g. gradients re-allocated after zero_grad(set_to_none=True)).
+so one launch covers every tensor of a group whatever their sizes. Plans are cached by the addresses and sizes
+they hold, so a new plan is built only when one changes (e.g. gradients re-allocated by zero_grad()).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -52,14 +53,19 @@ def plan_key(slots, chunk_size: int) -> tuple:
     return (chunk_size,) + tuple(_address(t) for slot in slots for t in slot) + tuple(t.numel() for t in slots[0])
 
 
-class PlanCache:
-    """Remembers the last plan built for one group of tensors."""
+_CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
+CACHE_SIZE = 64  # plans kept (least recently used dropped): one per (optimizer group, device, dtype) in practice
 
-    def __init__(self):
-        self._plan: Optional[Plan] = None
 
-    def get(self, slots, chunk_size: int, device: torch.device) -> Plan:
-        key = plan_key(slots, chunk_size)
-        if self._plan is None or self._plan.key != key:
-            self._plan = build_plan(slots, chunk_size, device, key)
-        return self._plan
+def cached_plan(slots, chunk_size: int, device: torch.device) -> Plan:
+    """The plan for these tensors, built on first use and rebuilt when any address or size changes."""
+    key = plan_key(slots, chunk_size) + (str(device),)
+    plan = _CACHE.get(key)
+    if plan is None:
+        plan = build_plan(slots, chunk_size, device, key)
+        _CACHE[key] = plan
+        if len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return plan

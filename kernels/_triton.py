@@ -16,6 +16,45 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 
+def patch_interpreter_bf16() -> bool:
+    """Make Triton's interpreter treat bf16 as compiled code does (upstream bugs in 3.6-3.9):
+    - tl.dot multiplies bf16 operands as their raw uint16 bit patterns: upcast them to fp32 first (exact);
+    - fp32 → bf16 casts truncate: round to nearest even, as the GPU's cvt.rn.bf16.f32 does.
+    Idempotent; returns True once the patches are in place."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    if getattr(builder, "_dlcore_bf16_fix", False):
+        return True
+    original_dot, original_cast = builder.create_dot, builder.cast_impl
+
+    def is_bf16(dtype):
+        return getattr(dtype, "scalar", dtype) == tl.bfloat16
+
+    def upcast(handle):
+        if is_bf16(handle.dtype):
+            return interp.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, upcast(a), upcast(b), d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if is_bf16(dst_type) and src.dtype.scalar == tl.float32:
+            u = np.ascontiguousarray(src.data).view(np.uint32).astype(np.uint64)
+            nan = (u & 0x7FFFFFFF) > 0x7F800000
+            rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+            out = np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
+            return interp.TensorHandle(out, tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
+    builder._dlcore_bf16_fix = True
+    return True
+
+
 class DualKernel:
     def __init__(self, fn):
         self.fn = fn
@@ -26,6 +65,7 @@ class DualKernel:
     @property
     def interpreted(self) -> InterpretedFunction:
         if self._interpreted is None:
+            patch_interpreter_bf16()
             self._interpreted = InterpretedFunction(self.fn)
         return self._interpreted
 

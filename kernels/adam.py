@@ -22,7 +22,7 @@ INTERPRET_BLOCK = 65536  # the interpreter costs ~5 µs per program: few, large 
 
 @dual_kernel
 def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
-                beta1, beta2, eps, weight_decay, seed,
+                beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, seed,
                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                 DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
@@ -40,10 +40,10 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
     bc2_sqrt = tl.load(scal + 4 * t + 2)
     step = tl.load(scal + 4 * t + 3)
 
+    if HAS_FOUND_INF:  # GradScaler found an inf/NaN: the whole step is skipped (read on the device: graph-safe)
+        n = tl.where(tl.load(found_inf_ptr) == 0.0, n, 0)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    if HAS_FOUND_INF:  # GradScaler found an inf/NaN: the whole step is skipped (read on the device: graph-safe)
-        mask = mask & (tl.load(found_inf_ptr) == 0.0)
 
     grad_mult = 1.0
     if MAXIMIZE:
@@ -62,8 +62,8 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
         grad = grad + weight_decay * theta                  # Adam: g ← g + wd·θ
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = m + (1.0 - beta1) * (grad - m)                      # m ← β1 m + (1 − β1) g
-    v = beta2 * v + (1.0 - beta2) * grad * grad             # v ← β2 v + (1 − β2) g²
+    m = m + one_minus_beta1 * (grad - m)                    # m ← β1 m + (1 − β1) g   (1 − β from the host, in
+    v = beta2 * v + one_minus_beta2 * grad * grad           # v ← β2 v + (1 − β2) g²   double: 1 − 0.999f is off)
     vhat = v
     if AMSGRAD:
         vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
@@ -118,7 +118,7 @@ def launch(plan, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad
         (plan.n_chunks,), device,
         plan.ptrs, plan.numels, scal, plan.chunks,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-        hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.seed,
+        hyper.beta1, hyper.beta2, 1.0 - hyper.beta1, 1.0 - hyper.beta2, hyper.eps, hyper.weight_decay, hyper.seed,
         P_DTYPE=TL_DTYPE[param_dtype], S_DTYPE=TL_DTYPE[state_dtype], AMSGRAD=amsgrad, MASTER=master,
         DECOUPLED=hyper.decoupled, MAXIMIZE=hyper.maximize, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, STOCHASTIC=state_dtype == torch.bfloat16, BLOCK=plan.chunk_size,
@@ -132,7 +132,8 @@ def block_size(device: torch.device) -> int:
 
 def _aot_configs():
     sig = {"ptrs": "*i64", "numels": "*i64", "scal": "*fp32", "chunks": "*i64", "grad_scale_ptr": "*fp32",
-           "found_inf_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
+           "found_inf_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32",
+           "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
            "seed": "i32"}
     configs = []
     # Every shipped (param, state) dtype pair with the heaviest flags (AMSGrad, master weights, grad scaling).

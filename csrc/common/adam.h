@@ -29,7 +29,8 @@ enum AdamSlot : int { kParam = 0, kGrad = 1, kExpAvg = 2, kExpAvgSq = 3, kMaxExp
 constexpr int kScalars = 4;
 
 struct AdamHyper {
-  float beta1, beta2, eps, weight_decay;
+  // 1 − β is computed on the host in double: in fp32, 1 − 0.999f is off by 1.3e-5 relative (0.999f ≠ 0.999).
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
   bool decoupled, maximize;
   uint32_t seed;
 };
@@ -46,9 +47,9 @@ DL_HD AdamCoef adam_coef(const AdamHyper& h, const float* scal, int64_t tensor, 
   c.grad_mult = (h.maximize ? -1.0f : 1.0f) / grad_scale;
   c.l2 = h.decoupled ? 0.0f : h.weight_decay;
   c.decay = h.decoupled ? 1.0f - lr * h.weight_decay : 1.0f;
-  c.one_minus_beta1 = 1.0f - h.beta1;
+  c.one_minus_beta1 = h.one_minus_beta1;
   c.beta2 = h.beta2;
-  c.one_minus_beta2 = 1.0f - h.beta2;
+  c.one_minus_beta2 = h.one_minus_beta2;
   c.step_size = scal[1];
   c.bc2_sqrt = scal[2];
   c.eps = h.eps;

@@ -26,12 +26,13 @@ void adam_chunks(const int64_t* ptrs, const int64_t* numels, const float* scal, 
 }
 
 void adam_step(int64_t ptrs, int64_t numels, int64_t scal, int64_t chunks, int64_t n_chunks, int64_t chunk_size,
-               int param_dtype, int state_dtype, bool amsgrad, bool master, float beta1, float beta2, float eps,
+               int param_dtype, int state_dtype, bool amsgrad, bool master, float beta1, float beta2, float one_minus_beta1,
+               float one_minus_beta2, float eps,
                float weight_decay, bool decoupled, bool maximize, uint32_t seed, int64_t grad_scale_ptr,
                int64_t found_inf_ptr) {
   if (found_inf_ptr && *reinterpret_cast<const float*>(found_inf_ptr) != 0.0f) return;  // GradScaler: skip
   const float grad_scale = grad_scale_ptr ? *reinterpret_cast<const float*>(grad_scale_ptr) : 1.0f;
-  const AdamHyper h{beta1, beta2, eps, weight_decay, decoupled, maximize, seed};
+  const AdamHyper h{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decoupled, maximize, seed};
   py::gil_scoped_release release;
   dispatch_adam(param_dtype, state_dtype, amsgrad, master, [&](auto pd, auto sd, auto ams, auto mw) {
     adam_chunks<decltype(pd)::value, decltype(sd)::value, decltype(ams)::value, decltype(mw)::value>(
@@ -48,7 +49,8 @@ void register_adam(py::module_& m) {
         "Multi-tensor Adam/AdamW step over the tables described in csrc/common/adam.h (all addresses are CPU).",
         py::arg("ptrs"), py::arg("numels"), py::arg("scal"), py::arg("chunks"), py::arg("n_chunks"),
         py::arg("chunk_size"), py::arg("param_dtype"), py::arg("state_dtype"), py::arg("amsgrad"),
-        py::arg("master"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("master"), py::arg("beta1"), py::arg("beta2"), py::arg("one_minus_beta1"),
+        py::arg("one_minus_beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("maximize"), py::arg("seed"), py::arg("grad_scale_ptr"),
         py::arg("found_inf_ptr"));
 }

@@ -11,7 +11,9 @@ using namespace dlcore;
 
 namespace {
 
-constexpr int kThreads = 512;
+// 256 threads × 64 elements per chunk, four loop iterations in flight: 512 threads capped registers at 128
+// and spilled the AMSGrad variants.
+constexpr int kThreads = 256;
 
 template <int PD, int SD, bool AMS, bool MASTER>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const int64_t* __restrict__ ptrs,
@@ -30,12 +32,13 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const int64_t* __restric
 }
 
 void adam_step(int64_t ptrs, int64_t numels, int64_t scal, int64_t chunks, int64_t n_chunks, int64_t chunk_size,
-               int param_dtype, int state_dtype, bool amsgrad, bool master, float beta1, float beta2, float eps,
+               int param_dtype, int state_dtype, bool amsgrad, bool master, float beta1, float beta2, float one_minus_beta1,
+               float one_minus_beta2, float eps,
                float weight_decay, bool decoupled, bool maximize, uint32_t seed, int64_t grad_scale_ptr,
                int64_t found_inf_ptr, long long stream) {
   if (n_chunks == 0) return;
   if (n_chunks > 0x7FFFFFFF) throw std::invalid_argument("dlcore: too many chunks for one launch");
-  const AdamHyper h{beta1, beta2, eps, weight_decay, decoupled, maximize, seed};
+  const AdamHyper h{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decoupled, maximize, seed};
   dispatch_adam(param_dtype, state_dtype, amsgrad, master, [&](auto pd, auto sd, auto ams, auto mw) {
     adam_kernel<decltype(pd)::value, decltype(sd)::value, decltype(ams)::value, decltype(mw)::value>
         <<<unsigned(n_chunks), kThreads, 0, as_stream(stream)>>>(
@@ -54,7 +57,8 @@ void register_adam(py::module_& m) {
         "device; stream as an integer).",
         py::arg("ptrs"), py::arg("numels"), py::arg("scal"), py::arg("chunks"), py::arg("n_chunks"),
         py::arg("chunk_size"), py::arg("param_dtype"), py::arg("state_dtype"), py::arg("amsgrad"),
-        py::arg("master"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("master"), py::arg("beta1"), py::arg("beta2"), py::arg("one_minus_beta1"),
+        py::arg("one_minus_beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("maximize"), py::arg("seed"), py::arg("grad_scale_ptr"),
         py::arg("found_inf_ptr"), py::arg("stream"));
 }

@@ -15,13 +15,13 @@ from typing import Optional, Sequence, Union
 import torch
 
 from dlcore import _dispatch, _ext
-from dlcore._multi_tensor import PlanCache
+from dlcore._multi_tensor import cached_plan
 
 OP = "adam"
 SLOTS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_CHUNK = 1 << 16   # elements per OpenMP task: large enough to amortise scheduling, small enough to balance
-CUDA_CHUNK = 1 << 14  # elements per CUDA block (512 threads × 32)
+CUDA_CHUNK = 1 << 14  # elements per CUDA block (256 threads × 64)
 _M32 = 0xFFFFFFFF
 
 _dispatch.define_op(OP, gpu_order=("cuda", "triton"))  # not yet measured on a GPU: CUDA C++ first
@@ -79,7 +79,7 @@ def _store(value: torch.Tensor, dtype: torch.dtype, random16: Optional[torch.Ten
 
 
 def reference_launch(slots, scal, hyper: AdamHyper, *, param_dtype, state_dtype, amsgrad, master,
-                     grad_scale=None, found_inf=None, cache: Optional[PlanCache] = None):
+                     grad_scale=None, found_inf=None):
     """One Adam step over every tensor in `slots` (lists per SLOTS entry), in the kernels' order of operations.
     Math in fp32, or fp64 when the params are fp64."""
     if found_inf is not None and float(found_inf) != 0.0:
@@ -130,15 +130,16 @@ def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, g
     return dict(ptrs=plan.ptrs.data_ptr(), numels=plan.numels.data_ptr(), scal=scal.data_ptr(),
                 chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks, chunk_size=plan.chunk_size,
                 param_dtype=_ext.DTYPE_CODE[param_dtype], state_dtype=_ext.DTYPE_CODE[state_dtype],
-                amsgrad=amsgrad, master=master, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                amsgrad=amsgrad, master=master, beta1=hyper.beta1, beta2=hyper.beta2,
+                one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2, eps=hyper.eps,
                 weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, maximize=hyper.maximize,
                 seed=hyper.seed, grad_scale_ptr=_address(grad_scale), found_inf_ptr=_address(found_inf))
 
 
 @_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, available=lambda: _ext.cpu_error)
 def cpu_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
-               found_inf=None, cache=None):
-    plan = (cache or PlanCache()).get(slots, CPU_CHUNK, torch.device("cpu"))
+               found_inf=None):
+    plan = cached_plan(slots, CPU_CHUNK, torch.device("cpu"))
     _ext.cpu.adam_step(**_native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale,
                                       found_inf))
 
@@ -153,9 +154,9 @@ def _cuda_available() -> Optional[str]:
 
 @_dispatch.register(OP, "cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_cuda_available)
 def cuda_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
-                found_inf=None, cache=None):
+                found_inf=None):
     device = slots[0][0].device
-    plan = (cache or PlanCache()).get(slots, CUDA_CHUNK, device)
+    plan = cached_plan(slots, CUDA_CHUNK, device)
     with torch.cuda.device(device):
         _ext.cuda.adam_step(**_native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master,
                                            grad_scale, found_inf), stream=_ext.cuda_stream(device))
@@ -177,42 +178,62 @@ def _triton_available() -> Optional[str]:
 
 @_dispatch.register(OP, "triton", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES, available=_triton_available)
 def triton_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
-                  found_inf=None, cache=None):
+                  found_inf=None):
     from dlcore.kernels import adam as kernel
 
     device = slots[0][0].device
-    plan = (cache or PlanCache()).get(slots, kernel.block_size(device), device)
+    plan = cached_plan(slots, kernel.block_size(device), device)
     kernel.launch(plan, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
                   master=master, grad_scale=grad_scale, found_inf=found_inf)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Functional form.
+# The custom op (one opaque node for torch.compile) and the functional form.
 # ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlcore::adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                                                        "state_steps", "master_params"))
+def adam_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+            exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
+            master_params: list[torch.Tensor], grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+            lr: float, lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, eps: float,
+            weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool, seed: int) -> None:
+    """dlcore::adam_ — validated inputs (see `adam`); empty lists stand for absent AMSGrad / master tensors."""
+    n = len(params)
+    device, param_dtype, state_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
+    backend, launch = _dispatch.select(OP, device, param_dtype)
+    if state_dtype not in KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ()):
+        raise TypeError(f"adam: state dtype {state_dtype} is not supported by backend {backend!r}")
+    for s in state_steps:
+        s.add_(1)
+    table_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    scal = scalar_table(lr if lr_tensor is None else lr_tensor, beta1, beta2, state_steps, device, table_dtype)
+    hyper = AdamHyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, seed & 0x7FFFFFFF)
+    none = [None] * n
+    slots = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none,
+             master_params if master_params else none]
+    launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
+           master=bool(master_params), grad_scale=grad_scale, found_inf=found_inf)
+    if found_inf is not None:  # a skipped step does not count, as in torch's fused Adam
+        for s in state_steps:
+            s.sub_(found_inf.to(s.device))
+
+
+@adam_op.register_fake
+def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, grad_scale,
+               found_inf, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+               seed) -> None:
+    return None
+
+
 def _check_float_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> Optional[torch.Tensor]:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor) or t.numel() != 1:
-        raise TypeError(f"{name} must be a one-element tensor, got {type(t).__name__}")
+        raise TypeError(f"adam: {name} must be a one-element tensor, got {type(t).__name__}")
     return t.to(device=device, dtype=torch.float32).reshape(())
 
 
-def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-         exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
-         *, lr: Union[float, torch.Tensor] = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-         decoupled_weight_decay: bool = False, master_params: Optional[list[torch.Tensor]] = None,
-         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, seed: int = 0,
-         plan_cache: Optional[PlanCache] = None) -> None:
-    """One fused Adam/AdamW step over lists of tensors, in place (torch.optim.adam.adam's functional form).
-
-    All tensors share one device; params are float32, bfloat16 or float16 (float64 on the reference backend),
-    grads match their params, the states (exp_avg, exp_avg_sq, max_exp_avg_sq) share one float dtype and each
-    tensor's shape and layout. ``state_steps`` (one-element float tensors) are incremented here, as torch does;
-    when ``found_inf`` is non-zero nothing changes. ``master_params`` are fp32 copies of low-precision params that
-    the step updates (the params receive them rounded to nearest). bf16 state is rounded stochastically with the
-    stream ``seed``.
-    """
+def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, amsgrad):
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("state_steps", state_steps)):
@@ -222,15 +243,11 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[t
         raise ValueError(f"adam: amsgrad needs {n} max_exp_avg_sqs, got {len(max_exp_avg_sqs)}")
     if master_params is not None and len(master_params) != n:
         raise ValueError(f"adam: master_params has {len(master_params)} tensors but params has {n}")
-    if n == 0:
-        return
-    device = params[0].device
-    param_dtype, state_dtype = params[0].dtype, exp_avgs[0].dtype
+    device, param_dtype, state_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
     for i in range(n):
         p, g = params[i], grads[i]
-        others = [("grads", g), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
-        if amsgrad:
-            others.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
+        if not p.is_floating_point():
+            raise TypeError(f"adam: params[{i}] has dtype {p.dtype}; only floating-point tensors can be optimized")
         if p.device != device:
             raise ValueError(f"adam: params[{i}] is on {p.device} but params[0] is on {device}; "
                              "one call takes tensors of one device")
@@ -242,38 +259,53 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[t
         if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
             raise ValueError(f"adam: params[{i}] is not dense (stride {p.stride()}); dlcore Adam needs contiguous "
                              "or channels_last parameters")
+        if g.dtype != param_dtype:
+            raise TypeError(f"adam: grads[{i}] is {g.dtype} but params[{i}] is {param_dtype}")
+        others = [("grads", g), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
+        if amsgrad:
+            others.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
+        if master_params is not None:
+            others.append(("master_params", master_params[i]))
+            want = torch.float64 if param_dtype == torch.float64 else torch.float32  # fp64: the reference oracle
+            if master_params[i].dtype != want:
+                raise TypeError(f"adam: master_params[{i}] is {master_params[i].dtype}; master weights are {want}")
         for name, t in others:
             if t.device != device:
                 raise ValueError(f"adam: {name}[{i}] is on {t.device} but params[{i}] is on {device}")
             if t.shape != p.shape or t.stride() != p.stride():
                 raise ValueError(f"adam: {name}[{i}] has shape {tuple(t.shape)} stride {t.stride()} but "
                                  f"params[{i}] has {tuple(p.shape)} stride {p.stride()}")
-        if g.dtype != param_dtype:
-            raise TypeError(f"adam: grads[{i}] is {g.dtype} but params[{i}] is {param_dtype}")
-        for name, t in others[1:]:
-            if t.dtype != state_dtype:
-                raise TypeError(f"adam: {name}[{i}] is {t.dtype} but exp_avgs[0] is {state_dtype}")
-        if master_params is not None and (master_params[i].dtype != torch.float32
-                                          or master_params[i].shape != p.shape
-                                          or master_params[i].stride() != p.stride()):
-            raise ValueError(f"adam: master_params[{i}] must be float32 with params[{i}]'s shape and layout")
-    backend, launch = _dispatch.select(OP, device, param_dtype)
-    if state_dtype not in KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ()):
-        raise TypeError(f"adam: state dtype {state_dtype} is not supported by backend {backend!r}")
-    grad_scale = _check_float_scalar(grad_scale, "grad_scale", device)
-    found_inf = _check_float_scalar(found_inf, "found_inf", device)
+            if name.startswith("exp_avg") or name == "max_exp_avg_sqs":
+                if t.dtype != state_dtype:
+                    raise TypeError(f"adam: {name}[{i}] is {t.dtype} but exp_avgs[0] is {state_dtype}")
+                if not t.is_floating_point():
+                    raise TypeError(f"adam: {name}[{i}] has dtype {t.dtype}; optimizer state must be floating point")
 
-    for s in state_steps:
-        s.add_(1)
-    table_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
-    scal = scalar_table(lr, beta1, beta2, state_steps, device, table_dtype)
-    hyper = AdamHyper(float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay),
-                      bool(maximize), int(seed) & 0x7FFFFFFF)
-    none = [None] * n
-    slots = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-             list(max_exp_avg_sqs) if amsgrad else none, list(master_params) if master_params is not None else none]
-    launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=bool(amsgrad),
-           master=master_params is not None, grad_scale=grad_scale, found_inf=found_inf, cache=plan_cache)
-    if found_inf is not None:  # a skipped step does not count, as in torch's fused Adam
-        for s in state_steps:
-            s.sub_(found_inf.to(s.device))
+
+def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+         exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
+         *, lr: Union[float, torch.Tensor] = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+         decoupled_weight_decay: bool = False, master_params: Optional[list[torch.Tensor]] = None,
+         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+         seed: int = 0) -> None:
+    """One fused Adam/AdamW step over lists of tensors, in place (torch.optim.adam.adam's functional form).
+
+    All tensors share one device; params are float32, bfloat16 or float16 (float64 on the reference backend),
+    contiguous or channels_last; grads match their params; the states (exp_avg, exp_avg_sq, max_exp_avg_sq) share
+    one float dtype and each param's shape and layout. ``state_steps`` (one-element float tensors) are incremented
+    here, as torch does; when ``found_inf`` is non-zero nothing changes. ``master_params`` are fp32 copies of
+    low-precision params that the step updates (the params receive them rounded to nearest). bf16 state is rounded
+    stochastically with the stream ``seed``. Runs as the custom op ``torch.ops.dlcore.adam_``.
+    """
+    if len(params) == 0:
+        return
+    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, amsgrad)
+    device = params[0].device
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    adam_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+            list(max_exp_avg_sqs) if amsgrad else [], list(state_steps),
+            list(master_params) if master_params is not None else [],
+            _check_float_scalar(grad_scale, "grad_scale", device), _check_float_scalar(found_inf, "found_inf", device),
+            float(lr) if lr_tensor is None else 0.0, lr_tensor, float(beta1), float(beta2), float(eps),
+            float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay), int(seed))

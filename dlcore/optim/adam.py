@@ -18,7 +18,6 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from dlcore._multi_tensor import PlanCache
 from dlcore.ops import adam as adam_op
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -86,7 +85,6 @@ class Adam(torch.optim.Optimizer):
                         sr_seed=int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))  # torch.manual_seed reproducible
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
-        self._plan_caches: dict[tuple, PlanCache] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -103,7 +101,6 @@ class Adam(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_plan_caches", {})
         for group in self.param_groups:
             for key in ("state_dtype", "master_weights", "sr_seed", "decoupled_weight_decay", "capturable",
                         "maximize", "amsgrad", "foreach", "fused", "differentiable"):
@@ -191,8 +188,7 @@ class Adam(torch.optim.Optimizer):
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                     maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
                     master_params=b["master"] if key[3] else None, grad_scale=grad_scale, found_inf=found_inf,
-                    seed=group["sr_seed"] + 7919 * gi,
-                    plan_cache=self._plan_caches.setdefault((gi,) + key, PlanCache()))
+                    seed=group["sr_seed"] + 7919 * gi)
         return loss
 
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up for `make test`, `make bench` and `make gpu-check`:
+#   1. choose the interpreter: an existing .venv; else a python3 that already imports torch (the GPU machine's,
+#      used as it is, no network needed); else a new .venv with requirements-dev.txt (torch==2.13.0, CPU);
+#   2. build and install dlcore in editable mode (pip --no-build-isolation) when its C++/CUDA sources changed;
+#   3. write the interpreter's path to .dlcore-python for the Makefile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
+
+if [ -x .venv/bin/python ]; then
+  PY="$PWD/.venv/bin/python"
+elif python3 -c "import torch" 2>/dev/null; then
+  PY="$(command -v python3)"
+  echo "setup: using the existing torch of $PY ($(python3 -c 'import torch; print(torch.__version__)'))"
+else
+  echo "setup: creating .venv (no importable torch found)"
+  python3 -m venv .venv
+  PY="$PWD/.venv/bin/python"
+fi
+
+if [ "$PY" = "$PWD/.venv/bin/python" ]; then
+  stamp=".venv/.deps-$(sha1sum requirements-dev.txt | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    echo "setup: installing requirements-dev.txt into .venv"
+    "$PY" -m pip install -q --upgrade pip "setuptools>=70.1" wheel
+    "$PY" -m pip install -q -r requirements-dev.txt
+    touch "$stamp"
+  fi
+else
+  missing=$("$PY" - <<'PYEOF'
+import importlib
+need = ["torch", "pybind11", "pytest", "setuptools", "numpy"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+PYEOF
+)
+  if [ -n "$missing" ]; then
+    echo "setup: $PY lacks: $missing; trying pip" >&2
+    "$PY" -m pip install -q $missing
+  fi
+fi
+
+# Rebuild only when what the extensions are built from changed (or the build is missing / for another Python).
+src_hash=$( (cat setup.py; find csrc -type f | sort | xargs cat; "$PY" -c 'import sys; print(sys.version)'; \
+             echo "${DLCORE_BUILD_CUDA:-}${DLCORE_CUDA_ARCHS:-}${DLCORE_NATIVE:-}") | sha1sum | cut -c1-16)
+stamp_file=build/.dlcore-build-stamp
+if [ "$(cat "$stamp_file" 2>/dev/null)" != "$src_hash" ] || ! "$PY" -c "import dlcore._C_cpu" 2>/dev/null; then
+  echo "setup: building dlcore (CPU extension; CUDA extension when nvcc is found)"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -E "^\s*$|WARNING: Location" || true
+  "$PY" -c "import dlcore._C_cpu" || { echo "setup: the dlcore build failed" >&2; exit 1; }
+  mkdir -p build && echo "$src_hash" > "$stamp_file"
+fi
+echo "$PY" > .dlcore-python
