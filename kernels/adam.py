@@ -16,7 +16,8 @@ import triton.language as tl
 from dlcore.kernels._triton import AOTConfig, dual_kernel
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-GPU_BLOCK = 2048       # elements per program on a GPU: 16 per thread at 4 warps
+GPU_BLOCK = 2048       # elements per program on a GPU: 8 per thread at 8 warps (16 per thread at 4 warps
+GPU_WARPS = 8          # spilled the low-precision variants: 255 registers + 32 B stack, per the static check)
 INTERPRET_BLOCK = 65536  # the interpreter costs ~5 µs per program: few, large programs
 
 
@@ -31,10 +32,10 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
     start = tl.load(chunks + 2 * pid + 1)
     n = tl.load(numels + t)
     row = ptrs + 6 * t
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE)) + start
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + start
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE)) + start
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE)) + start
     lr = tl.load(scal + 4 * t)
     step_size = tl.load(scal + 4 * t + 1)
     bc2_sqrt = tl.load(scal + 4 * t + 2)
@@ -42,8 +43,9 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
 
     if HAS_FOUND_INF:  # GradScaler found an inf/NaN: the whole step is skipped (read on the device: graph-safe)
         n = tl.where(tl.load(found_inf_ptr) == 0.0, n, 0)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    # 64-bit math once per program (the chunk's base pointers), 32-bit offsets per element: fewer registers.
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n - start
 
     grad_mult = 1.0
     if MAXIMIZE:
@@ -51,7 +53,7 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
     if HAS_GRAD_SCALE:
         grad_mult = grad_mult / tl.load(grad_scale_ptr)
     if MASTER:
-        master_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        master_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32)) + start
         theta = tl.load(master_ptr + offs, mask=mask, other=0.0)
     else:
         theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -66,7 +68,7 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
     v = beta2 * v + one_minus_beta2 * grad * grad           # v ← β2 v + (1 − β2) g²   double: 1 − 0.999f is off)
     vhat = v
     if AMSGRAD:
-        vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
+        vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE)) + start
         vhat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
     denom = tl.sqrt(vhat) / bc2_sqrt + eps                  # √v̂ / √(1 − β2ᵗ) + ε
     theta = theta - step_size * (m / denom)                 # step_size = lr / (1 − β1ᵗ)
@@ -85,7 +87,7 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
         k = k ^ (k >> 15)
         k = k * 0x846CA68B
         k = k ^ (k >> 16)
-        r = offs.to(tl.uint32) ^ k
+        r = (offs.to(tl.uint32) + start.to(tl.uint32)) ^ k  # element index within the tensor
         r = r ^ (r >> 16)
         r = r * 0x7FEB352D
         r = r ^ (r >> 15)
@@ -122,7 +124,7 @@ def launch(plan, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad
         P_DTYPE=TL_DTYPE[param_dtype], S_DTYPE=TL_DTYPE[state_dtype], AMSGRAD=amsgrad, MASTER=master,
         DECOUPLED=hyper.decoupled, MAXIMIZE=hyper.maximize, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, STOCHASTIC=state_dtype == torch.bfloat16, BLOCK=plan.chunk_size,
-        num_warps=4,
+        num_warps=GPU_WARPS,
     )
 
 
@@ -143,7 +145,7 @@ def _aot_configs():
                          DECOUPLED=True, MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
                          STOCHASTIC=s_dt == torch.bfloat16, BLOCK=GPU_BLOCK)
             sig_full = dict(sig, **{k: "constexpr" for k in const})
-            configs.append(AOTConfig(adam_kernel, sig_full, const, num_warps=4,
+            configs.append(AOTConfig(adam_kernel, sig_full, const, num_warps=GPU_WARPS,
                                      label=f"adam p={p_dt} state={s_dt}".replace("torch.", "")))
     return configs
 

@@ -1,0 +1,148 @@
+"""Static GPU check, no GPU needed: compile every shipped Triton configuration ahead of time for sm_90 and read
+its resource usage from the cubin (cuobjdump), and read the CUDA extension's ptxas -v report written at build
+time (setup.py). A register spill, a kernel over 255 registers or over Hopper's shared memory fails.
+
+    python -m dlcore._static_check        # prints one row per kernel and exits non-zero on a violation
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
+REGISTER_LIMIT = 255
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PTXAS_REPORT = os.path.join(REPO, "build", "cuda-ptxas-report.txt")
+
+
+@dataclass
+class KernelUsage:
+    source: str           # "triton" or "cuda"
+    name: str
+    registers: int
+    spill_bytes: int      # stack (Triton/cuobjdump) or spill stores + loads (ptxas)
+    shared_bytes: int
+    note: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        if self.spill_bytes:
+            out.append(f"spills {self.spill_bytes} bytes")
+        if self.registers > REGISTER_LIMIT:
+            out.append(f"{self.registers} registers > {REGISTER_LIMIT}")
+        if self.shared_bytes > HOPPER_SHARED_LIMIT:
+            out.append(f"{self.shared_bytes} B shared > {HOPPER_SHARED_LIMIT}")
+        return out
+
+
+def cuobjdump() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+    if not path:
+        raise RuntimeError("cuobjdump not found (neither in the triton wheel nor on PATH)")
+    return path
+
+
+def kernel_modules():
+    """Every module of dlcore.kernels that ships AOT_CONFIGS."""
+    import dlcore.kernels as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            mod = importlib.import_module(f"dlcore.kernels.{info.name}")
+            if hasattr(mod, "AOT_CONFIGS"):
+                yield mod
+
+
+def compile_config(cfg, arch: int = 90):
+    """Compile one AOTConfig for `arch`; returns triton's CompiledKernel (asm: ttir, ttgir, ptx, cubin)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = cfg.kernel.compiled
+    constexprs = {(fn.arg_names.index(k),): v for k, v in cfg.constexprs.items()}
+    src = ASTSource(fn, cfg.signature, constexprs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **cfg.options}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_USAGE = re.compile(r"Function (\S+):\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)")
+
+
+def triton_usage(cfg, arch: int = 90) -> KernelUsage:
+    compiled = compile_config(cfg, arch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = _USAGE.search(out)
+    if m is None:
+        raise RuntimeError(f"could not read cuobjdump's resource usage for {cfg.label}:\n{out}")
+    # Triton's dynamic shared memory is not in the cubin's static SHARED: take the larger of the two.
+    shared = max(int(m.group(4)), int(compiled.metadata.shared))
+    ptx = compiled.asm.get("ptx", "")
+    note = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "")
+    return KernelUsage("triton", cfg.label or cfg.kernel.__name__, int(m.group(2)), int(m.group(3)), shared, note)
+
+
+def cuda_usage(report_path: str = PTXAS_REPORT) -> list[KernelUsage]:
+    """Parse the nvcc -Xptxas -v report of the last build (sm_90 entries)."""
+    with open(report_path) as f:
+        text = f.read()
+    rows, current = [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            current = KernelUsage("cuda", f"{m.group(1)} [{m.group(2)}]", 0, 0, 0)
+            rows.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current.spill_bytes = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current.registers = int(m.group(1))
+            m2 = re.search(r"(\d+) bytes smem", line)
+            current.shared_bytes = int(m2.group(1)) if m2 else 0
+    return rows
+
+
+def demangle(names: list[str]) -> list[str]:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return names
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def main() -> int:
+    rows = [triton_usage(cfg) for mod in kernel_modules() for cfg in mod.AOT_CONFIGS]
+    if os.path.exists(PTXAS_REPORT):
+        rows += cuda_usage()
+    else:
+        print(f"(no CUDA build report at {PTXAS_REPORT})")
+    bad = 0
+    for r in rows:
+        problems = r.problems
+        bad += bool(problems)
+        print(f"{r.source:<6} REG {r.registers:>3}  spill {r.spill_bytes:>5} B  shared {r.shared_bytes:>6} B  "
+              f"{'FAIL: ' + '; '.join(problems) if problems else 'ok'}  {r.name} {r.note}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The `dlcore` command line: `dlcore info`, `dlcore bench`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args) -> int:
+    import torch
+
+    from dlcore import bench, _info
+    from dlcore.bench import harness, report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("dlcore bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    cases = bench.all_cases(device, args.op, quick=args.quick)
+    info = harness.device_description(device)
+    llc = harness.last_level_cache_bytes(device)
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        Progress = None
+    results = []
+    if Progress is not None:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("measuring peaks", total=len(cases) + 1)
+            peaks = harness.measure_peaks(device, quick=args.quick)
+            progress.advance(task)
+            for case in cases:
+                results.append(harness.run_case(case, args.quick, llc,
+                                                lambda text: progress.update(task, description=text)))
+                progress.advance(task)
+    else:
+        peaks = harness.measure_peaks(device, quick=args.quick)
+        for i, case in enumerate(cases):
+            print(f"[{i + 1}/{len(cases)}] {case.op}: {case.name}", flush=True)
+            results.append(harness.run_case(case, args.quick, llc))
+    report.print_table(results, peaks, info)
+    meta = {"versions": _info.collect()["versions"], "quick": args.quick, "argv": sys.argv[1:]}
+    paths = report.write(results, peaks, info, meta, args.out)
+    print("wrote " + ", ".join(paths.values()))
+    failed = [r for r in results if r.errors]
+    return 1 if failed and args.strict else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dlcore", description="dlcore: fused kernels for the milestone models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, built extensions, available backends per op")
+    b = sub.add_parser("bench", help="time dlcore against stock PyTorch (and torch.compile) in the same run")
+    b.add_argument("--op", action="append", help="only this op (repeatable); default: all")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    b.add_argument("--quick", action="store_true", help="fewer repeats and cases (under 2 minutes on a CPU)")
+    b.add_argument("--out", default="benchmarks/results", help="directory for the JSON, Markdown and PNG reports")
+    b.add_argument("--strict", action="store_true", help="exit non-zero when any variant failed")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from dlcore import info
+
+        info()
+        return 0
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
