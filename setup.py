@@ -101,7 +101,9 @@ class BuildExt(build_ext):
 def _cpu_flags():
     flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
     if os.environ.get("DLCORE_NATIVE", "1") != "0":
-        flags.append("-march=native")
+        # znver1-style tuning (what -march=native reports on these VMs) prefers 128-bit vectors; the fused
+        # optimizer loops are compute-heavy enough (stochastic rounding hashes) that 256-bit halves their time.
+        flags += ["-march=native", "-mprefer-vector-width=256"]
     return flags
 
 

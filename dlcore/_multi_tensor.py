@@ -50,7 +50,10 @@ def build_plan(slots: Sequence[Sequence[Optional[torch.Tensor]]], chunk_size: in
 
 def plan_key(slots, chunk_size: int) -> tuple:
     # Addresses alone are not enough: a freed tensor's address can come back holding a tensor of another size.
-    return (chunk_size,) + tuple(_address(t) for slot in slots for t in slot) + tuple(t.numel() for t in slots[0])
+    key = [chunk_size]
+    for slot in slots:
+        key += [0] * len(slot) if slot[0] is None else [t.data_ptr() for t in slot]
+    return tuple(key) + tuple(t.numel() for t in slots[0])
 
 
 _CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()

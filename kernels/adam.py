@@ -23,7 +23,7 @@ INTERPRET_BLOCK = 65536  # the interpreter costs ~5 µs per program: few, large 
 
 @dual_kernel
 def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
-                beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, seed,
+                beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, seed,
                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                 DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
@@ -37,8 +37,8 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
     m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE)) + start
     v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE)) + start
     lr = tl.load(scal + 4 * t)
-    step_size = tl.load(scal + 4 * t + 1)
-    bc2_sqrt = tl.load(scal + 4 * t + 2)
+    alpha = tl.load(scal + 4 * t + 1)    # lr·√(1 − β2ᵗ)/(1 − β1ᵗ)
+    eps_hat = tl.load(scal + 4 * t + 2)  # ε·√(1 − β2ᵗ)
     step = tl.load(scal + 4 * t + 3)
 
     if HAS_FOUND_INF:  # GradScaler found an inf/NaN: the whole step is skipped (read on the device: graph-safe)
@@ -70,8 +70,7 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
     if AMSGRAD:
         vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE)) + start
         vhat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-    denom = tl.sqrt(vhat) / bc2_sqrt + eps                  # √v̂ / √(1 − β2ᵗ) + ε
-    theta = theta - step_size * (m / denom)                 # step_size = lr / (1 − β1ᵗ)
+    theta = theta - alpha * (m / (tl.sqrt(vhat) + eps_hat))  # = lr/(1−β1ᵗ) · m / (√v̂/√(1−β2ᵗ) + ε)
 
     if STOCHASTIC:
         # key = mix32(seed ^ mix32(t·φ + step)); r = mix32(i ^ key); low 16 bits round m, high 16 bits round v.
@@ -120,7 +119,7 @@ def launch(plan, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad
         (plan.n_chunks,), device,
         plan.ptrs, plan.numels, scal, plan.chunks,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-        hyper.beta1, hyper.beta2, 1.0 - hyper.beta1, 1.0 - hyper.beta2, hyper.eps, hyper.weight_decay, hyper.seed,
+        hyper.beta1, hyper.beta2, 1.0 - hyper.beta1, 1.0 - hyper.beta2, hyper.weight_decay, hyper.seed,
         P_DTYPE=TL_DTYPE[param_dtype], S_DTYPE=TL_DTYPE[state_dtype], AMSGRAD=amsgrad, MASTER=master,
         DECOUPLED=hyper.decoupled, MAXIMIZE=hyper.maximize, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, STOCHASTIC=state_dtype == torch.bfloat16, BLOCK=plan.chunk_size,
@@ -135,7 +134,7 @@ def block_size(device: torch.device) -> int:
 def _aot_configs():
     sig = {"ptrs": "*i64", "numels": "*i64", "scal": "*fp32", "chunks": "*i64", "grad_scale_ptr": "*fp32",
            "found_inf_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32",
-           "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
+           "one_minus_beta2": "fp32", "weight_decay": "fp32",
            "seed": "i32"}
     configs = []
     # Every shipped (param, state) dtype pair with the heaviest flags (AMSGrad, master weights, grad scaling).

@@ -1,6 +1,7 @@
 """dlcore.optim.Adam / AdamW and dlcore.functional.adam on every backend available here, against torch.optim
 and a float64 oracle. Fresh random inputs every run (seeded from the clock, printed on failure)."""
 import io
+import os
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import dlcore
 from dlcore.ops import adam as adam_op
 from dlcore.testing import backend_device_pairs, max_error
 
-SEED = int(time.time() * 1000) % 2**31
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))  # set it to replay a failure
 PAIRS = backend_device_pairs("adam", torch.float32)
 PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 STEPS = 50
@@ -19,7 +20,9 @@ STEPS = 50
 
 def small_net(device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 7, 3), nn.ReLU(), nn.Flatten(), nn.Linear(7 * 5 * 5, 129), nn.Tanh(),
+    # Smooth activations only: at a ReLU kink a one-ulp difference flips a unit and the runs part for good
+    # (seen with the interpreter's rounding), which would test chaos rather than the optimizer.
+    net = nn.Sequential(nn.Conv2d(3, 7, 3), nn.Tanh(), nn.Flatten(), nn.Linear(7 * 5 * 5, 129), nn.Tanh(),
                         nn.Linear(129, 1))
     with torch.no_grad():
         for p in net.parameters():

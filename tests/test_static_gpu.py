@@ -56,10 +56,10 @@ def test_cuda_module_without_a_device_raises_not_crashes():
     with pytest.raises(RuntimeError, match="CUDA error"):
         _ext.cuda.adam_step(ptrs=0, numels=0, scal=0, chunks=0, n_chunks=1, chunk_size=1, param_dtype=0,
                             state_dtype=0, amsgrad=False, master=False, beta1=0.9, beta2=0.99,
-                            one_minus_beta1=0.1, one_minus_beta2=0.01, eps=1e-8, weight_decay=0.0, decoupled=False,
+                            one_minus_beta1=0.1, one_minus_beta2=0.01, weight_decay=0.0, decoupled=False,
                             maximize=False, seed=0, grad_scale_ptr=0, found_inf_ptr=0, stream=0)
     with pytest.raises(ValueError, match="dtype code"):
         importlib.import_module("dlcore._C_cpu").adam_step(
             ptrs=0, numels=0, scal=0, chunks=0, n_chunks=0, chunk_size=1, param_dtype=7, state_dtype=0,
-            amsgrad=False, master=False, beta1=0.9, beta2=0.99, one_minus_beta1=0.1, one_minus_beta2=0.01, eps=1e-8,
+            amsgrad=False, master=False, beta1=0.9, beta2=0.99, one_minus_beta1=0.1, one_minus_beta2=0.01,
             weight_decay=0.0, decoupled=False, maximize=False, seed=0, grad_scale_ptr=0, found_inf_ptr=0)

@@ -9,11 +9,13 @@
 //   v  ← β2 v + (1 − β2) g²
 //   v̂  ← max(v̂, v) if amsgrad else v
 //   θ  ← θ − (lr / (1 − β1ᵗ)) · m / (√v̂ / √(1 − β2ᵗ) + ε)
+//      = θ − α · m / (√v̂ + ε̂)  with α = lr·√(1 − β2ᵗ) / (1 − β1ᵗ), ε̂ = ε·√(1 − β2ᵗ) from the host:
+//        one division and one square root per element instead of two divisions (the CPU loop is ALU-bound)
 //
 // The multi-tensor tables (built once per parameter set by dlcore/_multi_tensor.py):
 //   ptrs   int64 [n_tensors, 6]  addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master (0 = none)
 //   numels int64 [n_tensors]
-//   scal   fp32  [n_tensors, 4]  lr, step_size = lr / (1 − β1ᵗ), bc2_sqrt = √(1 − β2ᵗ), t
+//   scal   fp32  [n_tensors, 4]  lr, α = lr·√(1 − β2ᵗ)/(1 − β1ᵗ), ε̂ = ε·√(1 − β2ᵗ), t
 //   chunks int64 [n_chunks, 2]   (tensor index, first element) of each chunk of chunk_size elements
 #pragma once
 #include <cmath>
@@ -30,18 +32,19 @@ constexpr int kScalars = 4;
 
 struct AdamHyper {
   // 1 − β is computed on the host in double: in fp32, 1 − 0.999f is off by 1.3e-5 relative (0.999f ≠ 0.999).
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay;
   bool decoupled, maximize;
   uint32_t seed;
 };
 
 // Per-tensor coefficients, derived once per chunk from the group's hyper-parameters and the tensor's scalars.
 struct AdamCoef {
-  float grad_mult, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
-  uint32_t key;  // stochastic-rounding stream of this (seed, tensor, step)
+  float grad_mult, l2, decay, one_minus_beta1, beta2, one_minus_beta2, alpha, eps_hat;
+  uint32_t key;    // stochastic-rounding stream of this (seed, tensor, step)
+  uint32_t first;  // index in the tensor of the chunk's first element (the hash counts whole-tensor indices)
 };
 
-DL_HD AdamCoef adam_coef(const AdamHyper& h, const float* scal, int64_t tensor, float grad_scale) {
+DL_HD AdamCoef adam_coef(const AdamHyper& h, const float* scal, int64_t tensor, int64_t first, float grad_scale) {
   AdamCoef c;
   const float lr = scal[0];
   c.grad_mult = (h.maximize ? -1.0f : 1.0f) / grad_scale;
@@ -50,10 +53,10 @@ DL_HD AdamCoef adam_coef(const AdamHyper& h, const float* scal, int64_t tensor, 
   c.one_minus_beta1 = h.one_minus_beta1;
   c.beta2 = h.beta2;
   c.one_minus_beta2 = h.one_minus_beta2;
-  c.step_size = scal[1];
-  c.bc2_sqrt = scal[2];
-  c.eps = h.eps;
+  c.alpha = scal[1];
+  c.eps_hat = scal[2];
   c.key = mix32(h.seed ^ mix32(uint32_t(tensor) * 0x9E3779B9u + uint32_t(scal[3])));
+  c.first = uint32_t(first);
   return c;
 }
 
@@ -68,7 +71,9 @@ struct AdamElement {
   ST* __restrict__ vmax;
   float* __restrict__ master;
 
-  DL_HD void operator()(int64_t i, const AdamCoef& c) const {
+  // i: offset within the chunk (the pointers start at the chunk). 32-bit indices keep the CPU loop's vectors
+  // and the GPU's address arithmetic narrow.
+  DL_HD void operator()(int i, const AdamCoef& c) const {
     float theta = MASTER ? master[i] : Storage<PD>::load(p[i]);
     float grad = Storage<PD>::load(g[i]) * c.grad_mult;
     grad += c.l2 * theta;
@@ -77,11 +82,13 @@ struct AdamElement {
     mf += c.one_minus_beta1 * (grad - mf);
     float vf = c.beta2 * Storage<SD>::load(v[i]) + c.one_minus_beta2 * grad * grad;
     float vhat = vf;
-    if (AMS) vhat = fmaxf(Storage<SD>::load(vmax[i]), vf);
-    const float denom = sqrtf(vhat) / c.bc2_sqrt + c.eps;
-    theta -= c.step_size * (mf / denom);
+    if (AMS) {  // a select, not fmaxf: it vectorises, and a NaN in v propagates as in torch.maximum
+      const float old_max = Storage<SD>::load(vmax[i]);
+      vhat = old_max > vf ? old_max : vf;
+    }
+    theta -= c.alpha * (mf / (sqrtf(vhat) + c.eps_hat));
     // One hash per element gives both 16-bit rounding streams (low half: exp_avg, high half: exp_avg_sq).
-    const uint32_t r = mix32(uint32_t(i) ^ c.key);
+    const uint32_t r = mix32((c.first + uint32_t(i)) ^ c.key);
     m[i] = Storage<SD>::store_sr(mf, r);
     v[i] = Storage<SD>::store_sr(vf, r >> 16);
     if (AMS) vmax[i] = Storage<SD>::store_sr(vhat, r >> 16);
@@ -90,12 +97,16 @@ struct AdamElement {
   }
 };
 
+// The functor for one chunk: every pointer of tensor row `row` advanced to element `first` (absent slots stay
+// null; the functor never touches them).
 template <int PD, int SD, bool AMS, bool MASTER>
-DL_HD AdamElement<PD, SD, AMS, MASTER> adam_element(const int64_t* row) {
+DL_HD AdamElement<PD, SD, AMS, MASTER> adam_element(const int64_t* row, int64_t first) {
   using E = AdamElement<PD, SD, AMS, MASTER>;
-  return E{reinterpret_cast<typename E::PT*>(row[kParam]), reinterpret_cast<const typename E::PT*>(row[kGrad]),
-           reinterpret_cast<typename E::ST*>(row[kExpAvg]), reinterpret_cast<typename E::ST*>(row[kExpAvgSq]),
-           reinterpret_cast<typename E::ST*>(row[kMaxExpAvgSq]), reinterpret_cast<float*>(row[kMaster])};
+  auto at = [&](int slot, int64_t bytes) { return row[slot] ? row[slot] + first * bytes : int64_t(0); };
+  const int64_t pb = sizeof(typename E::PT), sb = sizeof(typename E::ST);
+  return E{reinterpret_cast<typename E::PT*>(at(kParam, pb)), reinterpret_cast<const typename E::PT*>(at(kGrad, pb)),
+           reinterpret_cast<typename E::ST*>(at(kExpAvg, sb)), reinterpret_cast<typename E::ST*>(at(kExpAvgSq, sb)),
+           reinterpret_cast<typename E::ST*>(at(kMaxExpAvgSq, sb)), reinterpret_cast<float*>(at(kMaster, 4))};
 }
 
 // Compile-time variants come from one table: every (param dtype, state dtype, amsgrad, master) combination.

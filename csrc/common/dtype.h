@@ -37,42 +37,57 @@ DL_HD float bits_f32(uint32_t u) {
 }
 
 // bf16 is the top half of an fp32. Round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate.
+// Written branch-free (selects, not early returns) so that the CPU loops vectorise.
 DL_HD uint16_t f32_to_bf16_rne(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;  // NaN stays a (quiet) NaN
+  return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
 }
 
 // Stochastic rounding: add 16 random bits below the cut, then truncate. E[result] = f exactly (up to the bf16
-// range), which keeps small optimizer-state updates from vanishing in bf16.
+// range), which keeps small optimizer-state updates from vanishing in bf16. ±Inf survive the addition as they
+// are; a NaN is first made the canonical quiet NaN (a payload such as CUDA's 0x7FFFFFFF would carry into the
+// sign bit). The NaN test is a float compare-and-select: an integer test here doubled the CPU loop's cost.
 DL_HD uint16_t f32_to_bf16_sr(float f, uint32_t random16) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7FFFFFFFu) >= 0x7F800000u) return f32_to_bf16_rne(f);  // Inf/NaN unchanged
-  u += (random16 & 0xFFFFu);
-  return uint16_t(u >> 16);
+  const uint32_t u = f32_bits(f == f ? f : bits_f32(0x7FC00000u));
+  return uint16_t((u + (random16 & 0xFFFFu)) >> 16);
 }
 
 DL_HD float bf16_to_f32(uint16_t h) { return bits_f32(uint32_t(h) << 16); }
 
+// fp16 on the host is converted with integer arithmetic and selects rather than _Float16: GCC does not vectorise
+// _Float16 conversions without AVX512-FP16, and these loops must vectorise. Both round exactly as torch.half().
 DL_HD float f16_to_f32(uint16_t h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h));
 #else
-  _Float16 x;
-  std::memcpy(&x, &h, 2);
-  return float(x);
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t em = uint32_t(h & 0x7FFFu);                         // exponent and mantissa
+  const uint32_t normal = (em << 13) + 0x38000000u;                  // rebias the exponent by 127 − 15
+  const uint32_t inf_nan = (em << 13) | 0x7F800000u;                 // exponent 31: Inf / NaN (payload kept)
+  const uint32_t subnormal = f32_bits(float(em) * 5.9604644775390625e-08f);  // em · 2⁻²⁴, exact
+  uint32_t out = em >= 0x7C00u ? inf_nan : normal;
+  out = em < 0x0400u ? subnormal : out;
+  return bits_f32(out | sign);
 #endif
 }
 
-DL_HD uint16_t f32_to_f16(float f) {  // round to nearest even, as torch's .half()
+DL_HD uint16_t f32_to_f16(float f) {  // round to nearest even
 #if defined(__CUDA_ARCH__)
   return __half_as_ushort(__float2half_rn(f));
 #else
-  _Float16 x = _Float16(f);
-  uint16_t h;
-  std::memcpy(&h, &x, 2);
-  return h;
+  const uint32_t u = f32_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // normal range: rebias, then round the 13 dropped bits to nearest even (a carry may bump the exponent)
+  const uint32_t normal = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  // below 2⁻¹⁴: adding 0.5f rounds |f| to a multiple of 2⁻²⁴ (ulp of 0.5), which is the fp16 subnormal code
+  const uint32_t subnormal = f32_bits(bits_f32(a) + 0.5f) - 0x3F000000u;
+  uint32_t h = a < 0x38800000u ? subnormal : normal;
+  h = a >= 0x477FF000u ? 0x7C00u : h;  // ≥ 65520 rounds to Inf
+  h = a > 0x7F800000u ? 0x7E00u : h;   // NaN
+  return uint16_t(h | sign);
 #endif
 }
 

@@ -3,7 +3,26 @@
 
 #include <pybind11/pybind11.h>
 
+#include "common/adam.h"
+
 namespace py = pybind11;
+using namespace dlcore;
+
+namespace {
+// out[i] = dtype_out(in[i]) through the Storage conversions every kernel uses (round to nearest even).
+void cast(int64_t in, int64_t out, int64_t n, int in_dtype, int out_dtype) {
+  dispatch_dtype(in_dtype, "input", [&](auto id) {
+    dispatch_dtype(out_dtype, "output", [&](auto od) {
+      using I = Storage<decltype(id)::value>;
+      using O = Storage<decltype(od)::value>;
+      const auto* src = reinterpret_cast<const typename I::T*>(in);
+      auto* dst = reinterpret_cast<typename O::T*>(out);
+#pragma omp parallel for simd
+      for (int64_t i = 0; i < n; ++i) dst[i] = O::store(I::load(src[i]));
+    });
+  });
+}
+}  // namespace
 
 void register_adam(py::module_& m);
 
@@ -17,5 +36,7 @@ PYBIND11_MODULE(_C_cpu, m) {
 #else
   m.attr("simd") = "baseline";
 #endif
+  m.def("cast", &cast, "Convert n elements between fp32/bf16/fp16 (dtype codes) with the kernels' rounding",
+        py::arg("input"), py::arg("output"), py::arg("n"), py::arg("input_dtype"), py::arg("output_dtype"));
   register_adam(m);
 }

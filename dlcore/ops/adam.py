@@ -3,7 +3,8 @@ functional entry point ``dlcore.functional.adam`` (torch.optim.adam.adam's list-
 
 The math (csrc/common/adam.h has it with the formulas) is one table-driven multi-tensor step:
   slots    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGrad), master (fp32 copy of low-precision params)
-  scal     fp32 [n, 4] per tensor: lr, lr / (1 − β1ᵗ), √(1 − β2ᵗ), t   (on the device when capturable)
+  scal     fp32 [n, 4] per tensor: lr, α = lr·√(1 − β2ᵗ)/(1 − β1ᵗ), ε̂ = ε·√(1 − β2ᵗ), t  (on the device when
+           capturable); the update is θ ← θ − α·m/(√v̂ + ε̂), torch's lr/(1 − β1ᵗ)·m/(√v̂/√(1 − β2ᵗ) + ε)
 Every backend's launcher has the signature of `reference_launch`.
 """
 from __future__ import annotations
@@ -31,29 +32,29 @@ _dispatch.define_op(OP, gpu_order=("cuda", "triton"))  # not yet measured on a G
 class AdamHyper:
     beta1: float
     beta2: float
-    eps: float
     weight_decay: float
     decoupled: bool
     maximize: bool
     seed: int = 0  # stochastic-rounding stream (bf16 state only), < 2**31
 
 
-def scalar_table(lr: Union[float, torch.Tensor], beta1: float, beta2: float, steps: Sequence[torch.Tensor],
-                 device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-tensor [lr, lr/(1−β1ᵗ), √(1−β2ᵗ), t]. Computed on the host from CPU step counters, or with tensor ops
-    on the device when the steps (and lr) live there (capturable: no host sync, CUDA-graph safe)."""
+def scalar_table(lr: Union[float, torch.Tensor], beta1: float, beta2: float, eps: float,
+                 steps: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-tensor [lr, α = lr·√(1−β2ᵗ)/(1−β1ᵗ), ε̂ = ε·√(1−β2ᵗ), t], in double on the host from CPU step counters,
+    or with tensor ops on the device when the steps (or lr) live there (capturable: no sync, CUDA-graph safe)."""
     if steps[0].device.type == "cpu" and not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu"):
         lr_f = float(lr)
         rows = []
-        for s in steps:
-            t = float(s)
-            rows.append((lr_f, lr_f / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), t))
+        for t in torch.stack(steps).reshape(-1).tolist():
+            bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
+            rows.append((lr_f, lr_f * bc2_sqrt / (1.0 - beta1 ** t), eps * bc2_sqrt, t))
         return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
-    t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=dtype)
-    lr_t = torch.as_tensor(lr, device=device, dtype=dtype).reshape(()).expand_as(t)
-    step_size = lr_t / (1.0 - torch.pow(beta1, t))
+    t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=torch.float64 if dtype == torch.float64
+                                                                              else torch.float32)
+    lr_t = torch.as_tensor(lr, device=device, dtype=t.dtype).reshape(()).expand_as(t)
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t))
-    return torch.stack([lr_t, step_size, bc2_sqrt, t], dim=1).contiguous()
+    alpha = lr_t * bc2_sqrt / (1.0 - torch.pow(beta1, t))
+    return torch.stack([lr_t, alpha, eps * bc2_sqrt, t], dim=1).to(dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def reference_launch(slots, scal, hyper: AdamHyper, *, param_dtype, state_dtype,
     math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
     grad_mult = (-1.0 if hyper.maximize else 1.0) / (1.0 if grad_scale is None else float(grad_scale))
     stochastic = state_dtype == torch.bfloat16
-    for i, (lr, step_size, bc2_sqrt, step) in enumerate(scal.tolist()):
+    for i, (lr, alpha, eps_hat, step) in enumerate(scal.tolist()):
         p = params[i]
         theta = (masters[i] if master else p).to(math_dtype)
         grad = grads[i].to(math_dtype) * grad_mult
@@ -100,7 +101,7 @@ def reference_launch(slots, scal, hyper: AdamHyper, *, param_dtype, state_dtype,
         m = m + (1.0 - hyper.beta1) * (grad - m)
         v = hyper.beta2 * exp_avg_sqs[i].to(math_dtype) + (1.0 - hyper.beta2) * grad * grad
         vhat = torch.maximum(max_sqs[i].to(math_dtype), v) if amsgrad else v
-        theta = theta - step_size * (m / (vhat.sqrt() / bc2_sqrt + hyper.eps))
+        theta = theta - alpha * (m / (vhat.sqrt() + eps_hat))
         r = None
         if stochastic:
             key = mix32(hyper.seed ^ mix32((i * 0x9E3779B9 + int(step)) & _M32))
@@ -131,7 +132,7 @@ def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, g
                 chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks, chunk_size=plan.chunk_size,
                 param_dtype=_ext.DTYPE_CODE[param_dtype], state_dtype=_ext.DTYPE_CODE[state_dtype],
                 amsgrad=amsgrad, master=master, beta1=hyper.beta1, beta2=hyper.beta2,
-                one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2, eps=hyper.eps,
+                one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
                 weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, maximize=hyper.maximize,
                 seed=hyper.seed, grad_scale_ptr=_address(grad_scale), found_inf_ptr=_address(found_inf))
 
@@ -190,9 +191,7 @@ def triton_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, mast
 # ---------------------------------------------------------------------------------------------------------------
 # The custom op (one opaque node for torch.compile) and the functional form.
 # ---------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("dlcore::adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                                                        "state_steps", "master_params"))
-def adam_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+def _adam_impl(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
             exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
             master_params: list[torch.Tensor], grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
             lr: float, lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, eps: float,
@@ -203,19 +202,32 @@ def adam_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: lis
     backend, launch = _dispatch.select(OP, device, param_dtype)
     if state_dtype not in KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ()):
         raise TypeError(f"adam: state dtype {state_dtype} is not supported by backend {backend!r}")
-    for s in state_steps:
-        s.add_(1)
+    torch._foreach_add_(state_steps, 1.0)
     table_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
-    scal = scalar_table(lr if lr_tensor is None else lr_tensor, beta1, beta2, state_steps, device, table_dtype)
-    hyper = AdamHyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, seed & 0x7FFFFFFF)
+    scal = scalar_table(lr if lr_tensor is None else lr_tensor, beta1, beta2, eps, state_steps, device, table_dtype)
+    hyper = AdamHyper(beta1, beta2, weight_decay, decoupled_weight_decay, maximize, seed & 0x7FFFFFFF)
     none = [None] * n
     slots = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none,
              master_params if master_params else none]
     launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
            master=bool(master_params), grad_scale=grad_scale, found_inf=found_inf)
     if found_inf is not None:  # a skipped step does not count, as in torch's fused Adam
-        for s in state_steps:
-            s.sub_(found_inf.to(s.device))
+        torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
+
+
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params")
+adam_op = torch.library.custom_op("dlcore::adam_", mutates_args=_MUTATED)(_adam_impl)
+
+
+def run_adam_op(*args) -> None:
+    """torch.ops.dlcore.adam_ under torch.compile; in eager mode its implementation directly, with the version
+    counters of the mutated tensors bumped in one call (the custom-op wrapper costs ~1 ms per step for 62
+    parameters, most of it bumping them one by one)."""
+    if torch.compiler.is_compiling():
+        return adam_op(*args)
+    _adam_impl(*args)
+    params, _, exp_avgs, exp_avg_sqs, max_sqs, steps, masters = args[:7]
+    torch._C._increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_sqs, *steps, *masters])
 
 
 @adam_op.register_fake
@@ -225,7 +237,7 @@ def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     return None
 
 
-def _check_float_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> Optional[torch.Tensor]:
+def check_float_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> Optional[torch.Tensor]:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor) or t.numel() != 1:
@@ -303,9 +315,9 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[t
     _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, amsgrad)
     device = params[0].device
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    adam_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+    run_adam_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
             list(max_exp_avg_sqs) if amsgrad else [], list(state_steps),
             list(master_params) if master_params is not None else [],
-            _check_float_scalar(grad_scale, "grad_scale", device), _check_float_scalar(found_inf, "found_inf", device),
+            check_float_scalar(grad_scale, "grad_scale", device), check_float_scalar(found_inf, "found_inf", device),
             float(lr) if lr_tensor is None else 0.0, lr_tensor, float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay), int(seed))

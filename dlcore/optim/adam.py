@@ -160,35 +160,54 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        name = type(self).__name__
         for gi, group in enumerate(self.param_groups):
-            buckets: dict[tuple, dict[str, list]] = {}
+            buckets: dict[tuple, list[list]] = {}
+            amsgrad = group["amsgrad"]
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
-                                       "use torch.optim.SparseAdam")
+                # The states are ours (made with the param's layout); the gradient is the user's: check what the
+                # kernels rely on, cheaply (dlcore.functional.adam checks everything).
+                if g.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam")
+                if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+                    raise ValueError(f"{name}: a parameter of shape {tuple(p.shape)} is not dense "
+                                     f"(stride {p.stride()}); dlcore needs contiguous or channels_last parameters")
+                if g.dtype != p.dtype or g.shape != p.shape:
+                    raise TypeError(f"{name}: a gradient is {g.dtype} {tuple(g.shape)} but its parameter is "
+                                    f"{p.dtype} {tuple(p.shape)}")
+                if g.stride() != p.stride():  # e.g. a hand-set grad: give it the parameter's layout
+                    g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
                 state = self._init_state(p, group)
-                key = (p.device, p.dtype, state["exp_avg"].dtype, "master_param" in state)
-                b = buckets.setdefault(key, {k: [] for k in ("p", "g", "m", "v", "vmax", "master", "step")})
-                b["p"].append(_local(p))
-                b["g"].append(_local(p.grad))
-                b["m"].append(_local(state["exp_avg"]))
-                b["v"].append(_local(state["exp_avg_sq"]))
-                b["vmax"].append(_local(state.get("max_exp_avg_sq")))
-                b["master"].append(_local(state.get("master_param")))
-                b["step"].append(state["step"])
+                master = state.get("master_param")
+                key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
+                lists = buckets.get(key)
+                if lists is None:
+                    lists = buckets[key] = [[], [], [], [], [], [], []]
+                lists[0].append(_local(p))
+                lists[1].append(_local(g))
+                lists[2].append(_local(state["exp_avg"]))
+                lists[3].append(_local(state["exp_avg_sq"]))
+                if amsgrad:
+                    lists[4].append(_local(state["max_exp_avg_sq"]))
+                lists[5].append(state["step"])
+                if master is not None:
+                    lists[6].append(_local(master))
             if len({k[0] for k in buckets}) > 1:
-                raise ValueError(f"{type(self).__name__}: param group {gi} holds parameters on several devices "
+                raise ValueError(f"{name}: param group {gi} holds parameters on several devices "
                                  f"({sorted(str(k[0]) for k in buckets)}); give each device its own group")
             beta1, beta2 = group["betas"]
-            for key, b in buckets.items():
-                adam_op.adam(
-                    b["p"], b["g"], b["m"], b["v"], b["vmax"], b["step"], lr=group["lr"], beta1=beta1,
-                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                    maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                    master_params=b["master"] if key[3] else None, grad_scale=grad_scale, found_inf=found_inf,
-                    seed=group["sr_seed"] + 7919 * gi)
+            lr = group["lr"]
+            for (device, *_), (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters) in buckets.items():
+                adam_op.run_adam_op(
+                    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
+                    adam_op.check_float_scalar(grad_scale, "grad_scale", device),
+                    adam_op.check_float_scalar(found_inf, "found_inf", device),
+                    0.0 if isinstance(lr, torch.Tensor) else float(lr), lr if isinstance(lr, torch.Tensor) else None,
+                    float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), bool(amsgrad),
+                    bool(group["maximize"]), bool(group["decoupled_weight_decay"]), group["sr_seed"] + 7919 * gi)
         return loss
 
 
