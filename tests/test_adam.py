@@ -308,6 +308,8 @@ def test_bad_input_errors():
         dlcore.functional.adam([strided], [torch.randn(6)], [torch.zeros(6)], [torch.zeros(6)], [], [torch.tensor(0.)])
     with pytest.raises(TypeError, match="found_inf"):
         dlcore.functional.adam(p, g, m, v, [], steps, found_inf=torch.zeros(3))
+    with pytest.raises(ValueError, match="master_params are fp32 copies"):
+        dlcore.functional.adam(p, g, m, v, [], steps, master_params=[t.clone() for t in p])
     with pytest.raises(ValueError, match="amsgrad needs"):
         dlcore.functional.adam(p, g, m, v, [], steps, amsgrad=True)
     if not torch.cuda.is_available():

@@ -46,8 +46,12 @@ src_hash=$( (cat setup.py; find csrc -type f | sort | xargs cat; "$PY" -c 'impor
 stamp_file=build/.dlcore-build-stamp
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$src_hash" ] || ! "$PY" -c "import dlcore._C_cpu" 2>/dev/null; then
   echo "setup: building dlcore (CPU extension; CUDA extension when nvcc is found)"
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -E "^\s*$|WARNING: Location" || true
-  "$PY" -c "import dlcore._C_cpu" || { echo "setup: the dlcore build failed" >&2; exit 1; }
+  mkdir -p build
+  if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1; then
+    grep -v "WARNING: Location" build/pip-install.log | tail -40 >&2
+    echo "setup: building dlcore failed (full log: build/pip-install.log)" >&2
+    exit 1
+  fi
   mkdir -p build && echo "$src_hash" > "$stamp_file"
 fi
 echo "$PY" > .dlcore-python

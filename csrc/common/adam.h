@@ -126,11 +126,19 @@ template <class F> void dispatch_bool(bool b, F&& f) {
   else f(std::false_type{});
 }
 
-// f is called as f(IntC<PD>, IntC<SD>, bool_constant<AMS>, bool_constant<MASTER>).
+// f is called as f(IntC<PD>, IntC<SD>, bool_constant<AMS>, bool_constant<MASTER>). Master weights exist only for
+// bf16/fp16 params, so fp32 + master is never instantiated.
 template <class F> void dispatch_adam(int param_dtype, int state_dtype, bool amsgrad, bool master, F&& f) {
   dispatch_dtype(param_dtype, "param", [&](auto pd) {
     dispatch_dtype(state_dtype, "state", [&](auto sd) {
-      dispatch_bool(amsgrad, [&](auto ams) { dispatch_bool(master, [&](auto mw) { f(pd, sd, ams, mw); }); });
+      dispatch_bool(amsgrad, [&](auto ams) {
+        dispatch_bool(master, [&](auto mw) {
+          if constexpr (std::decay_t<decltype(pd)>::value == kF32 && std::decay_t<decltype(mw)>::value)
+            throw std::invalid_argument("dlcore: master weights are for bf16/fp16 params, not fp32");
+          else
+            f(pd, sd, ams, mw);
+        });
+      });
     });
   });
 }

@@ -277,6 +277,8 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
         if amsgrad:
             others.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
         if master_params is not None:
+            if param_dtype == torch.float32:  # (fp64 params with fp64 masters: the reference oracle of the tests)
+                raise ValueError("adam: master_params are fp32 copies of bf16/fp16 params; params are float32")
             others.append(("master_params", master_params[i]))
             want = torch.float64 if param_dtype == torch.float64 else torch.float32  # fp64: the reference oracle
             if master_params[i].dtype != want:
