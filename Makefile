@@ -5,7 +5,7 @@ PY := $$(cat .dlcore-python)
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench bench-quick gpu-check info clean
+.PHONY: setup test bench bench-quick bench-pytest gpu-check info clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -27,3 +27,6 @@ gpu-check:
 
 clean:
 	rm -rf build *.egg-info dlcore/*.so .dlcore-python .pytest_cache
+
+bench-pytest: setup
+	$(PY) -m pytest benchmarks/ -p no:cacheprovider

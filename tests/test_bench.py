@@ -1,0 +1,76 @@
+"""The benchmark harness: timing, ratios, reports on disk, the case registry and the CLI's argument errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dlcore
+from dlcore import bench
+from dlcore.bench import harness, report
+from dlcore.bench.shapes import resnet18_param_shapes
+
+
+def test_resnet18_shapes_count():
+    assert sum(torch.Size(s).numel() for s in resnet18_param_shapes()) == 11_689_512
+    assert len(resnet18_param_shapes()) == 62
+
+
+def test_adam_cases_name_their_baseline_and_targets():
+    cases = bench.all_cases("cpu", ["adam"])
+    assert all(c.baseline == "torch fused" for c in cases)
+    assert {c.target for c in cases if c.quick} >= {0.95, 1.3}
+    assert all(c.bytes > 0 for c in cases)
+    with pytest.raises(ValueError, match="unknown op"):
+        bench.all_cases("cpu", ["conv"])
+
+
+def _tiny_case():
+    def setup(n_sets):
+        sets = [[torch.nn.Parameter(torch.randn(1000)) for _ in range(3)] for _ in range(n_sets)]
+        for ps in sets:
+            for p in ps:
+                p.grad = torch.randn_like(p)
+        ours = [dlcore.optim.Adam(ps) for ps in sets]
+        theirs = [torch.optim.Adam(ps, foreach=False) for ps in sets]
+        return {"dlcore": ours[0].step, "torch for-loop": theirs[0].step}
+
+    return harness.Case("adam", "tiny", "cpu", setup, bytes=28 * 3000, baseline="torch for-loop", target=0.01)
+
+
+def test_harness_times_every_variant_and_writes_reports(tmp_path, capsys):
+    case = _tiny_case()
+    peaks = {"bandwidth_GBps": 30.0, "bandwidth_kind": "test", "matmul_TFLOPs": 0.2, "matmul_kind": "test"}
+    result = harness.run_case(case, quick=True, llc_bytes=1 << 20)
+    assert not result.errors and set(result.times_ms) == {"dlcore", "torch for-loop"}
+    assert result.speedup("torch for-loop") == pytest.approx(result.times_ms["torch for-loop"] / result.times_ms["dlcore"])
+    info = harness.device_description("cpu")
+    report.print_table([result], peaks, info)
+    assert "tiny" in capsys.readouterr().out
+    paths = report.write([result], peaks, info, {"versions": {}}, str(tmp_path))
+    data = json.loads(open(paths["json"]).read())
+    assert {r["variant"] for r in data["results"]} == {"dlcore", "torch for-loop"}
+    assert data["targets"][0]["target"] == 0.01
+    assert open(paths["md"]).read().startswith("# dlcore bench")
+    assert open(paths["png"], "rb").read(4) == b"\x89PNG"
+
+
+def test_failed_setup_is_reported_not_raised():
+    def broken(n_sets):
+        raise RuntimeError("no such device")
+
+    result = harness.run_case(harness.Case("adam", "broken", "cpu", broken), quick=True, llc_bytes=1 << 20)
+    assert "no such device" in result.errors["setup"]
+
+
+def test_input_sets_cover_twice_the_cache():
+    case = harness.Case("adam", "x", "cpu", lambda n: {}, bytes=1 << 20)
+    assert harness.input_sets_needed(case, 8 << 20) == 8
+    assert harness.input_sets_needed(harness.Case("adam", "x", "cpu", lambda n: {}, bytes=1 << 30), 8 << 20) == 1
+
+
+def test_cli_rejects_unknown_op():
+    proc = subprocess.run([sys.executable, "-m", "dlcore.cli", "bench", "--op", "conv"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "unknown op" in proc.stderr
