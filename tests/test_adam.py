@@ -263,6 +263,18 @@ def test_nan_gradients_propagate_like_torch():
     assert torch.allclose(p_a[finite], p_b[finite], atol=1e-6)
 
 
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_empty_parameters(backend, device):
+    lists = _rand_lists([0, 5, 0], device, torch.float32, torch.float32, seed=SEED)
+    only_empty = _rand_lists([0], device, torch.float32, torch.float32, seed=SEED)
+    want = [p.clone() for p in lists[0]]
+    with dlcore.use_backend(backend):
+        dlcore.functional.adam(*lists[:6], lr=1e-2)
+        dlcore.functional.adam(*only_empty[:6], lr=1e-2)
+    assert not torch.equal(lists[0][1], want[1]) and lists[0][0].numel() == 0
+    assert [float(s) for s in only_empty[5]] == [2.0]  # steps count as in torch
+
+
 def test_channels_last_parameters():
     conv_a, conv_b = nn.Conv2d(4, 8, 3), nn.Conv2d(4, 8, 3)
     conv_b.load_state_dict(conv_a.state_dict())

@@ -209,8 +209,9 @@ def _adam_impl(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     none = [None] * n
     slots = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none,
              master_params if master_params else none]
-    launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
-           master=bool(master_params), grad_scale=grad_scale, found_inf=found_inf)
+    if any(p.numel() for p in params):  # empty tensors have no chunks; a launch of zero programs is not valid
+        launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
+               master=bool(master_params), grad_scale=grad_scale, found_inf=found_inf)
     if found_inf is not None:  # a skipped step does not count, as in torch's fused Adam
         torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
 
