@@ -37,12 +37,11 @@ DL_HD float bits_f32(uint32_t u) {
 }
 
 // bf16 is the top half of an fp32. Round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate.
-// Written branch-free (selects, not early returns) so that the CPU loops vectorise.
+// Branch-free so that the CPU loops vectorise; a NaN is first made the canonical quiet NaN, which rounds to itself
+// (a float compare-and-select: cheaper in the vector loop than an integer test on the bits).
 DL_HD uint16_t f32_to_bf16_rne(float f) {
-  const uint32_t u = f32_bits(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;  // NaN stays a (quiet) NaN
-  return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
+  const uint32_t u = f32_bits(f == f ? f : bits_f32(0x7FC00000u));
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 // Stochastic rounding: add 16 random bits below the cut, then truncate. E[result] = f exactly (up to the bf16
@@ -66,7 +65,7 @@ DL_HD float f16_to_f32(uint16_t h) {
   const uint32_t em = uint32_t(h & 0x7FFFu);                         // exponent and mantissa
   const uint32_t normal = (em << 13) + 0x38000000u;                  // rebias the exponent by 127 − 15
   const uint32_t inf_nan = (em << 13) | 0x7F800000u;                 // exponent 31: Inf / NaN (payload kept)
-  const uint32_t subnormal = f32_bits(float(em) * 5.9604644775390625e-08f);  // em · 2⁻²⁴, exact
+  const uint32_t subnormal = f32_bits(float(int32_t(em)) * 5.9604644775390625e-08f);  // em · 2⁻²⁴, exact
   uint32_t out = em >= 0x7C00u ? inf_nan : normal;
   out = em < 0x0400u ? subnormal : out;
   return bits_f32(out | sign);
