@@ -20,7 +20,9 @@ def _version(module: str) -> str:
 def collect() -> dict:
     import dlcore
 
-    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
+    from dlcore.bench.harness import device_description
+
+    devices = [{"type": "cpu", "name": device_description("cpu")["name"], "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(i)

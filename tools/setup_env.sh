@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 
+pip_quiet() {  # pip, minus this machine's warnings about local index folders that do not exist
+  "$PY" -m pip "$@" 2>&1 | { grep -v "WARNING: Location" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 if [ -x .venv/bin/python ]; then
   PY="$PWD/.venv/bin/python"
 elif python3 -c "import torch" 2>/dev/null; then
@@ -23,8 +28,8 @@ if [ "$PY" = "$PWD/.venv/bin/python" ]; then
   stamp=".venv/.deps-$(sha1sum requirements-dev.txt | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     echo "setup: installing requirements-dev.txt into .venv"
-    "$PY" -m pip install -q --upgrade pip "setuptools>=70.1" wheel
-    "$PY" -m pip install -q -r requirements-dev.txt
+    pip_quiet install -q --upgrade pip "setuptools>=70.1" wheel
+    pip_quiet install -q -r requirements-dev.txt
     touch "$stamp"
   fi
 else
@@ -36,7 +41,7 @@ PYEOF
 )
   if [ -n "$missing" ]; then
     echo "setup: $PY lacks: $missing; trying pip" >&2
-    "$PY" -m pip install -q $missing
+    pip_quiet install -q $missing
   fi
 fi
 

@@ -17,8 +17,13 @@ template <int PD, int SD, bool AMS, bool MASTER>
 __attribute__((noinline)) void adam_range(const int64_t* row, int64_t begin, int count, const AdamCoef coef) {
   // coef by value: read through a reference, its fields could alias the stores and could not be hoisted.
   const auto element = adam_element<PD, SD, AMS, MASTER>(row, begin);
+  constexpr int kBlock = 1024;  // elements per prefetch step: 4 KiB of each fp32 stream
+  for (int b = 0; b < count; b += kBlock) {
+    const int n = std::min(kBlock, count - b);
+    if (b + kBlock < count) element.prefetch(b + kBlock, std::min(kBlock, count - b - kBlock));
 #pragma omp simd
-  for (int i = 0; i < count; ++i) element(i, coef);
+    for (int i = b; i < b + n; ++i) element(i, coef);
+  }
 }
 
 template <int PD, int SD, bool AMS, bool MASTER>
