@@ -28,7 +28,13 @@ def patch_interpreter_bf16() -> bool:
     builder = interp.InterpreterBuilder
     if getattr(builder, "_dlcore_bf16_fix", False):
         return True
-    original_dot, original_cast = builder.create_dot, builder.cast_impl
+    original_dot = getattr(builder, "create_dot", None)
+    original_cast = getattr(builder, "cast_impl", None)
+    if original_dot is None or original_cast is None:  # another triton layout: leave it alone, say so
+        import warnings
+
+        warnings.warn("dlcore: this triton's interpreter has no create_dot/cast_impl; bf16 fixes not applied")
+        return False
 
     def is_bf16(dtype):
         return getattr(dtype, "scalar", dtype) == tl.bfloat16
