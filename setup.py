@@ -134,7 +134,7 @@ setup(
     python_requires=">=3.11",
     # One import name: the top-level kernels/ and models/ folders are installed as dlcore.kernels and
     # dlcore.models, so no top-level `kernels` or `models` module lands in site-packages.
-    packages=["dlcore", "dlcore.optim", "dlcore.ops", "dlcore.bench", "dlcore.kernels", "dlcore.models"],
+    packages=["dlcore", "dlcore.optim", "dlcore.ops", "dlcore.bench", "dlcore.rl", "dlcore.kernels", "dlcore.models"],
     package_dir={"dlcore": "dlcore", "dlcore.kernels": "kernels", "dlcore.models": "models"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

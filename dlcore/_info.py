@@ -20,6 +20,11 @@ def _version(module: str) -> str:
 def collect() -> dict:
     import dlcore
 
+    try:  # registers the replay-buffer ops with the dispatch point (it needs numba, which dlcore itself does not)
+        import dlcore.rl  # noqa: F401
+    except ImportError:
+        pass
+
     from dlcore.bench.harness import device_description
 
     devices = [{"type": "cpu", "name": device_description("cpu")["name"], "threads": torch.get_num_threads()}]
@@ -63,6 +68,6 @@ def info(print_out: bool = True) -> dict:
         lines.append("backends per op (yes, or why not)")
         for op, row in data["backends"].items():
             cells = ", ".join(f"{b}: {'yes' if r is None else r}" for b, r in row.items())
-            lines.append(f"  {op:<8} {cells}")
+            lines.append(f"  {op:<16} {cells}")
         print("\n".join(lines))
     return data

@@ -34,6 +34,7 @@ class Case:
     baseline: str = ""               # the peer an issue's target refers to
     target: Optional[float] = None   # speed-up over `baseline` the issue asks for
     bandwidth_target: Optional[float] = None  # fraction of peak bandwidth the issue asks for
+    max_ms: Optional[float] = None   # absolute time the issue asks dlcore to stay under (device-specific)
     quick: bool = True               # part of --quick
     notes: str = ""
 

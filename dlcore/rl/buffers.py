@@ -1,0 +1,229 @@
+"""Replay buffers over a dict of named fields: uniform (`ReplayBuffer`) and proportional prioritized
+(`PrioritizedReplayBuffer`, Schaul et al. 2015: p = |δ| + ε, P(i) = p_iᵅ / Σ pᵅ, importance weights
+(N·P(i))^-β normalised by their max, β annealed towards 1).
+
+Storage is a circular array per field, allocated from the first transition added (or from `fields=`). Adds,
+samples and priority updates take a lock, so an actor thread may add while a learner thread samples. Sampling is
+seeded by the buffer's own generator (`seed=`, else drawn from torch's global generator, so torch.manual_seed makes
+runs reproducible). `state_dict()` / `load_state_dict()` and `save()` / `load()` round-trip everything exactly,
+generator state included.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Mapping, Optional, Union
+
+import torch
+
+from dlcore.rl.sum_tree import SumTree
+
+FieldSpec = Mapping[str, tuple]  # name -> (shape, dtype)
+
+
+class ReplayBuffer:
+    """Uniform replay over named fields.
+
+    Args:
+        capacity: transitions kept; the oldest is overwritten first.
+        fields: optional {name: (shape, dtype)}; otherwise taken from the first `add` / `extend`.
+        device: where the storage lives (sampled batches are returned there).
+        seed: seed of the buffer's sampling generator.
+    """
+
+    def __init__(self, capacity: int, fields: Optional[FieldSpec] = None, device: Union[str, torch.device] = "cpu",
+                 seed: Optional[int] = None):
+        if int(capacity) < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self._storage: dict[str, torch.Tensor] = {}
+        self._pos = 0
+        self._size = 0
+        self._lock = threading.RLock()
+        self._gen = torch.Generator()
+        self._gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        if fields is not None:
+            self._allocate({k: (tuple(shape), dtype) for k, (shape, dtype) in fields.items()})
+
+    # ------------------------------------------------------------------------------------------------ storage
+    def _allocate(self, spec: dict[str, tuple]) -> None:
+        if not spec:
+            raise ValueError("a transition needs at least one field")
+        self._storage = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
+                         for name, (shape, dtype) in spec.items()}
+
+    @property
+    def fields(self) -> dict[str, tuple]:
+        return {k: (tuple(v.shape[1:]), v.dtype) for k, v in self._storage.items()}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _as_batch(self, data: Mapping[str, object], batched: bool) -> tuple[dict[str, torch.Tensor], int]:
+        if not self._storage:
+            spec = {}
+            for name, value in data.items():
+                t = torch.as_tensor(value)
+                spec[name] = (tuple(t.shape[1:] if batched else t.shape), t.dtype)
+            self._allocate(spec)
+        if set(data) != set(self._storage):
+            raise KeyError(f"transition fields {sorted(data)} differ from the buffer's {sorted(self._storage)}")
+        out, n = {}, None
+        for name, value in data.items():
+            store = self._storage[name]
+            t = torch.as_tensor(value, device=self.device)
+            if not batched:
+                t = t.unsqueeze(0)
+            if tuple(t.shape[1:]) != tuple(store.shape[1:]):
+                raise ValueError(f"field {name!r} has shape {tuple(t.shape[1:])} per transition, the buffer holds "
+                                 f"{tuple(store.shape[1:])}")
+            if t.dtype != store.dtype and not (t.dtype.is_floating_point == store.dtype.is_floating_point
+                                               and torch.can_cast(t.dtype, store.dtype)):
+                raise TypeError(f"field {name!r} is {t.dtype}; the buffer stores {store.dtype}")
+            if n is None:
+                n = t.shape[0]
+            elif t.shape[0] != n:
+                raise ValueError(f"field {name!r} has {t.shape[0]} transitions, others have {n}")
+            out[name] = t
+        return out, int(n)
+
+    def _write(self, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        if n > self.capacity:  # only the newest `capacity` survive
+            batch = {k: v[-self.capacity:] for k, v in batch.items()}
+            self._pos = (self._pos + n - self.capacity) % self.capacity
+            n = self.capacity
+        index = (self._pos + torch.arange(n)) % self.capacity
+        for name, value in batch.items():
+            self._storage[name].index_copy_(0, index.to(self.device), value.to(self._storage[name].dtype))
+        self._pos = (self._pos + n) % self.capacity
+        self._size = min(self._size + n, self.capacity)
+        return index
+
+    def add(self, **transition) -> torch.Tensor:
+        """Store one transition (each field without a batch dimension); returns its slot."""
+        with self._lock:
+            batch, n = self._as_batch(transition, batched=False)
+            return self._write(batch, n)
+
+    def extend(self, **transitions) -> torch.Tensor:
+        """Store a batch (each field with the same leading batch dimension); returns the slots written."""
+        with self._lock:
+            batch, n = self._as_batch(transitions, batched=True)
+            return self._write(batch, n) if n else torch.empty(0, dtype=torch.int64)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _check_batch_size(self, batch_size: int) -> None:
+        if self._size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        if not 1 <= batch_size <= self._size:
+            raise ValueError(f"batch_size must be in [1, {self._size}] (transitions stored), got {batch_size}")
+
+    def _gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        idx = index.to(self.device)
+        out = {name: store.index_select(0, idx) for name, store in self._storage.items()}
+        out["index"] = index
+        return out
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """`batch_size` transitions drawn uniformly with replacement; the dict also holds their "index"."""
+        with self._lock:
+            self._check_batch_size(batch_size)
+            index = torch.randint(0, self._size, (batch_size,), generator=self._gen)
+            return self._gather(index)
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        with self._lock:
+            return {"capacity": self.capacity, "pos": self._pos, "size": self._size,
+                    "storage": {k: v.clone() for k, v in self._storage.items()},
+                    "generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            if state["capacity"] != self.capacity:
+                raise ValueError(f"state has capacity {state['capacity']}, this buffer {self.capacity}")
+            self._storage = {k: v.to(self.device).clone() for k, v in state["storage"].items()}
+            self._pos, self._size = int(state["pos"]), int(state["size"])
+            self._gen.set_state(state["generator"])
+
+    def save(self, path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path) -> None:
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    """Proportional prioritized replay on a sum-tree.
+
+    Args (beyond ReplayBuffer's):
+        alpha: priority exponent (0 = uniform), default 0.6.
+        beta: importance-sampling exponent at the start, default 0.4.
+        beta_final, beta_steps: β rises linearly to beta_final over beta_steps calls of `sample` (None: constant).
+        eps: added to |δ| in `update_priorities` so no transition starves.
+    New transitions get the largest priority seen so far. `sample` returns "index" and "weight" with the fields.
+    """
+
+    def __init__(self, capacity: int, fields: Optional[FieldSpec] = None, device: Union[str, torch.device] = "cpu",
+                 seed: Optional[int] = None, alpha: float = 0.6, beta: float = 0.4, beta_final: float = 1.0,
+                 beta_steps: Optional[int] = None, eps: float = 1e-6):
+        if alpha < 0:
+            raise ValueError(f"alpha must be non-negative, got {alpha}")
+        if not 0 <= beta <= 1 or not 0 <= beta_final <= 1:
+            raise ValueError(f"beta and beta_final must be in [0, 1], got {beta}, {beta_final}")
+        super().__init__(capacity, fields, device, seed)
+        self.alpha, self.beta0, self.beta_final, self.beta_steps, self.eps = alpha, beta, beta_final, beta_steps, eps
+        self._tree = SumTree(self.capacity)
+        self._max_priority = 1.0
+        self._samples_drawn = 0
+
+    @property
+    def beta(self) -> float:
+        if not self.beta_steps:
+            return self.beta0
+        frac = min(1.0, self._samples_drawn / self.beta_steps)
+        return self.beta0 + frac * (self.beta_final - self.beta0)
+
+    def _write(self, batch, n):
+        index = super()._write(batch, n)
+        self._tree.update(index, torch.full((index.numel(),), self._max_priority, dtype=torch.float64),
+                          alpha=self.alpha)
+        return index
+
+    def sample(self, batch_size: int, beta: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Stratified proportional sampling: the total priority mass is cut into `batch_size` equal segments and
+        one transition is drawn in each. Returns the fields, "index" and the normalised importance "weight"."""
+        with self._lock:
+            self._check_batch_size(batch_size)
+            beta = self.beta if beta is None else float(beta)
+            offsets = torch.rand(batch_size, generator=self._gen, dtype=torch.float64)
+            # w_i = (N·P(i))^-β / max_j (N·P(j))^-β = (p_i / p_min)^-β: the max weight belongs to the min priority
+            index, weight = self._tree.sample(offsets, beta)
+            self._samples_drawn += 1
+            out = self._gather(index)
+            out["weight"] = weight.to(self.device, torch.float32)
+            return out
+
+    def update_priorities(self, index, priority) -> None:
+        """Set p = |priority| + eps for the transitions at `index` (e.g. |TD error|); the last of duplicates wins."""
+        with self._lock:
+            index = torch.as_tensor(index).reshape(-1).to("cpu", torch.int64)
+            priority = torch.as_tensor(priority).reshape(-1).to("cpu", torch.float64)
+            # one call: validation (finite, non-negative, index < transitions stored), leaves, ancestors
+            top = self._tree.update(index, priority, eps=self.eps, alpha=self.alpha, limit=self._size)
+            self._max_priority = max(self._max_priority, top)
+
+    def state_dict(self) -> dict:
+        with self._lock:
+            state = super().state_dict()
+            state.update(tree_sum=self._tree.sum.clone(), tree_min=self._tree.min.clone(),
+                         max_priority=self._max_priority, samples_drawn=self._samples_drawn)
+            return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            super().load_state_dict(state)
+            self._tree.sum.copy_(state["tree_sum"])
+            self._tree.min.copy_(state["tree_min"])
+            self._max_priority = float(state["max_priority"])
+            self._samples_drawn = int(state["samples_drawn"])

@@ -1,0 +1,201 @@
+"""Sum-tree (and min-tree) for proportional prioritized replay: the ops behind dlcore.rl.PrioritizedReplayBuffer.
+
+Layout: capacity rounded up to a power of two `size`; one float64 array of 2·size, the root at [1], node k's
+children at [2k] and [2k+1], leaf i at [size + i]. Unwritten leaves hold 0 (sum tree) and +inf (min tree).
+
+Two ops behind the dispatch point, each with a numba CPU kernel (`cpu`) and a plain-PyTorch reference; each is one
+call from Python, validation included, because the targets are a few microseconds:
+  sum_tree_sample(tree, min_tree, offsets, beta) -> (leaf index, importance weight)
+      stratified: target mass (b + offsets[b])·total/B for b < B, one descent each; weight (p_i / p_min)^-β
+  sum_tree_update(tree, min_tree, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
+      leaf ← (priority + eps)^alpha (the last write of a duplicate index wins), then every ancestor is recomputed
+      from its children; status 1: a priority is negative or not finite, 2: an index is outside [0, limit);
+      nothing is written unless status is 0
+Descents and ancestor updates run level by level across the whole batch, so the cache misses of one level are
+independent loads the CPU overlaps (one descent at a time waits for each miss in turn). Ancestors are recomputed
+rather than adjusted by deltas: after any number of updates the root is the tree-ordered float64 sum of the
+leaves (relative error ≤ log2(size)·2⁻⁵³), no drift.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dlcore import _dispatch
+
+SAMPLE_OP, UPDATE_OP = "sum_tree_sample", "sum_tree_update"
+_dispatch.define_op(SAMPLE_OP, gpu_order=())
+_dispatch.define_op(UPDATE_OP, gpu_order=())
+BAD_PRIORITY, BAD_INDEX = 1, 2
+
+try:
+    import numba
+
+    _numba_error = None
+except ImportError as exc:  # reported by `dlcore info`, never faked
+    numba = None
+    _numba_error = f"numba is not installed: {exc}"
+
+
+def tree_size(capacity: int) -> int:
+    return 1 << max(0, int(capacity - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def reference_sample(tree, min_tree, offsets, beta):
+    size = tree.numel() // 2
+    batch = offsets.numel()
+    total = tree[1]
+    mass = (torch.arange(batch, dtype=torch.float64) + offsets) * (total / batch)
+    mass = torch.minimum(mass, total * (1 - 2 ** -52))  # at or past the total: the last positive leaf
+    leaves = tree[size:]
+    cumulative = torch.cumsum(leaves, 0)  # (summed in another order than the tree: its total may differ by ulps)
+    last_positive = int(torch.nonzero(leaves > 0).max())
+    index = torch.searchsorted(cumulative, mass, right=True).clamp_(max=last_positive)  # skips zero leaves
+    weight = (tree[size + index] / min_tree[1]).pow(-beta)
+    return index, weight
+
+
+def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
+    if not bool(((priority >= 0) & (priority < float("inf"))).all()):
+        return BAD_PRIORITY, 0.0
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit):
+        return BAD_INDEX, 0.0
+    size = tree.numel() // 2
+    value = (priority + eps).pow(alpha)
+    for i, v in zip(index.tolist(), value.tolist()):  # in order: the last write of a duplicate wins
+        tree[size + i] = v
+        min_tree[size + i] = v
+    width = size
+    while width > 1:  # rebuild level by level from the leaves up
+        tree[width // 2:width] = tree[width:2 * width].view(-1, 2).sum(1)
+        min_tree[width // 2:width] = min_tree[width:2 * width].view(-1, 2).amin(1)
+        width //= 2
+    return 0, float((priority + eps).max()) if priority.numel() else 0.0
+
+
+_dispatch.register(SAMPLE_OP, "reference", devices=("cpu",), dtypes=(torch.float64,))(reference_sample)
+_dispatch.register(UPDATE_OP, "reference", devices=("cpu",), dtypes=(torch.float64,))(reference_update)
+
+
+# ---------------------------------------------------------------------------------------------------- numba (CPU)
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True)
+    def _sample_kernel(tree, min_tree, offsets, beta, out_index, out_weight):
+        size = tree.shape[0] // 2
+        batch = offsets.shape[0]
+        total = tree[1]
+        node = np.ones(batch, dtype=np.int64)
+        mass = np.empty(batch, dtype=np.float64)
+        for b in range(batch):
+            mass[b] = min((b + offsets[b]) * (total / batch), total * (1.0 - 2.0 ** -52))
+        width = 1
+        while width < size:  # one level of every descent per pass
+            for b in range(batch):
+                left = 2 * node[b]
+                # Go left when the mass falls there, or when the right subtree is empty (float rounding can
+                # leave a mass just past the left sum): an unwritten (zero) leaf is never returned.
+                if mass[b] < tree[left] or tree[left + 1] <= 0.0:
+                    node[b] = left
+                else:
+                    mass[b] -= tree[left]
+                    node[b] = left + 1
+            width *= 2
+        inv_min = 1.0 / min_tree[1]
+        for b in range(batch):
+            out_index[b] = node[b] - size
+            out_weight[b] = (tree[node[b]] * inv_min) ** (-beta)
+
+    @numba.njit(cache=True, nogil=True)
+    def _update_kernel(tree, min_tree, index, priority, eps, alpha, limit):
+        size = tree.shape[0] // 2
+        n = index.shape[0]
+        top = 0.0
+        for k in range(n):  # validate everything before writing anything
+            p = priority[k]
+            if not (p >= 0.0 and p < np.inf):
+                return BAD_PRIORITY, 0.0
+            if index[k] < 0 or index[k] >= limit:
+                return BAD_INDEX, 0.0
+            top = max(top, p + eps)
+        node = np.empty(n, dtype=np.int64)
+        for k in range(n):
+            v = (priority[k] + eps) ** alpha
+            tree[size + index[k]] = v
+            min_tree[size + index[k]] = v
+            node[k] = (size + index[k]) // 2
+        width = size // 2
+        while width >= 1:  # every touched ancestor, one level per pass
+            for k in range(n):
+                j = node[k]
+                tree[j] = tree[2 * j] + tree[2 * j + 1]
+                min_tree[j] = min(min_tree[2 * j], min_tree[2 * j + 1])
+                node[k] = j // 2
+            width //= 2
+        return 0, top
+
+
+def _numba_available():
+    return _numba_error
+
+
+@_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
+def cpu_sample(tree, min_tree, offsets, beta):
+    index = np.empty(offsets.numel(), dtype=np.int64)
+    weight = np.empty(offsets.numel(), dtype=np.float64)
+    _sample_kernel(tree.numpy(), min_tree.numpy(), offsets.numpy(), float(beta), index, weight)
+    return torch.from_numpy(index), torch.from_numpy(weight)
+
+
+@_dispatch.register(UPDATE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
+def cpu_update(tree, min_tree, index, priority, eps, alpha, limit):
+    return _update_kernel(tree.numpy(), min_tree.numpy(), index.numpy(), priority.numpy(), float(eps), float(alpha),
+                          int(limit))
+
+
+# ---------------------------------------------------------------------------------------------------- the tree
+class SumTree:
+    """Sum and min trees over `capacity` leaves (float64, on the CPU)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.size = tree_size(self.capacity)
+        self.sum = torch.zeros(2 * self.size, dtype=torch.float64)
+        self.min = torch.full((2 * self.size,), float("inf"), dtype=torch.float64)
+
+    @property
+    def total(self) -> float:
+        return float(self.sum[1])
+
+    @property
+    def min_leaf(self) -> float:
+        return float(self.min[1])
+
+    def leaves(self, index: torch.Tensor) -> torch.Tensor:
+        return self.sum[self.size + index]
+
+    def update(self, index, priority, eps: float = 0.0, alpha: float = 1.0, limit: int | None = None) -> float:
+        """Leaves `index` ← (priority + eps)^alpha. Raises on a negative or non-finite priority or an index outside
+        [0, limit) (default: capacity), before writing anything. Returns max(priority + eps)."""
+        index = torch.as_tensor(index).reshape(-1).to(torch.int64).contiguous()
+        priority = torch.as_tensor(priority).reshape(-1).to(torch.float64).contiguous()
+        if index.numel() != priority.numel():
+            raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
+        limit = self.capacity if limit is None else int(limit)
+        _, launch = _dispatch.select(UPDATE_OP, torch.device("cpu"), torch.float64)
+        status, top = launch(self.sum, self.min, index, priority, eps, alpha, limit)
+        if status == BAD_PRIORITY:
+            raise ValueError("priorities must be finite and non-negative (pass |TD error|)")
+        if status == BAD_INDEX:
+            raise IndexError(f"index out of range [0, {limit}): min {int(index.min())}, max {int(index.max())}")
+        return top
+
+    def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
+        weight (p / p_min)^-β."""
+        offsets = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1).contiguous()
+        _, launch = _dispatch.select(SAMPLE_OP, torch.device("cpu"), torch.float64)
+        return launch(self.sum, self.min, offsets, beta)

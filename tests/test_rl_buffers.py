@@ -1,0 +1,229 @@
+"""dlcore.rl: the sum-tree ops (numba CPU kernel against the plain-PyTorch reference) and the replay buffers:
+sampling frequencies (chi-square), importance weights, drift, bad input, seeding, persistence, threads."""
+import math
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+import dlcore
+from dlcore.rl import PrioritizedReplayBuffer, ReplayBuffer, SumTree
+from dlcore.rl import sum_tree as st
+from dlcore.testing import backend_device_pairs
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
+BACKENDS = [b for b, d in backend_device_pairs(st.UPDATE_OP, torch.float64) if d == "cpu"]
+
+
+def _random_updates(tree_capacity, n_batches, batch, gen):
+    for _ in range(n_batches):
+        index = torch.randint(0, tree_capacity, (batch,), generator=gen)
+        value = torch.rand(batch, generator=gen, dtype=torch.float64) * 10
+        value[torch.rand(batch, generator=gen) < 0.1] = 0.0
+        yield index, value
+
+
+def _find(tree, mass):
+    """The leaf holding each mass: one stratum per call, offset = mass / total."""
+    return torch.cat([tree.sample(torch.tensor([m / tree.total]), 0.0)[0] for m in mass.tolist()])
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 129, 1000])
+def test_update_kernels_agree_exactly_with_duplicates(capacity):
+    gen = torch.Generator().manual_seed(SEED)
+    trees = {b: SumTree(capacity) for b in BACKENDS}
+    written = {}
+    for index, value in _random_updates(capacity, 20, 37, gen):
+        index[:5] = index[0]  # duplicates in one batch: the last write wins
+        written.update(zip(index.tolist(), value.tolist()))
+        for backend, tree in trees.items():
+            with dlcore.use_backend(backend):
+                tree.update(index, value)
+    ref = trees["reference"]
+    for backend, tree in trees.items():
+        assert torch.equal(tree.sum, ref.sum) and torch.equal(tree.min, ref.min), backend
+    leaves = ref.sum[ref.size:ref.size + capacity]
+    assert all(leaves[i].item() == v for i, v in written.items())
+    assert math.isclose(ref.total, math.fsum(written.values()), rel_tol=1e-12)
+    assert ref.min_leaf == min(written.values())  # unwritten leaves hold +inf in the min tree
+
+
+def test_total_does_not_drift_after_a_million_updates():
+    gen = torch.Generator().manual_seed(SEED)
+    tree = SumTree(1 << 16)
+    for index, value in _random_updates(1 << 16, 1000, 1000, gen):
+        tree.update(index, value)
+    leaves = tree.sum[tree.size:]
+    assert math.isclose(tree.total, math.fsum(leaves.tolist()), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_find_respects_prefix_sums_and_skips_empty_leaves(backend):
+    gen = torch.Generator().manual_seed(SEED)
+    tree = SumTree(1000)
+    index = torch.arange(0, 1000, 3)
+    tree.update(index, torch.rand(index.numel(), generator=gen, dtype=torch.float64) + 0.01)
+    mass = torch.rand(2000, generator=gen, dtype=torch.float64) * tree.total
+    mass[:3] = torch.tensor([0.0, tree.total, tree.total * (1 - 1e-16)])
+    with dlcore.use_backend(backend):
+        found = _find(tree, mass)
+    leaves = tree.sum[tree.size:]
+    assert (leaves[found] > 0).all(), "an empty (unwritten) leaf was returned"
+    prefix = torch.cumsum(leaves, 0) - leaves
+    inside = (prefix[found] <= mass + 1e-9) & (mass < prefix[found] + leaves[found] + 1e-9)
+    assert inside[3:].all()
+
+
+def _chi_square_p(counts, expected):
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    dof = counts.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("seed_offset", [0, 1, 2])
+def test_sampling_frequencies_match_priorities(seed_offset):
+    n = 40
+    buf = PrioritizedReplayBuffer(64, alpha=0.7, seed=SEED + seed_offset)
+    buf.extend(x=torch.arange(n, dtype=torch.float32))
+    gen = torch.Generator().manual_seed(SEED + seed_offset)
+    priority = torch.rand(n, generator=gen, dtype=torch.float64) * 5
+    buf.update_priorities(torch.arange(n), priority)
+    counts = torch.zeros(n, dtype=torch.float64)
+    draws = 0
+    for _ in range(500):
+        idx = buf.sample(n)["index"]
+        counts += torch.bincount(idx, minlength=n).double()
+        draws += n
+    p = (priority + buf.eps) ** 0.7
+    expected = p / p.sum() * draws
+    assert _chi_square_p(counts, expected) > 1e-4, f"seed {SEED + seed_offset}"
+
+
+def test_importance_weights_match_the_formula():
+    buf = PrioritizedReplayBuffer(100, alpha=0.6, beta=0.5, seed=SEED)
+    buf.extend(x=torch.randn(30, 3))
+    pr = torch.rand(30, dtype=torch.float64) + 0.1
+    buf.update_priorities(torch.arange(30), pr)
+    out = buf.sample(16)
+    P = (pr + buf.eps) ** 0.6
+    P = P / P.sum()
+    w = (30 * P[out["index"]]) ** -0.5
+    w_max = (30 * P.min()) ** -0.5
+    assert torch.allclose(out["weight"].double(), w / w_max, rtol=1e-5)
+    assert (out["weight"] <= 1 + 1e-6).all()
+
+
+def test_beta_anneals_linearly():
+    buf = PrioritizedReplayBuffer(10, beta=0.4, beta_final=1.0, beta_steps=4, seed=0)
+    buf.extend(x=torch.zeros(5))
+    betas = []
+    for _ in range(6):
+        betas.append(buf.beta)
+        buf.sample(2)
+    assert betas == pytest.approx([0.4, 0.55, 0.7, 0.85, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("cls", [ReplayBuffer, PrioritizedReplayBuffer])
+def test_never_returns_unwritten_slots_and_wraps_around(cls):
+    buf = cls(100, seed=SEED)
+    buf.extend(obs=torch.randn(7, 4), action=torch.arange(7))
+    for _ in range(50):
+        assert (buf.sample(7)["index"] < 7).all()
+    small = cls(5, seed=SEED)
+    small.extend(v=torch.arange(12))
+    assert len(small) == 5
+    assert sorted(small._storage["v"].tolist()) == [7, 8, 9, 10, 11]
+    got = small.sample(5)
+    assert torch.equal(got["v"], small._storage["v"][got["index"]])
+
+
+def test_add_single_transitions_and_field_spec():
+    buf = ReplayBuffer(10, fields={"obs": ((2, 3), torch.float32), "done": ((), torch.bool)}, seed=1)
+    slot = buf.add(obs=torch.ones(2, 3), done=True)
+    assert slot.tolist() == [0] and len(buf) == 1
+    assert buf.fields == {"obs": ((2, 3), torch.float32), "done": ((), torch.bool)}
+
+
+def test_bad_input_errors():
+    buf = PrioritizedReplayBuffer(10, seed=0)
+    with pytest.raises(RuntimeError, match="empty"):
+        buf.sample(1)
+    buf.extend(obs=torch.randn(4, 3), action=torch.arange(4))
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 4\]"):
+        buf.sample(5)
+    with pytest.raises(ValueError, match="non-negative"):
+        buf.update_priorities([0], [-1.0])
+    with pytest.raises(ValueError, match="finite"):
+        buf.update_priorities([0], [float("nan")])
+    with pytest.raises(IndexError, match="out of range"):
+        buf.update_priorities([4], [1.0])
+    with pytest.raises(ValueError, match="field 'obs' has shape"):
+        buf.extend(obs=torch.randn(2, 5), action=torch.arange(2))
+    with pytest.raises(TypeError, match="field 'action' is torch.float32"):
+        buf.extend(obs=torch.randn(2, 3), action=torch.rand(2))
+    with pytest.raises(KeyError, match="differ"):
+        buf.extend(obs=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="has 3 transitions"):
+        buf.extend(obs=torch.randn(2, 3), action=torch.arange(3))
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(0)
+    with pytest.raises(IndexError, match="out of range"):
+        SumTree(4).update(torch.tensor([4]), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("cls", [ReplayBuffer, PrioritizedReplayBuffer])
+def test_seeded_reproducible_and_exact_save_load(cls, tmp_path):
+    def filled(seed):
+        b = cls(50, seed=seed)
+        b.extend(obs=torch.arange(120, dtype=torch.float32).reshape(40, 3), r=torch.arange(40))
+        return b
+
+    a, b = filled(3), filled(3)
+    assert torch.equal(a.sample(8)["index"], b.sample(8)["index"])
+    torch.manual_seed(SEED)
+    c = cls(50)
+    torch.manual_seed(SEED)
+    d = cls(50)
+    for buf in (c, d):
+        buf.extend(x=torch.arange(10))
+    assert torch.equal(c.sample(5)["index"], d.sample(5)["index"])
+    if cls is PrioritizedReplayBuffer:
+        a.update_priorities(torch.arange(10), torch.rand(10))
+    a.save(tmp_path / "buf.pt")
+    restored = cls(50, seed=999)
+    restored.load(tmp_path / "buf.pt")
+    assert len(restored) == len(a)
+    for name in a.fields:
+        assert torch.equal(restored._storage[name], a._storage[name])
+    x, y = a.sample(16), restored.sample(16)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_actor_adds_while_learner_samples():
+    buf = PrioritizedReplayBuffer(500, seed=SEED)
+    buf.extend(obs=torch.zeros(1, 4), action=torch.zeros(1, dtype=torch.int64))
+    errors, stop = [], threading.Event()
+
+    def actor():
+        try:
+            for i in range(300):
+                buf.extend(obs=torch.full((3, 4), float(i)), action=torch.full((3,), i))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=actor)
+    thread.start()
+    n = 0
+    while not stop.is_set() or n < 50:
+        out = buf.sample(min(len(buf), 32))
+        buf.update_priorities(out["index"], torch.rand(out["index"].numel()))
+        assert torch.isfinite(out["weight"]).all()
+        assert torch.equal(out["obs"][:, 0].long(), out["action"])  # rows are never torn
+        n += 1
+    thread.join()
+    assert not errors and len(buf) == 500
