@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 import dlcore
-from dlcore.ops import adam as adam_op
 from dlcore.testing import backend_device_pairs, max_error
 
 SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))  # set it to replay a failure
@@ -68,8 +67,9 @@ def test_matches_torch_over_50_steps(backend, device, case):
     ref32 = train(stock, torch_cls(stock.parameters(), foreach=False, **kw), batches)
     got = train(ours, dl_cls(ours.parameters(), **kw), batches, backend)
     for g, r, w in zip(got, ref32, want):
-        # the FlashAttention criterion: at most 2x torch's own fp32 error against the float64 run
-        assert max_error(g, w) <= 2 * max_error(r, w) + 2e-6, f"seed {SEED}"
+        # the FlashAttention criterion: at most 2x torch's own fp32 error against the float64 run, plus ~80 ulps
+        # of the parameters' scale for 50 steps of rounding in another order (a wrong formula errs by ≥ 1e-4)
+        assert max_error(g, w) <= 2 * max_error(r, w) + 5e-6, f"seed {SEED}"
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
@@ -90,7 +90,7 @@ def test_param_groups_tensor_lr_and_missing_grads(backend, device):
     ref = train(nets[0], torch.optim.Adam(groups(nets[0], 3e-2), lr=1e-2, foreach=False), batches)
     got = train(nets[1], dlcore.optim.Adam(groups(nets[1], torch.tensor(3e-2)), lr=1e-2), batches, backend)
     for g, r, w in zip(got, ref, want):
-        assert max_error(g, w) <= 2 * max_error(r, w) + 2e-6
+        assert max_error(g, w) <= 2 * max_error(r, w) + 5e-6, f"seed {SEED}"
     assert torch.equal(got[-1], list(small_net(device, torch.float32, SEED).parameters())[-1].detach())
 
 

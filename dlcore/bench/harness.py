@@ -113,7 +113,7 @@ def measure_peaks(device: str, quick: bool = False) -> dict:
         y = torch.empty_like(x)
         bw_time = statistics.median(time_callable(lambda: y.copy_(x), device, warmup, repeats))
         bandwidth = 2 * x.numel() * 4 / bw_time
-        del x, y
+        x = y = None  # free the buffers before the matmul
         m = 8192
         a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
         b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
@@ -126,7 +126,7 @@ def measure_peaks(device: str, quick: bool = False) -> dict:
     # optimizers do) and y = x; a single one varies ±15 % run to run on a shared VM.
     bandwidth = max(2 * n * 4 / statistics.median(time_callable(fn, device, warmup, repeats))
                     for fn in (lambda: x.mul_(1.0000001), lambda: y.copy_(x)))
-    del x, y
+    x = y = None
     m = 2048 if not quick else 1024
     a, b = torch.randn(m, m), torch.randn(m, m)
     mm_time = statistics.median(time_callable(lambda: a @ b, device, warmup, repeats))
