@@ -21,6 +21,23 @@ cpu, cpu_error = _load("dlcore._C_cpu")
 cuda, cuda_error = _load("dlcore._C_cuda")
 
 
+_kernel_errors: dict[str, str] = {}
+
+
+def triton_unavailable(module: str):
+    """An `available` check for a triton backend: None when dlcore.kernels.<module> imports, else why not."""
+    def check():
+        if module not in _kernel_errors:
+            try:
+                importlib.import_module(f"dlcore.kernels.{module}")
+                _kernel_errors[module] = ""
+            except Exception as exc:  # triton missing or broken: report, don't fall back
+                _kernel_errors[module] = f"triton kernels could not be imported: {exc}"
+        return _kernel_errors[module] or None
+
+    return check
+
+
 def cuda_stream(device: torch.device) -> int:
     """The current torch stream on `device` as the integer the CUDA extension takes."""
     return torch.cuda.current_stream(device).cuda_stream

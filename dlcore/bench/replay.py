@@ -8,32 +8,36 @@ import torch
 
 from dlcore.bench.harness import DLCORE, Case
 
-N, BATCH = 1 << 20, 256
+N, BATCH = 1 << 20, 256          # the CPU case
+GPU_N, GPU_BATCH = 10_000_000, 4096  # the GPU case: batch 4096 from 10M, target ≤ 100 µs
 
 
-def _filled(seed: int = 0):
+def _filled(n: int = N, device: str = "cpu", seed: int = 0):
     from dlcore.rl import PrioritizedReplayBuffer
 
     gen = torch.Generator().manual_seed(seed)
-    buf = PrioritizedReplayBuffer(N, seed=seed)
-    buf.extend(obs=torch.randn(N, 4, generator=gen), action=torch.randint(0, 4, (N,), generator=gen),
-               reward=torch.randn(N, generator=gen))
-    buf.update_priorities(torch.arange(N), torch.rand(N, generator=gen) * 2)
+    buf = PrioritizedReplayBuffer(n, device=device, seed=seed)
+    buf.extend(obs=torch.randn(n, 4, generator=gen), action=torch.randint(0, 4, (n,), generator=gen),
+               reward=torch.randn(n, generator=gen))
+    buf.update_priorities(torch.arange(n), torch.rand(n, generator=gen) * 2)
     return buf
 
 
-def _setup_sample(n_sets: int):
-    buf = _filled()
-    store = buf._storage
-    prio = buf._tree.sum[buf._tree.size:buf._tree.size + N].float().clone()
+def _sample_setup(n: int, batch: int, device: str):
+    def setup(n_sets: int):
+        buf = _filled(n, device)
+        store = buf._storage
+        prio = buf._tree.sum[buf._tree.size:buf._tree.size + n].float().clone()
 
-    def stock():
-        idx = torch.multinomial(prio, BATCH, replacement=True)
-        p = prio[idx] / prio.sum()
-        weight = (N * p).pow(-0.4)
-        return {k: v.index_select(0, idx) for k, v in store.items()}, weight / weight.max()
+        def stock():
+            idx = torch.multinomial(prio, batch, replacement=True)
+            p = prio[idx] / prio.sum()
+            weight = (n * p).pow(-0.4)
+            return {k: v.index_select(0, idx) for k, v in store.items()}, weight / weight.max()
 
-    return {DLCORE: lambda: buf.sample(BATCH), "torch multinomial": stock}
+        return {DLCORE: lambda: buf.sample(batch), "torch multinomial": stock}
+
+    return setup
 
 
 def _setup_update(n_sets: int):
@@ -51,10 +55,11 @@ def _setup_update(n_sets: int):
 
 def cases(device: str) -> list[Case]:
     if device != "cpu":
-        return []  # the GPU sampling kernels are not written yet (issue 7)
+        return [Case("replay", "prioritized sample 4096 of 10M + gather", device,
+                     _sample_setup(GPU_N, GPU_BATCH, device), baseline="torch multinomial", max_ms=0.100)]
     return [
-        Case("replay", "prioritized sample 256 of 1M + gather", device, _setup_sample, baseline="torch multinomial",
-             max_ms=0.030),
+        Case("replay", "prioritized sample 256 of 1M + gather", device, _sample_setup(N, BATCH, device),
+             baseline="torch multinomial", max_ms=0.030),
         Case("replay", "priority update 256 of 1M", device, _setup_update, baseline="torch index_put",
              max_ms=0.008),
     ]

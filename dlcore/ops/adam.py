@@ -163,21 +163,8 @@ def cuda_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master
                                            grad_scale, found_inf), stream=_ext.cuda_stream(device))
 
 
-_triton_error: Optional[str] = None
-
-
-def _triton_available() -> Optional[str]:
-    global _triton_error
-    if _triton_error is None:
-        try:
-            import dlcore.kernels.adam  # noqa: F401
-            _triton_error = ""
-        except Exception as exc:  # triton missing or broken: report, don't fall back
-            _triton_error = f"triton kernels could not be imported: {exc}"
-    return _triton_error or None
-
-
-@_dispatch.register(OP, "triton", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES, available=_triton_available)
+@_dispatch.register(OP, "triton", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES,
+                    available=_ext.triton_unavailable("adam"))
 def triton_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
                   found_inf=None):
     from dlcore.kernels import adam as kernel

@@ -173,7 +173,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             raise ValueError(f"beta and beta_final must be in [0, 1], got {beta}, {beta_final}")
         super().__init__(capacity, fields, device, seed)
         self.alpha, self.beta0, self.beta_final, self.beta_steps, self.eps = alpha, beta, beta_final, beta_steps, eps
-        self._tree = SumTree(self.capacity)
+        self._tree = SumTree(self.capacity, self.device)
         self._max_priority = 1.0
         self._samples_drawn = 0
 
@@ -207,8 +207,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def update_priorities(self, index, priority) -> None:
         """Set p = |priority| + eps for the transitions at `index` (e.g. |TD error|); the last of duplicates wins."""
         with self._lock:
-            index = torch.as_tensor(index).reshape(-1).to("cpu", torch.int64)
-            priority = torch.as_tensor(priority).reshape(-1).to("cpu", torch.float64)
+            index = torch.as_tensor(index).reshape(-1).to(self.device, torch.int64)
+            priority = torch.as_tensor(priority).reshape(-1).to(self.device, torch.float64)
             # one call: validation (finite, non-negative, index < transitions stored), leaves, ancestors
             top = self._tree.update(index, priority, eps=self.eps, alpha=self.alpha, limit=self._size)
             self._max_priority = max(self._max_priority, top)

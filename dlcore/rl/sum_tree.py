@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dlcore import _dispatch
+from dlcore import _dispatch, _ext
 
 SAMPLE_OP, UPDATE_OP = "sum_tree_sample", "sum_tree_update"
 _dispatch.define_op(SAMPLE_OP, gpu_order=())
@@ -56,11 +56,19 @@ def reference_sample(tree, min_tree, offsets, beta):
     return index, weight
 
 
-def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
+def _check(index, priority, limit) -> int:
+    """The update's status code, from tensor ops (one host sync each)."""
     if not bool(((priority >= 0) & (priority < float("inf"))).all()):
-        return BAD_PRIORITY, 0.0
+        return BAD_PRIORITY
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit):
-        return BAD_INDEX, 0.0
+        return BAD_INDEX
+    return 0
+
+
+def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
+    status = _check(index, priority, limit)
+    if status:
+        return status, 0.0
     size = tree.numel() // 2
     value = (priority + eps).pow(alpha)
     for i, v in zip(index.tolist(), value.tolist()):  # in order: the last write of a duplicate wins
@@ -74,8 +82,36 @@ def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
     return 0, float((priority + eps).max()) if priority.numel() else 0.0
 
 
-_dispatch.register(SAMPLE_OP, "reference", devices=("cpu",), dtypes=(torch.float64,))(reference_sample)
-_dispatch.register(UPDATE_OP, "reference", devices=("cpu",), dtypes=(torch.float64,))(reference_update)
+_dispatch.register(SAMPLE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_sample)
+_dispatch.register(UPDATE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_update)
+
+
+# ---------------------------------------------------------------------------------------------------- triton
+@_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
+                    available=_ext.triton_unavailable("sum_tree"))
+def triton_sample(tree, min_tree, offsets, beta):
+    from dlcore.kernels import sum_tree as kernel
+
+    return kernel.sample(tree, min_tree, offsets.to(tree.device), beta)
+
+
+@_dispatch.register(UPDATE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
+                    available=_ext.triton_unavailable("sum_tree"))
+def triton_update(tree, min_tree, index, priority, eps, alpha, limit):
+    from dlcore.kernels import sum_tree as kernel
+
+    index, priority = index.to(tree.device), priority.to(tree.device)
+    status = _check(index, priority, limit)
+    if status:
+        return status, 0.0
+    if index.numel() == 0:
+        return 0, 0.0
+    # last write wins, decided here: keep the last occurrence of every index, so no two lanes write one leaf
+    unique, inverse = torch.unique(index, return_inverse=True)
+    position = torch.arange(index.numel(), device=index.device)
+    last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, position, reduce="amax")
+    kernel.update(tree, min_tree, unique, (priority[last] + eps).pow(alpha).contiguous())
+    return 0, float((priority + eps).max())
 
 
 # ---------------------------------------------------------------------------------------------------- numba (CPU)
@@ -156,15 +192,17 @@ def cpu_update(tree, min_tree, index, priority, eps, alpha, limit):
 
 # ---------------------------------------------------------------------------------------------------- the tree
 class SumTree:
-    """Sum and min trees over `capacity` leaves (float64, on the CPU)."""
+    """Sum and min trees over `capacity` leaves (float64) on `device`: the numba kernels on the CPU, the Triton
+    kernels on a GPU (dispatch as for every op)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, device: "str | torch.device" = "cpu"):
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = int(capacity)
         self.size = tree_size(self.capacity)
-        self.sum = torch.zeros(2 * self.size, dtype=torch.float64)
-        self.min = torch.full((2 * self.size,), float("inf"), dtype=torch.float64)
+        self.device = torch.device(device)
+        self.sum = torch.zeros(2 * self.size, dtype=torch.float64, device=self.device)
+        self.min = torch.full((2 * self.size,), float("inf"), dtype=torch.float64, device=self.device)
 
     @property
     def total(self) -> float:
@@ -185,7 +223,7 @@ class SumTree:
         if index.numel() != priority.numel():
             raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
         limit = self.capacity if limit is None else int(limit)
-        _, launch = _dispatch.select(UPDATE_OP, torch.device("cpu"), torch.float64)
+        _, launch = _dispatch.select(UPDATE_OP, self.device, torch.float64)
         status, top = launch(self.sum, self.min, index, priority, eps, alpha, limit)
         if status == BAD_PRIORITY:
             raise ValueError("priorities must be finite and non-negative (pass |TD error|)")
@@ -196,6 +234,6 @@ class SumTree:
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
         weight (p / p_min)^-β."""
-        offsets = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1).contiguous()
-        _, launch = _dispatch.select(SAMPLE_OP, torch.device("cpu"), torch.float64)
+        offsets = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1).to(self.device).contiguous()
+        _, launch = _dispatch.select(SAMPLE_OP, self.device, torch.float64)
         return launch(self.sum, self.min, offsets, beta)
