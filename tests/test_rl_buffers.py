@@ -262,3 +262,23 @@ def test_gpu_buffer_matches_cpu_buffer():
     assert torch.equal(gpu_out["obs"].cpu()[same], cpu_out["obs"][same])
     assert torch.allclose(gpu_out["weight"].cpu()[same], cpu_out["weight"][same])
     assert torch.allclose(bufs[1]._tree.sum.cpu(), bufs[0]._tree.sum, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tree_kernels_match_the_reference(backend):
+    gen = torch.Generator().manual_seed(SEED)
+    ref, gpu = SumTree(3000), SumTree(3000, "cuda")
+    for index, value in _random_updates(3000, 10, 500, gen):
+        index[:7] = index[0]  # duplicates: the last write wins
+        ref.update(index, value)
+        with dlcore.use_backend(backend):
+            gpu.update(index.cuda(), value.cuda())
+    assert torch.equal(gpu.sum.cpu(), ref.sum) and torch.equal(gpu.min.cpu(), ref.min)
+    offsets = torch.rand(1000, generator=gen, dtype=torch.float64)
+    want_index, want_weight = ref.sample(offsets, 0.5)
+    with dlcore.use_backend(backend):
+        index, weight = gpu.sample(offsets, 0.5)
+    same = index.cpu() == want_index
+    assert same.float().mean() > 0.99
+    assert torch.allclose(weight.cpu()[same], want_weight[same], rtol=1e-12)

@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void register_adam(py::module_& m);
+void register_sum_tree(py::module_& m);
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "dlcore CUDA C++ kernels";
@@ -22,4 +23,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("synchronize", []() { DL_CUDA_CHECK(cudaDeviceSynchronize()); });
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   register_adam(m);
+  register_sum_tree(m);
 }

@@ -24,8 +24,8 @@ import torch
 from dlcore import _dispatch, _ext
 
 SAMPLE_OP, UPDATE_OP = "sum_tree_sample", "sum_tree_update"
-_dispatch.define_op(SAMPLE_OP, gpu_order=())
-_dispatch.define_op(UPDATE_OP, gpu_order=())
+_dispatch.define_op(SAMPLE_OP, gpu_order=("cuda", "triton"))  # not yet measured on a GPU
+_dispatch.define_op(UPDATE_OP, gpu_order=("cuda", "triton"))
 BAD_PRIORITY, BAD_INDEX = 1, 2
 
 try:
@@ -86,6 +86,59 @@ _dispatch.register(SAMPLE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torc
 _dispatch.register(UPDATE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_update)
 
 
+def _resolve_duplicates(index, priority, eps, alpha):
+    """(unique index, its last-written leaf value): the last write of a duplicate index wins, decided before a
+    parallel kernel runs so that no two lanes write one leaf."""
+    unique, inverse = torch.unique(index, return_inverse=True)
+    position = torch.arange(index.numel(), device=index.device)
+    last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, position, reduce="amax")
+    return unique.contiguous(), (priority[last] + eps).pow(alpha).contiguous()
+
+
+def _parallel_update(kernel_update):
+    """An update launcher around a parallel kernel: validation and duplicate resolution with tensor ops first."""
+    def launch(tree, min_tree, index, priority, eps, alpha, limit):
+        index, priority = index.to(tree.device), priority.to(tree.device)
+        status = _check(index, priority, limit)
+        if status:
+            return status, 0.0
+        if index.numel() == 0:
+            return 0, 0.0
+        kernel_update(tree, min_tree, *_resolve_duplicates(index, priority, eps, alpha))
+        return 0, float((priority + eps).max())
+
+    return launch
+
+
+# ---------------------------------------------------------------------------------------------------- cuda
+def _cuda_unavailable():
+    if _ext.cuda is None:
+        return _ext.cuda_error
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def _cuda_update_kernel(tree, min_tree, index, value):
+    with torch.cuda.device(tree.device):
+        _ext.cuda.sum_tree_update(tree.data_ptr(), min_tree.data_ptr(), index.data_ptr(), value.data_ptr(),
+                                  index.numel(), tree.numel() // 2, _ext.cuda_stream(tree.device))
+
+
+@_dispatch.register(SAMPLE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_cuda_unavailable)
+def cuda_sample(tree, min_tree, offsets, beta):
+    offsets = offsets.to(tree.device).contiguous()
+    index = torch.empty(offsets.numel(), dtype=torch.int64, device=tree.device)
+    weight = torch.empty(offsets.numel(), dtype=torch.float64, device=tree.device)
+    with torch.cuda.device(tree.device):
+        _ext.cuda.sum_tree_sample(tree.data_ptr(), min_tree.data_ptr(), offsets.data_ptr(), index.data_ptr(),
+                                  weight.data_ptr(), offsets.numel(), tree.numel() // 2, float(beta),
+                                  _ext.cuda_stream(tree.device))
+    return index, weight
+
+
+_dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
+                   available=_cuda_unavailable)(_parallel_update(_cuda_update_kernel))
+
+
 # ---------------------------------------------------------------------------------------------------- triton
 @_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
                     available=_ext.triton_unavailable("sum_tree"))
@@ -95,23 +148,14 @@ def triton_sample(tree, min_tree, offsets, beta):
     return kernel.sample(tree, min_tree, offsets.to(tree.device), beta)
 
 
-@_dispatch.register(UPDATE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
-                    available=_ext.triton_unavailable("sum_tree"))
-def triton_update(tree, min_tree, index, priority, eps, alpha, limit):
+def _triton_update_kernel(tree, min_tree, index, value):
     from dlcore.kernels import sum_tree as kernel
 
-    index, priority = index.to(tree.device), priority.to(tree.device)
-    status = _check(index, priority, limit)
-    if status:
-        return status, 0.0
-    if index.numel() == 0:
-        return 0, 0.0
-    # last write wins, decided here: keep the last occurrence of every index, so no two lanes write one leaf
-    unique, inverse = torch.unique(index, return_inverse=True)
-    position = torch.arange(index.numel(), device=index.device)
-    last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, position, reduce="amax")
-    kernel.update(tree, min_tree, unique, (priority[last] + eps).pow(alpha).contiguous())
-    return 0, float((priority + eps).max())
+    kernel.update(tree, min_tree, index, value)
+
+
+_dispatch.register(UPDATE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
+                   available=_ext.triton_unavailable("sum_tree"))(_parallel_update(_triton_update_kernel))
 
 
 # ---------------------------------------------------------------------------------------------------- numba (CPU)
