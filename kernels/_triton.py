@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import triton
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -96,6 +95,3 @@ class AOTConfig:
     label: str = ""
     options: dict = field(default_factory=dict)
 
-
-def triton_version() -> str:
-    return triton.__version__
