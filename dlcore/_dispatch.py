@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -62,9 +63,23 @@ def _always() -> Optional[str]:
     return None
 
 
+_MEASURED_ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_order.json")
+
+
+def _measured_gpu_order() -> dict:
+    """dlcore/gpu_order.json: {op: [backend, ...]} fastest first, from `dlcore bench --device cuda` ("gpu_order"
+    in its JSON report), committed after a GPU run. Absent until one has been measured."""
+    try:
+        with open(_MEASURED_ORDER_FILE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def define_op(name: str, gpu_order: Iterable[str] = ("cuda", "triton")) -> Op:
+    """Declare an op; its GPU preference is the measured one when dlcore/gpu_order.json names it."""
     op = _OPS.setdefault(name, Op(name))
-    op.gpu_order = tuple(gpu_order)
+    op.gpu_order = tuple(_measured_gpu_order().get(name, gpu_order))
     return op
 
 

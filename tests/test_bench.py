@@ -74,3 +74,18 @@ def test_cli_rejects_unknown_op():
     proc = subprocess.run([sys.executable, "-m", "dlcore.cli", "bench", "--op", "conv"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "unknown op" in proc.stderr
+
+
+def test_gpu_order_from_per_backend_times_and_the_dispatch_reads_it(tmp_path, monkeypatch):
+    case = harness.Case("adam", "x", "cuda", lambda n: {}, ops=("adam",))
+    result = harness.Result(case, times_ms={"dlcore": 1.0, "dlcore[cuda]": 2.0, "dlcore[triton]": 1.0})
+    assert report.gpu_order([result]) == {"adam": ["triton", "cuda"]}
+    from dlcore import _dispatch
+
+    order_file = tmp_path / "gpu_order.json"
+    order_file.write_text(json.dumps({"some_new_op": ["triton", "cuda"]}))
+    monkeypatch.setattr(_dispatch, "_MEASURED_ORDER_FILE", str(order_file))
+    assert _dispatch.define_op("some_new_op").gpu_order == ("triton", "cuda")
+    assert _dispatch.define_op("another_new_op").gpu_order == ("cuda", "triton")
+    for name in ("some_new_op", "another_new_op"):
+        _dispatch._OPS.pop(name)

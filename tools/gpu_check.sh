@@ -23,6 +23,15 @@ start=$(date +%s)
   echo "== bench ($(( $(date +%s) - start )) s)"
   "$PY" -m dlcore.cli bench --device cuda --out benchmarks/results
   bench_rc=$?
+  # each op's GPU backends, fastest first, as measured just now (the dispatch point reads dlcore/gpu_order.json)
+  "$PY" - <<'PYEOF'
+import glob, json, os
+reports = sorted(glob.glob("benchmarks/results/cuda-*.json"), key=os.path.getmtime)
+if reports:
+    order = json.load(open(reports[-1])).get("gpu_order", {})
+    json.dump(order, open("benchmarks/results/gpu_order.json", "w"), indent=1)
+    print("measured gpu_order:", order, "-> copy benchmarks/results/gpu_order.json to dlcore/gpu_order.json")
+PYEOF
   echo "== done in $(( $(date +%s) - start )) s: tests rc=$test_rc, bench rc=$bench_rc"
   [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
 } 2>&1 | tee "$log"

@@ -60,14 +60,14 @@ def cases(device: str) -> list[Case]:
         Case("adam", "Adam fp32, ResNet-18 params (11.7M)", device,
              _setup(device, dlcore.optim.Adam, torch.optim.Adam, {}, with_compile=True),
              bytes=28 * n, baseline="torch fused", target=1.1 if gpu else 0.95,
-             bandwidth_target=0.9 if gpu else None),
+             bandwidth_target=0.9 if gpu else None, ops=("adam",)),
         Case("adam", "AdamW bf16 state, ResNet-18 params", device,
              _setup(device, dlcore.optim.AdamW, torch.optim.AdamW, {"state_dtype": torch.bfloat16},
                     with_compile=False),
-             bytes=20 * n, baseline="torch fused", target=None if gpu else 1.3,
+             bytes=20 * n, baseline="torch fused", target=None if gpu else 1.3, ops=("adam",),
              notes="dlcore keeps exp_avg/exp_avg_sq in bf16 (stochastic rounding); torch in fp32"),
         Case("adam", "Adam bf16 params + fp32 master, ResNet-18", device,
-             _setup_master(device), bytes=28 * n, baseline="torch fused",  # reads g2 master4 m4 v4, writes p2 + same
+             _setup_master(device), bytes=28 * n, baseline="torch fused", ops=("adam",),  # 28 B as fp32
              quick=False, notes="dlcore: bf16 params, fp32 master + fp32 state; torch: fp32 params (same math)"),
     ]
 

@@ -35,6 +35,7 @@ class Case:
     target: Optional[float] = None   # speed-up over `baseline` the issue asks for
     bandwidth_target: Optional[float] = None  # fraction of peak bandwidth the issue asks for
     max_ms: Optional[float] = None   # absolute time the issue asks dlcore to stay under (device-specific)
+    ops: tuple = ()                  # dispatch ops the dlcore variant runs: on a GPU each backend is timed too
     quick: bool = True               # part of --quick
     notes: str = ""
 
@@ -151,6 +152,25 @@ def device_description(device: str) -> dict:
     return {"device": "cpu", "name": name, "threads": torch.get_num_threads()}
 
 
+def backend_variants(case: Case, dlcore_fn) -> dict[str, Callable[[], object]]:
+    """On a GPU, dlcore's variant once per GPU backend that can run every op of the case ("dlcore[triton]", ...):
+    the measurements behind each op's gpu_order (report.gpu_order)."""
+    from dlcore import _dispatch
+
+    if dlcore_fn is None or not case.device.startswith("cuda") or not case.ops:
+        return {}
+    out = {}
+    for backend in ("cuda", "triton"):
+        impls = [_dispatch.get_op(op).impls.get(backend) for op in case.ops]
+        if all(impl is not None and impl.available() is None for impl in impls):
+            def run(fn=dlcore_fn, name=backend):
+                with _dispatch.use_backend(name):
+                    return fn()
+
+            out[f"{DLCORE}[{backend}]"] = run
+    return out
+
+
 def run_case(case: Case, quick: bool, llc_bytes: int, progress: Optional[Callable[[str], None]] = None) -> Result:
     result = Result(case)
     warmup, repeats, min_seconds = (2, 7, 0.3) if quick else (3, 15, 1.0)
@@ -159,6 +179,7 @@ def run_case(case: Case, quick: bool, llc_bytes: int, progress: Optional[Callabl
     except Exception as exc:  # a case that cannot be set up here is reported, not hidden
         result.errors["setup"] = f"{type(exc).__name__}: {exc}"
         return result
+    variants.update(backend_variants(case, variants.get(DLCORE)))
     for name, fn in variants.items():
         if progress:
             progress(f"{case.op}: {case.name} — {name}")

@@ -56,7 +56,8 @@ def _setup_update(n_sets: int):
 def cases(device: str) -> list[Case]:
     if device != "cpu":
         return [Case("replay", "prioritized sample 4096 of 10M + gather", device,
-                     _sample_setup(GPU_N, GPU_BATCH, device), baseline="torch multinomial", max_ms=0.100)]
+                     _sample_setup(GPU_N, GPU_BATCH, device), baseline="torch multinomial", max_ms=0.100,
+                     ops=("sum_tree_sample",))]
     return [
         Case("replay", "prioritized sample 256 of 1M + gather", device, _sample_setup(N, BATCH, device),
              baseline="torch multinomial", max_ms=0.030),

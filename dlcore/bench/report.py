@@ -58,6 +58,20 @@ def targets(results: list[Result], peaks: dict) -> list[dict]:
     return out
 
 
+def gpu_order(results: list[Result]) -> dict[str, list[str]]:
+    """For each op timed per backend on a GPU, its backends fastest first (summed over the op's cases): the
+    content of dlcore/gpu_order.json, which the dispatch point reads at import."""
+    totals: dict[str, dict[str, float]] = {}
+    for r in results:
+        for variant, ms in r.times_ms.items():
+            if variant.startswith(DLCORE + "["):
+                backend = variant[len(DLCORE) + 1:-1]
+                for op in r.case.ops:
+                    totals.setdefault(op, {}).setdefault(backend, 0.0)
+                    totals[op][backend] += ms
+    return {op: sorted(times, key=times.get) for op, times in totals.items()}
+
+
 def print_table(results: list[Result], peaks: dict, device_info: dict) -> None:
     data = rows(results, peaks)
     try:
@@ -96,7 +110,8 @@ def write(results: list[Result], peaks: dict, device_info: dict, meta: dict, out
     stamp = _dt.datetime.now().strftime("%Y-%m-%d")
     base = os.path.join(out_dir, f"{slug(device_info['device'] + '-' + device_info['name'])}-{stamp}")
     data = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "device": device_info, "peaks": peaks,
-            "meta": meta, "results": rows(results, peaks), "targets": targets(results, peaks)}
+            "meta": meta, "results": rows(results, peaks), "targets": targets(results, peaks),
+            "gpu_order": gpu_order(results)}
     paths = {"json": base + ".json", "md": base + ".md", "png": base + ".png"}
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=1)
