@@ -282,3 +282,34 @@ def test_gpu_tree_kernels_match_the_reference(backend):
     same = index.cpu() == want_index
     assert same.float().mean() > 0.99
     assert torch.allclose(weight.cpu()[same], want_weight[same], rtol=1e-12)
+
+
+def test_n_step_returns_stop_at_episode_ends():
+    from dlcore.rl import NStepWriter
+
+    buf = ReplayBuffer(100, seed=0)
+    writer = NStepWriter(buf, n=3, gamma=0.5, num_envs=2)
+    # env 0: rewards 1..5, done at the 5th step; env 1: rewards 10, 20, done at its 2nd step, then 30, 40, 50
+    rewards = [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)]
+    dones = [(False, False), (False, True), (False, False), (False, False), (True, False)]
+    emitted = []
+    for t, (r, d) in enumerate(zip(rewards, dones)):
+        obs = torch.tensor([[t, 0.0], [t, 1.0]])
+        emitted.append(writer.step(obs, torch.tensor([t, t]), torch.tensor(r, dtype=torch.float32), obs + 100,
+                                   torch.tensor(d)))
+    got = {(int(o[1]), int(o[0])): (float(r), bool(d), float(g), int(n[0]))
+           for o, r, d, g, n in zip(buf._storage["obs"][:len(buf)], buf._storage["reward"][:len(buf)],
+                                    buf._storage["done"][:len(buf)], buf._storage["discount"][:len(buf)],
+                                    buf._storage["next_obs"][:len(buf)])}
+    # (env, t): (n-step reward, done, discount, t of next_obs - 100)
+    assert got[(0, 0)] == (1 + 0.5 * 2 + 0.25 * 3, False, 0.125, 102)
+    assert got[(0, 1)] == (2 + 0.5 * 3 + 0.25 * 4, False, 0.125, 103)
+    assert got[(0, 2)] == (3 + 0.5 * 4 + 0.25 * 5, True, 0.125, 104)
+    assert got[(0, 3)] == (4 + 0.5 * 5, True, 0.25, 104)
+    assert got[(0, 4)] == (5, True, 0.5, 104)
+    assert got[(1, 0)] == (10 + 0.5 * 20, True, 0.25, 101)
+    assert got[(1, 1)] == (20, True, 0.5, 101)
+    assert got[(1, 2)] == (30 + 0.5 * 40 + 0.25 * 50, False, 0.125, 104)
+    assert len(buf) == 8 and sum(emitted) == 8
+    with pytest.raises(ValueError, match="num_envs=2"):
+        writer.step(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3), torch.zeros(3, 2), torch.zeros(3))

@@ -2,6 +2,7 @@
 
 Imported on demand (`import dlcore.rl`): it loads numba, which `import dlcore` does not need."""
 from dlcore.rl.buffers import PrioritizedReplayBuffer, ReplayBuffer
+from dlcore.rl.nstep import NStepWriter
 from dlcore.rl.sum_tree import SumTree
 
-__all__ = ["ReplayBuffer", "PrioritizedReplayBuffer", "SumTree"]
+__all__ = ["ReplayBuffer", "PrioritizedReplayBuffer", "NStepWriter", "SumTree"]
