@@ -26,7 +26,8 @@ class Plan:
     key: tuple
 
 
-def _address(t: Optional[torch.Tensor]) -> int:
+def address(t: Optional[torch.Tensor]) -> int:
+    """A tensor's data address as the extensions take it; 0 for an absent (None) tensor."""
     return 0 if t is None else t.data_ptr()
 
 
@@ -37,7 +38,7 @@ def build_plan(slots: Sequence[Sequence[Optional[torch.Tensor]]], chunk_size: in
     numels = [t.numel() for t in slots[0]]
     if key is None:
         key = plan_key(slots, chunk_size)
-    ptr_rows = [[_address(slot[i]) for slot in slots] for i in range(n)]
+    ptr_rows = [[address(slot[i]) for slot in slots] for i in range(n)]
     chunk_rows = [(i, start) for i, numel in enumerate(numels) for start in range(0, numel, chunk_size)]
     host = dict(
         ptrs=torch.tensor(ptr_rows, dtype=torch.int64).reshape(n, len(slots)),

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from dlcore import _dispatch, _ext
-from dlcore._multi_tensor import cached_plan
+from dlcore._multi_tensor import address, cached_plan
 
 OP = "adam"
 SLOTS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
@@ -123,10 +123,6 @@ _dispatch.register(OP, "reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPE
 # ---------------------------------------------------------------------------------------------------------------
 # Compiled backends: same signature, the plan tables from dlcore/_multi_tensor.py.
 # ---------------------------------------------------------------------------------------------------------------
-def _address(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale, found_inf):
     return dict(ptrs=plan.ptrs.data_ptr(), numels=plan.numels.data_ptr(), scal=scal.data_ptr(),
                 chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks, chunk_size=plan.chunk_size,
@@ -134,7 +130,7 @@ def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, g
                 amsgrad=amsgrad, master=master, beta1=hyper.beta1, beta2=hyper.beta2,
                 one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
                 weight_decay=hyper.weight_decay, decoupled=hyper.decoupled, maximize=hyper.maximize,
-                seed=hyper.seed, grad_scale_ptr=_address(grad_scale), found_inf_ptr=_address(found_inf))
+                seed=hyper.seed, grad_scale_ptr=address(grad_scale), found_inf_ptr=address(found_inf))
 
 
 @_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, available=lambda: _ext.cpu_error)
