@@ -25,6 +25,7 @@ void cast(int64_t in, int64_t out, int64_t n, int in_dtype, int out_dtype) {
 }  // namespace
 
 void register_adam(py::module_& m);
+void register_gather(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -39,4 +40,5 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("cast", &cast, "Convert n elements between fp32/bf16/fp16 (dtype codes) with the kernels' rounding",
         py::arg("input"), py::arg("output"), py::arg("n"), py::arg("input_dtype"), py::arg("output_dtype"));
   register_adam(m);
+  register_gather(m);
 }

@@ -15,6 +15,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from dlcore import _dispatch
+from dlcore.rl import gather as _gather_op
 from dlcore.rl.sum_tree import SumTree
 
 FieldSpec = Mapping[str, tuple]  # name -> (shape, dtype)
@@ -119,8 +121,10 @@ class ReplayBuffer:
             raise ValueError(f"batch_size must be in [1, {self._size}] (transitions stored), got {batch_size}")
 
     def _gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        idx = index.to(self.device)
-        out = {name: store.index_select(0, idx) for name, store in self._storage.items()}
+        # every field in one call of the gather_rows op (the storage is ours: contiguous, one device)
+        idx = index if index.device == self.device else index.to(self.device)
+        _, launch = _dispatch.select(_gather_op.OP, self.device)
+        out = dict(zip(self._storage, launch(list(self._storage.values()), idx, self._size)))
         out["index"] = index
         return out
 
