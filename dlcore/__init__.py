@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from dlcore._dispatch import BACKENDS, BackendUnavailableError, use_backend  # noqa: E402
 from dlcore import ops  # noqa: E402,F401  (registers every op with the dispatch point)
-from dlcore import functional, optim  # noqa: E402,F401
+from dlcore import functional, nn, optim  # noqa: E402,F401
 from dlcore._info import info  # noqa: E402
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "functional", "optim", "info", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "functional", "nn", "optim", "info", "__version__"]

@@ -1,4 +1,5 @@
-"""The `dlcore` command line: `dlcore info`, `dlcore bench`."""
+"""The `dlcore` command line: `dlcore info`, `dlcore bench`, `dlcore train <model>`, `dlcore profile <model>`
+(models register themselves in dlcore.registry)."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,17 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="fewer repeats and cases (under 2 minutes on a CPU)")
     b.add_argument("--out", default="benchmarks/results", help="directory for the JSON, Markdown and PNG reports")
     b.add_argument("--strict", action="store_true", help="exit non-zero when any variant failed")
+    from dlcore import registry
+
+    for kind, verb in (("train", "train a milestone model"), ("profile", "training/inference throughput, dlcore vs stock")):
+        models = sub.add_parser(kind, help=verb).add_subparsers(dest="model", required=True)
+        for name, entry in sorted(registry.entries(kind).items()):
+            p = models.add_parser(name, help=entry.help)
+            entry.add_arguments(p)
+            p.set_defaults(run=entry.run)
     args = parser.parse_args(argv)
+    if args.command in registry.KINDS:
+        return int(args.run(args) or 0)
     if args.command == "info":
         from dlcore import info
 

@@ -1,4 +1,5 @@
 """Functional forms of dlcore's ops, mirroring torch.nn.functional / torch.optim's functional API."""
 from dlcore.ops.adam import adam
+from dlcore.ops.conv_relu import conv2d_relu
 
-__all__ = ["adam"]
+__all__ = ["adam", "conv2d_relu"]

@@ -1,0 +1,349 @@
+"""DQN (Mnih et al. 2013; Nature 2015) on dlcore: replay buffers from dlcore.rl, the fused Adam from dlcore.optim.
+
+Networks
+    QMLP(obs_dim, n_actions, hidden)               vector observations (CartPole)
+    QConvNet(n_actions, in_channels, layout)       stacked 84×84 frames: layout "2013" (16 8×8/4, 32 4×4/2, FC 256)
+                                                   or "nature" (32 8×8/4, 64 4×4/2, 64 3×3/1, FC 512), each conv
+                                                   a dlcore.nn.Conv2dReLU
+The stock twin (`stock=True`) is plain torch.nn with the same state_dict keys.
+
+Training (`dlcore train dqn`, or `train(DQNConfig(...))`): ε-greedy with a linear schedule, a target network
+copied every `target_update` steps, Huber loss, optional Double DQN (the online net picks the next action, the
+target net values it), uniform or proportional prioritized replay (importance weights scale each sample's loss;
+|δ| becomes the new priority). Greedy evaluation every `eval_every` steps; "solved" is a greedy mean return at or
+above `solve_return` over `solve_episodes` episodes (CartPole-v1: 475 over 100), and training stops there.
+Writes returns.csv, returns.png, checkpoint.pt (resume with --resume) and summary.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlcore import registry
+
+
+# ---------------------------------------------------------------------------------------------------- networks
+class QMLP(nn.Module):
+    """Q-values for vector observations: Linear → ReLU per hidden width, then one output per action.
+    Input [B, obs_dim] float32, output [B, n_actions]. dlcore and stock share this layout (no fused op applies
+    at these widths: the fused Linear+ReLU lands with issue 3's dropout work)."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden=(256, 256), stock: bool = False):
+        super().__init__()
+        widths = [obs_dim, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(widths[-1], n_actions)
+        self.stock = stock
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+CONV_LAYOUTS = {  # (out_channels, kernel, stride) per conv, then the hidden FC width
+    "2013": ([(16, 8, 4), (32, 4, 2)], 256),
+    "nature": ([(32, 8, 4), (64, 4, 2), (64, 3, 1)], 512),
+}
+
+
+class QConvNet(nn.Module):
+    """Q-values from stacked frames [B, in_channels, 84, 84] (uint8 0–255 or float already scaled to [0, 1]) →
+    [B, n_actions]. Convolutions are dlcore.nn.Conv2dReLU (stock: nn.Conv2d then ReLU, same state_dict keys)."""
+
+    def __init__(self, n_actions: int, in_channels: int = 4, layout: str = "nature", stock: bool = False,
+                 frame_size: int = 84):
+        super().__init__()
+        if layout not in CONV_LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(CONV_LAYOUTS)}, got {layout!r}")
+        from dlcore.nn import Conv2dReLU
+
+        convs, hidden = CONV_LAYOUTS[layout]
+        conv_cls = nn.Conv2d if stock else Conv2dReLU
+        self.convs = nn.ModuleList()
+        size, channels = frame_size, in_channels
+        for out_channels, kernel, stride in convs:
+            self.convs.append(conv_cls(channels, out_channels, kernel, stride))
+            size, channels = (size - kernel) // stride + 1, out_channels
+        self.fc = nn.Linear(channels * size * size, hidden)
+        self.head = nn.Linear(hidden, n_actions)
+        self.stock = stock
+
+    def forward(self, x):
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        for conv in self.convs:
+            x = F.relu(conv(x)) if self.stock else conv(x)
+        return self.head(F.relu(self.fc(x.flatten(1))))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass
+class DQNConfig:
+    env: str = "CartPole-v1"
+    steps: int = 100_000            # environment steps at most (stops earlier once solved)
+    seed: int = 0
+    buffer: int = 100_000
+    prioritized: bool = False
+    alpha: float = 0.6
+    beta: float = 0.4
+    batch: int = 64
+    lr: float = 2.3e-3
+    gamma: float = 0.99
+    learning_starts: int = 1000
+    train_every: int = 256          # environment steps between training rounds ...
+    gradient_steps: int = 128       # ... of this many gradient steps
+    target_update: int = 128        # gradient steps between target-network copies (one training round)
+    max_grad_norm: float = 10.0
+    eps_start: float = 1.0
+    eps_final: float = 0.04
+    eps_fraction: float = 0.16      # of `steps`, over which ε falls linearly
+    double: bool = True
+    hidden: tuple = (256, 256)
+    eval_every: int = 5_000
+    eval_episodes: int = 10         # a quick greedy check; the full `solve_episodes` run only when it passes
+    solve_return: float = 475.0
+    solve_episodes: int = 100
+    out: str = "runs/dqn"
+    resume: bool = False
+    checkpoint_every: int = 10_000
+    progress: bool = True
+
+
+def _make_env(name: str):
+    try:
+        import gymnasium as gym
+    except ImportError as exc:
+        raise RuntimeError("dlcore train dqn needs gymnasium (pip install gymnasium)") from exc
+    return gym.make(name)
+
+
+def epsilon(cfg: DQNConfig, step: int) -> float:
+    span = max(1, int(cfg.eps_fraction * cfg.steps))
+    return cfg.eps_final + (cfg.eps_start - cfg.eps_final) * max(0.0, 1.0 - step / span)
+
+
+def td_targets(q_net, target_net, batch, gamma: float, double: bool) -> torch.Tensor:
+    """y = r + γ (1 − terminated) Q_target(s', a*), a* = argmax_a Q_online(s', a) (Double DQN) or
+    argmax_a Q_target(s', a) (DQN)."""
+    with torch.no_grad():
+        next_q = target_net(batch["next_obs"])
+        best = (q_net(batch["next_obs"]) if double else next_q).argmax(1, keepdim=True)
+        return batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q.gather(1, best).squeeze(1)
+
+
+def greedy_returns(q_net, env_name: str, episodes: int, seed: int) -> list[float]:
+    env = _make_env(env_name)
+    returns = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed + e)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def train(cfg: DQNConfig) -> dict:
+    """Train until solved or `cfg.steps`; returns the summary also written to <out>/summary.json."""
+    import dlcore
+    from dlcore.rl import PrioritizedReplayBuffer, ReplayBuffer
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    env = _make_env(cfg.env)
+    if len(env.observation_space.shape) != 1:
+        raise ValueError(f"{cfg.env} has image observations; this trainer takes vector observations "
+                         "(the convolutional Q-networks need dlcore.nn.Conv2dReLU, issue 3)")
+    obs_dim, n_actions = env.observation_space.shape[0], int(env.action_space.n)
+    os.makedirs(cfg.out, exist_ok=True)
+    q_net = QMLP(obs_dim, n_actions, cfg.hidden)
+    target_net = copy.deepcopy(q_net).requires_grad_(False)
+    optimizer = dlcore.optim.Adam(q_net.parameters(), lr=cfg.lr)
+    fields = {"obs": ((obs_dim,), torch.float32), "action": ((), torch.int64), "reward": ((), torch.float32),
+              "next_obs": ((obs_dim,), torch.float32), "terminated": ((), torch.float32)}
+    if cfg.prioritized:
+        buffer = PrioritizedReplayBuffer(cfg.buffer, fields, seed=cfg.seed, alpha=cfg.alpha, beta=cfg.beta,
+                                         beta_steps=max(1, (cfg.steps - cfg.learning_starts) // cfg.train_every
+                                                        * cfg.gradient_steps))
+    else:
+        buffer = ReplayBuffer(cfg.buffer, fields, seed=cfg.seed)
+
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    start, episode_returns, evals, gradient_steps = 0, [], [], 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        q_net.load_state_dict(ckpt["q"]), target_net.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"]), buffer.load_state_dict(ckpt["buffer"])
+        start, episode_returns, evals = ckpt["step"], ckpt["episode_returns"], ckpt["evals"]
+        gradient_steps = ckpt["gradient_steps"]
+        rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def save_checkpoint(step):
+        torch.save({"q": q_net.state_dict(), "target": target_net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "buffer": buffer.state_dict(), "step": step, "episode_returns": episode_returns,
+                    "evals": evals, "gradient_steps": gradient_steps, "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, ckpt_path)
+
+    solved_at, t0 = None, time.perf_counter()
+    obs, _ = env.reset(seed=cfg.seed + start)
+    episode_return = 0.0
+    progress = _progress(cfg.progress, cfg.steps, start)
+    for step in range(start, cfg.steps):
+        if rng.random() < epsilon(cfg, step):
+            action = int(rng.integers(n_actions))
+        else:
+            with torch.no_grad():
+                action = int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        # a time-limit truncation is not a terminal state: its target still bootstraps from next_obs
+        buffer.add(obs=torch.as_tensor(obs), action=action, reward=float(reward), next_obs=torch.as_tensor(next_obs),
+                   terminated=float(terminated))
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:
+            episode_returns.append(episode_return)
+            episode_return = 0.0
+            obs, _ = env.reset()
+        if step >= cfg.learning_starts and (step + 1) % cfg.train_every == 0:
+            for _ in range(cfg.gradient_steps):
+                batch = buffer.sample(cfg.batch)
+                y = td_targets(q_net, target_net, batch, cfg.gamma, cfg.double)
+                q = q_net(batch["obs"]).gather(1, batch["action"][:, None]).squeeze(1)
+                loss_each = F.smooth_l1_loss(q, y, reduction="none")  # Huber, δ = 1
+                loss = (loss_each * batch["weight"]).mean() if cfg.prioritized else loss_each.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if cfg.prioritized:
+                    buffer.update_priorities(batch["index"], (y - q).detach().abs())
+                gradient_steps += 1
+                if gradient_steps % cfg.target_update == 0:
+                    target_net.load_state_dict(q_net.state_dict())
+        if (step + 1) % cfg.eval_every == 0:
+            quick = greedy_returns(q_net, cfg.env, cfg.eval_episodes, seed=10_000 + step)
+            mean = float(np.mean(quick))
+            if mean >= cfg.solve_return:  # the full test only when the quick one passes
+                mean = float(np.mean(greedy_returns(q_net, cfg.env, cfg.solve_episodes, seed=20_000 + step)))
+            evals.append({"step": step + 1, "greedy_mean": mean, "seconds": time.perf_counter() - t0})
+            progress.note(f"step {step + 1}: greedy mean {mean:.1f}")
+            if mean >= cfg.solve_return and cfg.solve_episodes:
+                solved_at = step + 1
+                progress.advance(step + 1)
+                break
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(step + 1)
+        if (step + 1) % 200 == 0:
+            recent = np.mean(episode_returns[-20:]) if episode_returns else 0.0
+            progress.advance(step + 1, f"ε {epsilon(cfg, step):.2f}  return(20) {recent:.1f}")
+    progress.close()
+    env.close()
+    final_step = solved_at or cfg.steps
+    save_checkpoint(final_step)
+    torch.save(q_net.state_dict(), os.path.join(cfg.out, "q_net.pt"))
+    _write_returns(cfg.out, episode_returns, evals, cfg)
+    summary = {"env": cfg.env, "solved": solved_at is not None, "solved_at_step": solved_at,
+               "solve_criterion": f"greedy mean return >= {cfg.solve_return} over {cfg.solve_episodes} episodes",
+               "last_eval": evals[-1] if evals else None, "episodes": len(episode_returns),
+               "gradient_steps": gradient_steps, "seconds": round(time.perf_counter() - t0, 1),
+               "config": asdict(cfg)}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+class _progress:
+    """A rich progress bar over environment steps (plain prints when rich is missing or disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self._bar = None
+        if enabled:
+            try:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self._bar = Progress(TextColumn("dqn"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TimeRemainingColumn(), TextColumn("{task.description}"))
+                self._bar.start()
+                self._task = self._bar.add_task("", total=total, completed=start)
+            except ImportError:
+                self._bar = None
+
+    def advance(self, completed: int, text: Optional[str] = None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, **({"description": text} if text else {}))
+
+    def note(self, text: str) -> None:
+        (self._bar.console.print if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _write_returns(out: str, episode_returns: list, evals: list, cfg: DQNConfig) -> None:
+    with open(os.path.join(out, "returns.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["episode", "return"])
+        w.writerows(enumerate(episode_returns))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(episode_returns, lw=0.6, alpha=0.5, label="episode return (ε-greedy)")
+    if len(episode_returns) >= 20:
+        smooth = np.convolve(episode_returns, np.ones(20) / 20, mode="valid")
+        ax.plot(np.arange(19, len(episode_returns)), smooth, label="mean of 20")
+    ax.axhline(cfg.solve_return, ls="--", c="gray", lw=0.8, label=f"solved ({cfg.solve_return:g})")
+    ax.set_xlabel("episode"), ax.set_ylabel("return"), ax.set_title(f"DQN on {cfg.env} (dlcore)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "returns.png"), dpi=120)
+    plt.close(fig)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = DQNConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, tuple):
+            p.add_argument(flag, type=int, nargs="+", default=list(value))
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = DQNConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+                       if k in DQNConfig.__dataclass_fields__})
+    summary = train(cfg)
+    print(json.dumps({k: summary[k] for k in ("solved", "solved_at_step", "last_eval", "seconds")}, default=str))
+    print(f"wrote {cfg.out}/returns.csv, returns.png, checkpoint.pt, q_net.pt, summary.json")
+    return 0 if summary["solved"] or not cfg.solve_episodes else 1
+
+
+registry.register("train", "dqn", help="DQN on a gymnasium environment (CartPole-v1 by default)", run=_run)(
+    _add_arguments)

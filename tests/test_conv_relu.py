@@ -1,0 +1,100 @@
+"""conv2d_relu (dlcore/ops/conv_relu.py): every backend against a float64 reference, NCHW and channels_last, odd
+shapes, every gradient; gradcheck; opcheck; torch.compile; the module; bad input."""
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlcore
+from dlcore.functional import conv2d_relu
+from dlcore.nn import Conv2dReLU
+from dlcore.ops.conv_relu import FORWARD, conv2d_relu_op
+from dlcore.testing import backend_device_pairs
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): AlexNet conv1-like, DQN conv1-like, odd sizes
+SHAPES = [(2, 3, 35, 29, 5, 11, 4, 2, 1, 1), (1, 4, 84, 84, 16, 8, 4, 0, 1, 1), (3, 6, 7, 9, 4, 3, 1, 1, 2, 2),
+          (1, 1, 1, 1, 7, 1, 1, 0, 1, 1), (4, 8, 13, 5, 129, 3, 2, 1, 1, 1)]
+TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(FORWARD))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_backward_match_float64(backend, device, dtype, shape, channels_last, bias):
+    impl = dlcore._dispatch.get_op(FORWARD).impls[backend]
+    if impl.why_not(device, dtype):
+        pytest.skip(f"{backend}: {impl.why_not(device, dtype)}")
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    gen = torch.Generator().manual_seed(SEED + sum(shape))
+    x = torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64)
+    wt = torch.randn(cout, cin // g, k, k, generator=gen, dtype=torch.float64) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+    ref_inputs = [t.clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ())]
+    y_ref = F.relu(F.conv2d(*ref_inputs[:2], ref_inputs[2] if bias else None, s, p, d, g))
+    grad = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    refs = torch.autograd.grad(y_ref, ref_inputs, grad)
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [x.to(device, dtype).contiguous(memory_format=fmt).requires_grad_(),
+              wt.to(device, dtype).requires_grad_()] + ([b.to(device, dtype).requires_grad_()] if bias else [])
+    with dlcore.use_backend(backend):
+        y = conv2d_relu(inputs[0], inputs[1], inputs[2] if bias else None, s, p, d, g)
+        grads = torch.autograd.grad(y, inputs, grad.to(device, dtype))
+    scale = 1 + y_ref.abs().max().item()
+    assert (y.double().cpu() - y_ref).abs().max().item() <= TOL[dtype] * scale
+    for got, want, name in zip(grads, refs, ("input", "weight", "bias")):
+        err = (got.double().cpu() - want).abs().max().item()
+        assert err <= TOL[dtype] * (1 + want.abs().max().item()), f"grad {name}: {err}"
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, stride=1, padding=1), (x, w, b))
+
+
+def test_opcheck_and_compile():
+    x, w, b = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    torch.library.opcheck(conv2d_relu_op, (x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    compiled = torch.compile(lambda x, w, b: conv2d_relu(x, w, b, padding=1).sum(), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b), F.relu(F.conv2d(x, w, b, padding=1)).sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_module_is_a_drop_in_conv2d():
+    conv, relu = torch.nn.Conv2d(3, 8, 5, stride=2, padding=2), torch.nn.ReLU()
+    fused = Conv2dReLU(3, 8, 5, stride=2, padding=2)
+    assert fused.state_dict().keys() == conv.state_dict().keys()
+    fused.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 31, 17)
+    torch.testing.assert_close(fused(x), relu(conv(x)))
+    shared = Conv2dReLU.from_modules(conv, relu)
+    assert shared.weight is conv.weight
+    torch.testing.assert_close(shared(x), relu(conv(x)))
+    torch.testing.assert_close(fused(x[0]), relu(conv(x[0])))  # unbatched input
+
+
+def test_bad_input():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="groups"):
+        conv2d_relu(x, w, groups=3)
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        conv2d_relu(x, w[0])
+    with pytest.raises(ValueError, match="input must be"):
+        conv2d_relu(x[0, 0], w)
+    with pytest.raises(TypeError, match="weight is torch.float64"):
+        conv2d_relu(x, w.double())
+    with pytest.raises(TypeError, match="floating-point"):
+        conv2d_relu(x.long(), w)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        conv2d_relu(x, w, torch.zeros(5))
+    with pytest.raises(RuntimeError):  # kernel larger than the padded input: torch's own error, no crash
+        conv2d_relu(torch.randn(1, 4, 2, 2), w)
+    with pytest.raises(ValueError, match="padding_mode"):
+        Conv2dReLU(4, 6, 3, padding_mode="reflect")

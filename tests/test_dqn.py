@@ -1,0 +1,93 @@
+"""dlcore.models.dqn: the networks against their stock twins, the TD target formula, and short training runs
+(checkpoint, resume, outputs) through `dlcore train dqn`. The full CartPole solve is a README command, not a test."""
+import json
+import os
+
+import pytest
+import torch
+
+from dlcore import cli, registry
+from dlcore.models import dqn
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", 0))
+
+
+@pytest.mark.parametrize("make", [lambda stock: dqn.QMLP(4, 2, (7, 129), stock=stock),
+                                  lambda stock: dqn.QConvNet(6, 4, "2013", stock=stock),
+                                  lambda stock: dqn.QConvNet(3, 4, "nature", stock=stock)])
+def test_network_matches_stock_twin(make):
+    torch.manual_seed(SEED)
+    net, twin = make(False), make(True)
+    assert net.state_dict().keys() == twin.state_dict().keys()
+    twin.load_state_dict(net.state_dict())
+    conv = isinstance(net, dqn.QConvNet)
+    x = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8) if conv else torch.randn(5, 4)
+    out, ref = net(x), twin(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(net.parameters()), g)
+    ref_grads = torch.autograd.grad(ref, list(twin.parameters()), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_td_targets_formula(double):
+    torch.manual_seed(SEED)
+    q_net, target_net = dqn.QMLP(3, 4, (8,)), dqn.QMLP(3, 4, (8,))
+    batch = {"next_obs": torch.randn(9, 3), "reward": torch.randn(9), "terminated": (torch.rand(9) < 0.3).float()}
+    y = dqn.td_targets(q_net, target_net, batch, 0.9, double)
+    with torch.no_grad():
+        tq = target_net(batch["next_obs"])
+        chooser = q_net(batch["next_obs"]) if double else tq
+        for i in range(9):
+            a = int(chooser[i].argmax())
+            want = batch["reward"][i] + 0.9 * (1 - batch["terminated"][i]) * tq[i, a]
+            assert abs(float(y[i]) - float(want)) < 1e-5
+
+
+def test_epsilon_schedule():
+    cfg = dqn.DQNConfig(steps=1000, eps_start=1.0, eps_final=0.1, eps_fraction=0.5)
+    assert dqn.epsilon(cfg, 0) == 1.0 and abs(dqn.epsilon(cfg, 250) - 0.55) < 1e-9 and dqn.epsilon(cfg, 900) == 0.1
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_train_checkpoint_resume(tmp_path, prioritized):
+    pytest.importorskip("gymnasium")
+    out = str(tmp_path / "run")
+    argv = ["train", "dqn", "--steps", "600", "--learning-starts", "100", "--train-every", "100",
+            "--gradient-steps", "4", "--batch", "16", "--hidden", "16", "--eval-every", "300", "--eval-episodes", "2",
+            "--solve-episodes", "0", "--checkpoint-every", "300", "--out", out, "--no-progress"]
+    if prioritized:
+        argv.append("--prioritized")
+    assert cli.main(argv) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["gradient_steps"] == 20 and summary["episodes"] > 0
+    for name in ("returns.csv", "returns.png", "checkpoint.pt", "q_net.pt"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ckpt["step"] == 600
+    # resume: a longer run continues from step 600 with the same buffer and counters
+    assert cli.main(argv[:3] + ["900"] + argv[4:] + ["--resume"]) == 0
+    resumed = json.load(open(os.path.join(out, "summary.json")))
+    assert resumed["gradient_steps"] == 32
+    assert len(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["buffer"]["storage"]["obs"]) \
+        == dqn.DQNConfig().buffer
+
+
+def test_image_envs_are_refused_with_a_reason(monkeypatch):
+    class Box:
+        shape = (4, 84, 84)
+
+    class Env:
+        observation_space, action_space = Box(), None
+
+    monkeypatch.setattr(dqn, "_make_env", lambda name: Env())
+    with pytest.raises(ValueError, match="image observations"):
+        dqn.train(dqn.DQNConfig(env="ALE/Pong-v5", progress=False))
+
+
+def test_registry_finds_dqn():
+    assert "dqn" in registry.entries("train")
+    with pytest.raises(ValueError, match="twice"):
+        registry.register("train", "dqn", help="", run=lambda a: 0)(lambda p: None)
