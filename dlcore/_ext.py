@@ -21,6 +21,11 @@ cpu, cpu_error = _load("dlcore._C_cpu")
 cuda, cuda_error = _load("dlcore._C_cuda")
 
 
+def cpu_unavailable():
+    """The `available` check of every cpu backend: None when the CPU extension loaded, else why not."""
+    return cpu_error
+
+
 _kernel_errors: dict[str, str] = {}
 
 

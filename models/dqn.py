@@ -144,6 +144,11 @@ def td_targets(q_net, target_net, batch, gamma: float, double: bool) -> torch.Te
         return batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q.gather(1, best).squeeze(1)
 
 
+def greedy_action(q_net, obs) -> int:
+    with torch.no_grad():
+        return int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
+
+
 def greedy_returns(q_net, env_name: str, episodes: int, seed: int) -> list[float]:
     env = _make_env(env_name)
     returns = []
@@ -151,9 +156,7 @@ def greedy_returns(q_net, env_name: str, episodes: int, seed: int) -> list[float
         obs, _ = env.reset(seed=seed + e)
         total, done = 0.0, False
         while not done:
-            with torch.no_grad():
-                action = int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_net, obs))
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
@@ -211,8 +214,7 @@ def train(cfg: DQNConfig) -> dict:
         if rng.random() < epsilon(cfg, step):
             action = int(rng.integers(n_actions))
         else:
-            with torch.no_grad():
-                action = int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
+            action = greedy_action(q_net, obs)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # a time-limit truncation is not a terminal state: its target still bootstraps from next_obs
         buffer.add(obs=torch.as_tensor(obs), action=action, reward=float(reward), next_obs=torch.as_tensor(next_obs),

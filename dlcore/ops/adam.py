@@ -133,7 +133,7 @@ def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, g
                 seed=hyper.seed, grad_scale_ptr=address(grad_scale), found_inf_ptr=address(found_inf))
 
 
-@_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, available=lambda: _ext.cpu_error)
+@_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, available=_ext.cpu_unavailable)
 def cpu_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
                found_inf=None):
     plan = cached_plan(slots, CPU_CHUNK, torch.device("cpu"))

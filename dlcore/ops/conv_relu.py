@@ -36,13 +36,18 @@ def reference_forward(x, weight, bias, stride, padding, dilation, groups):
     return F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
+def _conv_grads(dz, x, weight, stride, padding, dilation, groups, mask):
+    """(dx, dw) of the bias-free convolution, given dz = ∂L/∂(conv output): torch's convolution_backward."""
+    dx, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False, [0, 0],
+                                                    groups, [mask[0], mask[1], False])
+    return dx, dw
+
+
 @_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
 def reference_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups, mask):
     dz = grad_y * (y > 0)  # ReLU'(z + b) read from the output
-    dx, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                    groups, [mask[0], mask[1], False])
     db = dz.sum((0, 2, 3)) if has_bias and mask[2] else None
-    return dx, dw, db
+    return (*_conv_grads(dz, x, weight, stride, padding, dilation, groups, mask), db)
 
 
 # ---------------------------------------------------------------------------------------------------- cpu (C++)
@@ -56,11 +61,7 @@ def _planes(y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return y.contiguous(), (n, c, h * w)
 
 
-def _cpu_unavailable():
-    return _ext.cpu_error
-
-
-@_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=(torch.float32,), available=_cpu_unavailable)
+@_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=(torch.float32,), available=_ext.cpu_unavailable)
 def cpu_forward(x, weight, bias, stride, padding, dilation, groups):
     y, shape = _planes(F.conv2d(x, weight, None, stride, padding, dilation, groups))
     if bias is not None:
@@ -69,7 +70,7 @@ def cpu_forward(x, weight, bias, stride, padding, dilation, groups):
     return y
 
 
-@_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=(torch.float32,), available=_cpu_unavailable)
+@_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=(torch.float32,), available=_ext.cpu_unavailable)
 def cpu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups, mask):
     y, shape = _planes(y)
     fmt = torch.channels_last if shape[2] == 1 and y.shape[1] > 1 else torch.contiguous_format
@@ -78,9 +79,7 @@ def cpu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, grou
     db = torch.empty(y.shape[1], dtype=y.dtype) if has_bias and mask[2] else None
     _ext.cpu.bias_relu_backward(grad_y.data_ptr(), y.data_ptr(), dz.data_ptr(), 0 if db is None else db.data_ptr(),
                                 *shape)
-    dx, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                    groups, [mask[0], mask[1], False])
-    return dx, dw, db
+    return (*_conv_grads(dz, x, weight, stride, padding, dilation, groups, mask), db)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops

@@ -10,6 +10,7 @@ op checklist).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -23,7 +24,7 @@ _ANY = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.uint8
 
 
 def _row_bytes(t: torch.Tensor) -> int:
-    return t[0].numel() * t.element_size() if t.shape[0] else 0
+    return math.prod(t.shape[1:]) * t.element_size()
 
 
 def _outputs(sources: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
@@ -34,18 +35,19 @@ def _index_error(index: torch.Tensor, limit: int) -> IndexError:
     return IndexError(f"index out of range [0, {limit}): min {int(index.min())}, max {int(index.max())}")
 
 
-@_dispatch.register(OP, "reference", devices=("cpu", "cuda"), dtypes=_ANY)
-def reference_gather_rows(sources, index, limit):
+def _check_range(index: torch.Tensor, limit: int) -> None:
+    """For backends that cannot report a bad index themselves: check before anything is written."""
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit):
         raise _index_error(index, limit)
+
+
+@_dispatch.register(OP, "reference", devices=("cpu", "cuda"), dtypes=_ANY)
+def reference_gather_rows(sources, index, limit):
+    _check_range(index, limit)
     return [s.index_select(0, index) for s in sources]
 
 
-def _cpu_unavailable():
-    return _ext.cpu_error
-
-
-@_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=_ANY, available=_cpu_unavailable)
+@_dispatch.register(OP, "cpu", devices=("cpu",), dtypes=_ANY, available=_ext.cpu_unavailable)
 def cpu_gather_rows(sources, index, limit):
     outs = _outputs(sources, index.numel())
     status = _ext.cpu.gather_rows([s.data_ptr() for s in sources], [o.data_ptr() for o in outs],
@@ -59,8 +61,7 @@ def cpu_gather_rows(sources, index, limit):
 def triton_gather_rows(sources, index, limit):
     from dlcore.kernels import gather as kernel
 
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit):
-        raise _index_error(index, limit)
+    _check_range(index, limit)
     outs = _outputs(sources, index.numel())
     table = torch.tensor([[s.data_ptr(), o.data_ptr(), _row_bytes(s)] for s, o in zip(sources, outs)],
                          dtype=torch.int64).to(index.device)
