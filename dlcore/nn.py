@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from dlcore.ops.attention import scaled_dot_product_attention
 
 from dlcore.ops.conv_relu import conv2d_relu
 
@@ -28,3 +31,60 @@ class Conv2dReLU(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention with the attention itself computed by dlcore's flash kernel
+    (dlcore.functional.scaled_dot_product_attention): same constructor, parameters, state_dict keys and call.
+
+    The fast path runs when need_weights=False (the per-head weights are what a flash kernel never forms, as with
+    torch's own fast path); with need_weights=True, add_bias_kv or add_zero_attn the call is torch's own forward.
+    key_padding_mask (N, S) and attn_mask ((L, S) or (N·heads, L, S)) may be bool (True = masked out, torch's
+    convention for this module) or additive float; is_causal=True is the hint that attn_mask is the causal mask,
+    which is then applied as a causal window. Cross-attention (L ≠ S, kdim/vdim) and batch_first work as in torch.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        length, batch, embed = query.shape  # (L, N, E) from here on
+        src = key.shape[0]
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        heads, head_dim = self.num_heads, self.head_dim
+
+        def split(x, w, b, n):  # (n, N, ·) → (N, heads, n, head_dim)
+            return F.linear(x, w, b).view(n, batch, heads, head_dim).permute(1, 2, 0, 3)
+
+        q, k, v = split(query, w_q, b_q, length), split(key, w_k, b_k, src), split(value, w_v, b_v, src)
+        mask = None
+        if attn_mask is not None and not is_causal:
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            mask = mask.view(batch, heads, length, src) if mask.dim() == 3 else mask
+        padding = None
+        if key_padding_mask is not None:
+            padding = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.to(q.dtype)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=is_causal, key_padding_mask=padding)
+        out = out.permute(2, 0, 1, 3).reshape(length, batch, embed)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None

@@ -1,13 +1,15 @@
 """One Triton function, two ways to run it: compiled (`triton.jit`) for CUDA tensors and through Triton's
 interpreter for CPU tensors, chosen per call from the tensors' device rather than from TRITON_INTERPRET at import
-time. Kernels built this way call no other @triton.jit function (the interpreter cannot call a compiled helper),
-so shared device code is written inline.
+time. Device functions shared between kernels are marked `@dual_helper`: each way of running a kernel sees its own
+build of them (a JITFunction when compiled, an InterpretedFunction when interpreted), because neither runner can
+call the other's.
 
 Each kernel module lists the configurations it ships (`AOT_CONFIGS`); dlcore/_static_check.py compiles every
 one of them ahead of time for sm_90 and fails the tests on a register spill or a shared-memory overflow.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -60,18 +62,50 @@ def patch_interpreter_bf16() -> bool:
     return True
 
 
+class DualHelper:
+    """A device function called from DualKernels (and other helpers); never launched on its own."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self._built = {}
+
+    def build(self, runner: type):
+        if runner not in self._built:
+            self._built[runner] = runner(_with_helpers(self.fn, runner))
+        return self._built[runner]
+
+
+def _with_helpers(fn, runner: type):
+    """`fn` re-bound to a copy of its module's globals in which every DualHelper it names is `runner`'s build."""
+    helpers = {name: fn.__globals__[name].build(runner) for name in fn.__code__.co_names
+               if isinstance(fn.__globals__.get(name), DualHelper)}
+    if not helpers:
+        return fn
+    scope = {**fn.__globals__, **helpers}
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__module__, clone.__qualname__, clone.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    return clone
+
+
 class DualKernel:
     def __init__(self, fn):
         self.fn = fn
         self.__name__ = fn.__name__
-        self.compiled = JITFunction(fn)
+        self._compiled = None
         self._interpreted = None
+
+    @property
+    def compiled(self) -> JITFunction:
+        if self._compiled is None:
+            self._compiled = JITFunction(_with_helpers(self.fn, JITFunction))
+        return self._compiled
 
     @property
     def interpreted(self) -> InterpretedFunction:
         if self._interpreted is None:
             patch_interpreter_bf16()
-            self._interpreted = InterpretedFunction(self.fn)
+            self._interpreted = InterpretedFunction(_with_helpers(self.fn, InterpretedFunction))
         return self._interpreted
 
     def launch(self, grid, device: torch.device, *args, **kwargs):
@@ -81,6 +115,10 @@ class DualKernel:
 
 def dual_kernel(fn) -> DualKernel:
     return DualKernel(fn)
+
+
+def dual_helper(fn) -> DualHelper:
+    return DualHelper(fn)
 
 
 @dataclass

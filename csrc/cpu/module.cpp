@@ -27,6 +27,7 @@ void cast(int64_t in, int64_t out, int64_t n, int in_dtype, int out_dtype) {
 void register_adam(py::module_& m);
 void register_gather(py::module_& m);
 void register_bias_relu(py::module_& m);
+void register_attention(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_adam(m);
   register_gather(m);
   register_bias_relu(m);
+  register_attention(m);
 }

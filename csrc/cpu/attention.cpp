@@ -1,0 +1,448 @@
+// The CPU twin of dlcore's flash attention (dlcore/ops/attention.py): the tiled FlashAttention-2 algorithm, never
+// forming the L×S matrix. Tiles of BM query rows × BN keys are packed into fp32 buffers (bf16/fp16 converted on the
+// way in; head dim zero-padded to a multiple of 16), multiplied by two register-blocked micro-kernels written with
+// GCC vector types (AVX-512 here, two AVX2 halves elsewhere), with an exact-enough polynomial exp2 so that the
+// softmax loops vectorise too.
+//   forward:  per (b, h, query tile), OpenMP over all of them: online softmax in base 2, O += P·V.
+//   backward: per (b, kv head), OpenMP over those: for each key tile, for each query head of the group and each
+//             query tile: S, P, dP = dO·Vᵀ, dV += Pdᵀ·dO, dS = P∘(dP − Δ), dK += dSᵀ·Q, dQ += dS·K (dQ kept in fp32
+//             for the whole task). One pass, no atomics: deterministic.
+// Masks, window, key lengths, bias and Philox dropout follow the launcher contract in dlcore/ops/attention.py.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/dtype.h"
+
+namespace py = pybind11;
+using namespace dlcore;
+
+namespace {
+
+constexpr int BM = 64;  // query rows per tile
+constexpr int BN = 64;  // keys per tile
+constexpr int VW = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));  // unaligned access
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using Strides3 = std::array<int64_t, 3>;
+using Strides4 = std::array<int64_t, 4>;
+
+struct Problem {
+  int64_t B, H, HK, LQ, LK, D, Dp;
+  Strides3 sq, sk, sv;
+  Strides4 sb;
+  const void* bias;
+  const int32_t* klen;
+  float scale;
+  int64_t win_l, win_r;
+  uint64_t seed, threshold;
+  float drop_scale;
+  int64_t key_len(int64_t b) const { return klen ? std::min<int64_t>(klen[b], LK) : LK; }
+  // the key range [lo, hi) query rows [r0, r1) can see
+  void key_range(int64_t r0, int64_t r1, int64_t b, int64_t& lo, int64_t& hi) const {
+    hi = key_len(b);
+    if (win_r >= 0) hi = std::min(hi, r1 - 1 + win_r + 1);
+    lo = win_l >= 0 ? std::max<int64_t>(0, r0 - win_l) : 0;
+  }
+};
+
+// 2^x for x ≤ 0 (scores minus the running max): 2^round(x) · Taylor₇(2^f), |f| ≤ ½, relative error ≈ 5e-9.
+// Branch-free so that the loops calling it vectorise; -inf and x < -126 give 0.
+inline float exp2_neg(float x) {
+  const float xc = x < -126.0f ? -126.0f : x;
+  const float n = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float f = (xc - n) * kLn2;
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const float scale = bits_f32(uint32_t(int32_t(n) + 127) << 23);
+  return x < -126.0f ? 0.0f : p * scale;
+}
+
+// Philox4x32-10 with counter (j, i, bh, 0) and key (seed_lo, seed_hi): keep iff the first word ≥ threshold.
+inline bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
+  uint32_t c0 = j, c1 = i, c2 = bh, c3 = 0, k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;
+    c0 = uint32_t(pb >> 32) ^ c1 ^ k0;
+    c2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(pb);
+    c3 = uint32_t(pa);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return uint64_t(c0) >= threshold;
+}
+
+// C[rows][BN] = A[rows][Dp] · Bt[Dp][BN]  (rows rounded up to 4; A zero-padded to that)
+void gemm_abt(const float* A, const float* Bt, float* C, int rows, int Dp) {
+  for (int i = 0; i < rows; i += 4) {
+    vf acc[4][BN / VW] = {};
+    for (int d = 0; d < Dp; ++d) {
+      const vf* b = reinterpret_cast<const vf*>(Bt + d * BN);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const float a = A[(i + r) * Dp + d];
+#pragma GCC unroll 4
+        for (int c = 0; c < BN / VW; ++c) acc[r][c] += a * b[c];
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < BN / VW; ++c) reinterpret_cast<vf*>(C + (i + r) * BN)[c] = acc[r][c];
+  }
+}
+
+// C[m][Dp] += Σ_n A(m, n) · Bm[n][Dp] for m < rows (multiple of 4), n < inner; A(m, n) = A[m·sam + n·san].
+template <int NV>
+void gemm_acc_chunk(const float* A, int64_t sam, int64_t san, const float* Bm, float* C, int rows, int inner,
+                    int Dp, int col) {
+  for (int m = 0; m < rows; m += 4) {
+    vf acc[4][NV];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < NV; ++c) acc[r][c] = reinterpret_cast<const vf*>(C + (m + r) * Dp + col)[c];
+    for (int n = 0; n < inner; ++n) {
+      const vf* b = reinterpret_cast<const vf*>(Bm + n * Dp + col);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const float a = A[(m + r) * sam + n * san];
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < NV; ++c) reinterpret_cast<vf*>(C + (m + r) * Dp + col)[c] = acc[r][c];
+  }
+}
+
+void gemm_acc(const float* A, int64_t sam, int64_t san, const float* Bm, float* C, int rows, int inner, int Dp) {
+  int col = 0;
+  for (; col + 4 * VW <= Dp; col += 4 * VW) gemm_acc_chunk<4>(A, sam, san, Bm, C, rows, inner, Dp, col);
+  switch ((Dp - col) / VW) {
+    case 3: gemm_acc_chunk<3>(A, sam, san, Bm, C, rows, inner, Dp, col); break;
+    case 2: gemm_acc_chunk<2>(A, sam, san, Bm, C, rows, inner, Dp, col); break;
+    case 1: gemm_acc_chunk<1>(A, sam, san, Bm, C, rows, inner, Dp, col); break;
+    default: break;
+  }
+}
+
+inline int round4(int64_t n) { return int((n + 3) & ~int64_t(3)); }
+
+// Pack rows [r0, r0+n) of one head (row stride rs) into dst[BM or BN][Dp] (fp32, zero-padded), optionally × mul.
+template <int DT>
+void pack_rows(const void* base, int64_t rs, int64_t r0, int64_t n, int64_t D, int64_t Dp, int rows_out,
+               float* dst) {
+  using S = Storage<DT>;
+  const auto* src = reinterpret_cast<const typename S::T*>(base);
+  for (int r = 0; r < rows_out; ++r) {
+    float* out = dst + r * Dp;
+    if (r < n) {
+      const auto* row = src + (r0 + r) * rs;
+      for (int64_t d = 0; d < D; ++d) out[d] = S::load(row[d]);
+      for (int64_t d = D; d < Dp; ++d) out[d] = 0.0f;
+    } else {
+      std::fill(out, out + Dp, 0.0f);
+    }
+  }
+}
+
+// Pack keys [c0, c0+n) transposed into dst[Dp][BN] (zero-padded).
+template <int DT>
+void pack_cols(const void* base, int64_t rs, int64_t c0, int64_t n, int64_t D, int64_t Dp, float* dst) {
+  using S = Storage<DT>;
+  const auto* src = reinterpret_cast<const typename S::T*>(base);
+  std::fill(dst, dst + Dp * BN, 0.0f);
+  for (int64_t c = 0; c < n; ++c) {
+    const auto* row = src + (c0 + c) * rs;
+    for (int64_t d = 0; d < D; ++d) dst[d * BN + c] = S::load(row[d]);
+  }
+}
+
+// Scores of one tile in log2 units: S ← S·scale·log2e + bias·log2e, -inf where hidden. Returns nothing; rows and
+// cols beyond the problem are hidden too.
+template <int DT>
+void mask_scores(const Problem& p, float* S, int64_t b, int64_t h, int64_t r0, int64_t nr, int64_t c0,
+                 int64_t klen) {
+  using St = Storage<DT>;
+  const float scale_log2 = p.scale * kLog2e;
+  const auto* bias = reinterpret_cast<const typename St::T*>(p.bias);
+  for (int r = 0; r < BM; ++r) {
+    float* row = S + r * BN;
+    const int64_t i = r0 + r;
+    int64_t hi = std::min<int64_t>(klen, c0 + BN);
+    if (p.win_r >= 0) hi = std::min(hi, i + p.win_r + 1);
+    int64_t lo = c0;
+    if (p.win_l >= 0) lo = std::max(lo, i - p.win_l);
+    if (r >= nr) hi = lo;  // padding row
+    const int jlo = int(std::clamp<int64_t>(lo - c0, 0, BN)), jhi = int(std::clamp<int64_t>(hi - c0, 0, BN));
+    if (bias) {
+      const auto* brow = bias + b * p.sb[0] + h * p.sb[1] + i * p.sb[2] + c0 * p.sb[3];
+      for (int j = jlo; j < jhi; ++j) row[j] = row[j] * scale_log2 + St::load(brow[j * p.sb[3]]) * kLog2e;
+    } else {
+#pragma omp simd
+      for (int j = jlo; j < jhi; ++j) row[j] *= scale_log2;
+    }
+    for (int j = 0; j < jlo; ++j) row[j] = kNegInf;
+    for (int j = std::max(jhi, jlo); j < BN; ++j) row[j] = kNegInf;
+  }
+}
+
+// One thread's tiles (64-byte aligned): q [BM][Dp], kt [Dp][BN], vb [BN][Dp], acc [BM][Dp], rows [BM][Dp] (dO),
+// pd [BM][BN] (dropped probabilities), s: two [BM][BN] tiles.
+struct Buffers {
+  std::vector<vf> store;
+  float *q, *kt, *vb, *acc, *rows, *pd, *s;
+  explicit Buffers(int64_t Dp) : store(size_t((5 * BM * Dp + 3 * BM * BN) / VW)) {
+    q = reinterpret_cast<float*>(store.data());
+    kt = q + BM * Dp;
+    vb = kt + BN * Dp;
+    acc = vb + BN * Dp;
+    rows = acc + BM * Dp;
+    pd = rows + BM * Dp;
+    s = pd + BM * BN;
+  }
+};
+
+template <int DT>
+void forward_impl(const Problem& p, const void* q, const void* k, const void* v, void* o, float* lse,
+                  const Strides3& so) {
+  using St = Storage<DT>;
+  const int64_t tiles = (p.LQ + BM - 1) / BM, group = p.H / p.HK;
+#pragma omp parallel
+  {
+    Buffers buf(p.Dp);
+    float m_i[BM], l_i[BM];
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t bh = 0; bh < p.B * p.H; ++bh)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t b = bh / p.H, h = bh % p.H, hk = h / group;
+        const int64_t r0 = t * BM, nr = std::min<int64_t>(BM, p.LQ - r0);
+        const int rows = round4(nr);
+        const auto* qh = static_cast<const typename St::T*>(q) + b * p.sq[0] + h * p.sq[1];
+        const auto* kh = static_cast<const typename St::T*>(k) + b * p.sk[0] + hk * p.sk[1];
+        const auto* vh = static_cast<const typename St::T*>(v) + b * p.sv[0] + hk * p.sv[1];
+        pack_rows<DT>(qh, p.sq[2], r0, nr, p.D, p.Dp, rows, buf.q);
+        std::fill(buf.acc, buf.acc + BM * p.Dp, 0.0f);
+        std::fill(m_i, m_i + BM, kNegInf);
+        std::fill(l_i, l_i + BM, 0.0f);
+        const int64_t klen = p.key_len(b);
+        int64_t lo, hi;
+        p.key_range(r0, r0 + nr, b, lo, hi);
+        for (int64_t c0 = lo / BN * BN; c0 < hi; c0 += BN) {
+          const int64_t nc = std::min<int64_t>(BN, klen - c0);
+          pack_cols<DT>(kh, p.sk[2], c0, nc, p.D, p.Dp, buf.kt);
+          pack_rows<DT>(vh, p.sv[2], c0, nc, p.D, p.Dp, BN, buf.vb);
+          gemm_abt(buf.q, buf.kt, buf.s, rows, int(p.Dp));
+          mask_scores<DT>(p, buf.s, b, h, r0, nr, c0, klen);
+          for (int r = 0; r < rows; ++r) {
+            float* s = buf.s + r * BN;
+            float mx = m_i[r];
+            for (int j = 0; j < BN; ++j) mx = std::max(mx, s[j]);
+            const float ms = mx == kNegInf ? 0.0f : mx;
+            const float alpha = exp2_neg(m_i[r] - ms);
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < BN; ++j) {
+              s[j] = exp2_neg(s[j] - ms);
+              sum += s[j];
+            }
+            l_i[r] = l_i[r] * alpha + sum;
+            m_i[r] = mx;
+            if (p.threshold > 0) {
+              for (int j = 0; j < BN; ++j)
+                s[j] = dropout_keep(p.seed, uint32_t(r0 + r), uint32_t(c0 + j), uint32_t(bh), p.threshold)
+                           ? s[j] * p.drop_scale : 0.0f;
+            }
+            float* a = buf.acc + r * p.Dp;
+#pragma omp simd
+            for (int64_t d = 0; d < p.Dp; ++d) a[d] *= alpha;
+          }
+          gemm_acc(buf.s, BN, 1, buf.vb, buf.acc, rows, BN, int(p.Dp));
+        }
+        auto* oh = static_cast<typename St::T*>(o) + b * so[0] + h * so[1];
+        for (int r = 0; r < nr; ++r) {
+          const float inv = l_i[r] > 0 ? 1.0f / l_i[r] : 0.0f;
+          auto* orow = oh + (r0 + r) * so[2];
+          for (int64_t d = 0; d < p.D; ++d) orow[d] = St::store(buf.acc[r * p.Dp + d] * inv);
+          lse[bh * p.LQ + r0 + r] = l_i[r] > 0 ? (m_i[r] + std::log2(l_i[r])) * kLn2 : kNegInf;
+        }
+      }
+  }
+}
+
+template <int DT>
+void backward_impl(const Problem& p, const void* dout, const Strides3& sdo, const void* q, const void* k,
+                   const void* v, const float* lse, const float* delta, void* dq, void* dk, void* dv, float* dbias) {
+  using St = Storage<DT>;
+  const int64_t group = p.H / p.HK, Dp = p.Dp;
+  const int64_t qtiles = (p.LQ + BM - 1) / BM;
+#pragma omp parallel
+  {
+    Buffers buf(Dp);
+    std::vector<vf> kb_store(size_t(BN * Dp / VW)), vt_store(size_t(BN * Dp / VW)), dk_store(size_t(BN * Dp / VW)),
+        dv_store(size_t(BN * Dp / VW));
+    float* kb = reinterpret_cast<float*>(kb_store.data());
+    float* vt = reinterpret_cast<float*>(vt_store.data());
+    float* dk_acc = reinterpret_cast<float*>(dk_store.data());
+    float* dv_acc = reinterpret_cast<float*>(dv_store.data());
+    std::vector<vf> dq_store;
+    float row_lse[BM], row_delta[BM];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bhk = 0; bhk < p.B * p.HK; ++bhk) {
+      const int64_t b = bhk / p.HK, hk = bhk % p.HK;
+      dq_store.assign(size_t(group * qtiles * BM * Dp / VW), vf{});
+      float* dq_acc = reinterpret_cast<float*>(dq_store.data());  // [group][qtiles·BM][Dp]
+      const int64_t klen = p.key_len(b);
+      const auto* kh = static_cast<const typename St::T*>(k) + b * p.sk[0] + hk * p.sk[1];
+      const auto* vh = static_cast<const typename St::T*>(v) + b * p.sv[0] + hk * p.sv[1];
+      for (int64_t c0 = 0; c0 < p.LK; c0 += BN) {
+        const int64_t nc = std::max<int64_t>(0, std::min<int64_t>(BN, klen - c0));
+        std::fill(dk_acc, dk_acc + BN * Dp, 0.0f);
+        std::fill(dv_acc, dv_acc + BN * Dp, 0.0f);
+        if (nc > 0) {
+          pack_cols<DT>(kh, p.sk[2], c0, nc, p.D, Dp, buf.kt);
+          pack_cols<DT>(vh, p.sv[2], c0, nc, p.D, Dp, vt);
+          pack_rows<DT>(kh, p.sk[2], c0, nc, p.D, Dp, BN, kb);
+          // query rows that can see keys [c0, c0 + nc)
+          int64_t r_lo = 0, r_hi = p.LQ;
+          if (p.win_r >= 0) r_lo = std::max<int64_t>(0, c0 - p.win_r);
+          if (p.win_l >= 0) r_hi = std::min<int64_t>(p.LQ, c0 + nc + p.win_l);
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = hk * group + g, bh = b * p.H + h;
+            const auto* qh = static_cast<const typename St::T*>(q) + b * p.sq[0] + h * p.sq[1];
+            const auto* doh = static_cast<const typename St::T*>(dout) + b * sdo[0] + h * sdo[1];
+            for (int64_t r0 = r_lo / BM * BM; r0 < r_hi; r0 += BM) {
+              const int64_t nr = std::min<int64_t>(BM, p.LQ - r0);
+              const int rows = round4(nr);
+              float* P = buf.s;
+              float* dS = buf.s + BM * BN;
+              pack_rows<DT>(qh, p.sq[2], r0, nr, p.D, Dp, rows, buf.q);
+              pack_rows<DT>(doh, sdo[2], r0, nr, p.D, Dp, rows, buf.rows);
+              for (int r = 0; r < BM; ++r) {
+                const float l = r < nr ? lse[bh * p.LQ + r0 + r] : kNegInf;
+                row_lse[r] = l == kNegInf ? std::numeric_limits<float>::infinity() : l * kLog2e;
+                row_delta[r] = r < nr ? delta[bh * p.LQ + r0 + r] : 0.0f;
+              }
+              gemm_abt(buf.q, buf.kt, P, rows, int(Dp));
+              mask_scores<DT>(p, P, b, h, r0, nr, c0, klen);
+              gemm_abt(buf.rows, vt, dS, rows, int(Dp));  // dPd = dO·Vᵀ
+              for (int r = 0; r < rows; ++r) {
+                float* pr = P + r * BN;
+                float* dr = dS + r * BN;
+                const float ml = row_lse[r], dl = row_delta[r];
+#pragma omp simd
+                for (int j = 0; j < BN; ++j) pr[j] = exp2_neg(pr[j] - ml);
+                if (p.threshold > 0) {
+                  // Pd = P∘keep/(1-p) goes to dV; dP = dPd∘keep/(1-p); P itself stays for dS
+                  float* pd = buf.pd + r * BN;
+                  for (int j = 0; j < BN; ++j) {
+                    const bool keep = dropout_keep(p.seed, uint32_t(r0 + r), uint32_t(c0 + j), uint32_t(bh),
+                                                   p.threshold);
+                    pd[j] = keep ? pr[j] * p.drop_scale : 0.0f;
+                    dr[j] = keep ? dr[j] * p.drop_scale : 0.0f;
+                  }
+                }
+#pragma omp simd
+                for (int j = 0; j < BN; ++j) dr[j] = pr[j] * (dr[j] - dl);  // dS = P∘(dP − Δ)
+              }
+              const float* Pd = p.threshold > 0 ? buf.pd : P;
+              gemm_acc(Pd, 1, BN, buf.rows, dv_acc, round4(nc), rows, int(Dp));  // dV += Pdᵀ·dO
+              gemm_acc(dS, 1, BN, buf.q, dk_acc, round4(nc), rows, int(Dp));       // dK += dSᵀ·Q
+              gemm_acc(dS, BN, 1, kb, dq_acc + (g * qtiles * BM + r0) * Dp, rows, BN, int(Dp));  // dQ += dS·K
+              if (dbias) {
+                for (int64_t r = 0; r < nr; ++r)
+                  std::copy(dS + r * BN, dS + r * BN + nc, dbias + (bh * p.LQ + r0 + r) * p.LK + c0);
+              }
+            }
+          }
+        }
+        auto* dkh = static_cast<typename St::T*>(dk) + (bhk * p.LK) * p.D;
+        auto* dvh = static_cast<typename St::T*>(dv) + (bhk * p.LK) * p.D;
+        for (int64_t c = 0; c < std::min<int64_t>(BN, p.LK - c0); ++c)
+          for (int64_t d = 0; d < p.D; ++d) {
+            dkh[(c0 + c) * p.D + d] = St::store(dk_acc[c * Dp + d] * p.scale);
+            dvh[(c0 + c) * p.D + d] = St::store(dv_acc[c * Dp + d]);
+          }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        auto* dqh = static_cast<typename St::T*>(dq) + ((b * p.H + hk * group + g) * p.LQ) * p.D;
+        const float* src = dq_acc + g * qtiles * BM * Dp;
+        for (int64_t r = 0; r < p.LQ; ++r)
+          for (int64_t d = 0; d < p.D; ++d) dqh[r * p.D + d] = St::store(src[r * Dp + d] * p.scale);
+      }
+    }
+  }
+}
+
+Problem make_problem(int64_t B, int64_t H, int64_t HK, int64_t LQ, int64_t LK, int64_t D, Strides3 sq, Strides3 sk,
+                     Strides3 sv, Strides4 sb, int64_t bias, int64_t klen, double scale, int64_t win_l, int64_t win_r,
+                     uint64_t seed, uint64_t threshold, double drop_scale) {
+  return Problem{B,  H,  HK, LQ, LK, D, (D + VW - 1) / VW * VW, sq, sk, sv, sb, reinterpret_cast<const void*>(bias),
+                 reinterpret_cast<const int32_t*>(klen), float(scale), win_l, win_r, seed, threshold,
+                 float(drop_scale)};
+}
+
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: f(std::integral_constant<int, kF32>{}); break;
+    case kBF16: f(std::integral_constant<int, kBF16>{}); break;
+    case kF16: f(std::integral_constant<int, kF16>{}); break;
+    default: throw std::invalid_argument("attention: unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  m.def(
+      "attention_forward",
+      [](int64_t q, int64_t k, int64_t v, int64_t o, int64_t lse, int64_t bias, int64_t klen, int dtype, int64_t B,
+         int64_t H, int64_t HK, int64_t LQ, int64_t LK, int64_t D, Strides3 sq, Strides3 sk, Strides3 sv,
+         Strides3 so, Strides4 sb, double scale, int64_t win_l, int64_t win_r, uint64_t seed, uint64_t threshold,
+         double drop_scale) {
+        const Problem p = make_problem(B, H, HK, LQ, LK, D, sq, sk, sv, sb, bias, klen, scale, win_l, win_r, seed,
+                                       threshold, drop_scale);
+        py::gil_scoped_release release;
+        with_dtype(dtype, [&](auto dt) {
+          forward_impl<decltype(dt)::value>(p, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
+                                            reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o),
+                                            reinterpret_cast<float*>(lse), so);
+        });
+      },
+      "Flash attention forward (see csrc/cpu/attention.cpp); o [B,H,LQ,D] with strides so, lse fp32 [B,H,LQ]");
+  m.def(
+      "attention_backward",
+      [](int64_t dout, Strides3 sdo, int64_t q, int64_t k, int64_t v, int64_t lse, int64_t delta, int64_t dq,
+         int64_t dk, int64_t dv, int64_t dbias, int64_t bias, int64_t klen, int dtype, int64_t B, int64_t H,
+         int64_t HK, int64_t LQ, int64_t LK, int64_t D, Strides3 sq, Strides3 sk, Strides3 sv, Strides4 sb,
+         double scale, int64_t win_l, int64_t win_r, uint64_t seed, uint64_t threshold, double drop_scale) {
+        const Problem p = make_problem(B, H, HK, LQ, LK, D, sq, sk, sv, sb, bias, klen, scale, win_l, win_r, seed,
+                                       threshold, drop_scale);
+        py::gil_scoped_release release;
+        with_dtype(dtype, [&](auto dt) {
+          backward_impl<decltype(dt)::value>(
+              p, reinterpret_cast<const void*>(dout), sdo, reinterpret_cast<const void*>(q),
+              reinterpret_cast<const void*>(k), reinterpret_cast<const void*>(v), reinterpret_cast<const float*>(lse),
+              reinterpret_cast<const float*>(delta), reinterpret_cast<void*>(dq), reinterpret_cast<void*>(dk),
+              reinterpret_cast<void*>(dv), reinterpret_cast<float*>(dbias));
+        });
+      },
+      "Flash attention backward; dq [B,H,LQ,D], dk/dv [B,HK,LK,D] contiguous in the input dtype, dbias fp32 "
+      "[B,H,LQ,LK] or 0");
+}

@@ -1,0 +1,399 @@
+"""Flash attention: O = dropout(softmax(scale·Q·Kᵀ + bias, masked)) · V, forward and backward (issue 4).
+
+Launcher signature shared by every backend (q [B,H,Lq,D], k/v [B,Hk,Lk,D] with H a multiple of Hk, last dim
+contiguous; bias None or a [B,H,Lq,Lk] view of q's dtype, broadcast dimensions of stride 0; klen None or int32 [B]
+keys per batch; window (left, right), -1 = unbounded, key j visible from query i iff i - left <= j <= i + right,
+aligned top-left as torch's is_causal, which is window (-1, 0)):
+  forward(q, k, v, bias, klen, scale, window, dropout_p, seed) -> (o [B,H,Lq,D] q.dtype, lse fp32 [B,H,Lq])
+  backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed) -> (dq, dk, dv, dbias|None)
+lse is the natural-log log-sum-exp of each row's visible scores; a row that sees no key gives o = 0, lse = -inf.
+Dropout keeps element (b, h, i, j) iff Philox4x32-10(key = seed, counter = (j, i, b·H + h, 0))[0] ≥ round(p·2³²)
+(`philox_keep` below): every backend drops the same elements, and backward regenerates them.
+
+Backends
+  reference  plain PyTorch (float64 for float64 inputs, else fp32 math); backward through autograd of the same.
+  triton     kernels/attention.py: FlashAttention-2 forward and two-kernel deterministic backward.
+  cpu        csrc/cpu/attention.cpp: the same tiled algorithm in C++ (OpenMP, vectorised), fp32 and bf16.
+  cuda       not yet written: reported unavailable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from dlcore import _dispatch, _ext
+
+FORWARD, BACKWARD = "attention", "attention_backward"
+for _name in (FORWARD, BACKWARD):
+    _dispatch.define_op(_name, gpu_order=("triton",))
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------------- dropout RNG
+def _mul32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a·m for 32-bit values held in int64 (the product does not fit in int64)."""
+    lo_part, hi_part = (a & 0xFFFF) * m, (a >> 16) * m  # each < 2⁴⁸
+    return (hi_part + (lo_part >> 16)) >> 16, (a * m) & 0xFFFFFFFF  # low word: int64 wrap-around is mod 2⁶⁴
+
+
+def philox_keep(seed: int, batch: int, heads: int, lq: int, lk: int, dropout_p: float,
+                device="cpu") -> torch.Tensor:
+    """The keep mask bool [B, H, Lq, Lk] every backend uses (Philox4x32-10, 10 rounds, first output word)."""
+    j = torch.arange(lk, device=device, dtype=torch.int64)
+    i = torch.arange(lq, device=device, dtype=torch.int64)[:, None]
+    bh = torch.arange(batch * heads, device=device, dtype=torch.int64)[:, None, None]
+    c0, c1, c2 = j + 0 * i + 0 * bh, i + 0 * j + 0 * bh, bh + 0 * i + 0 * j
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        hi_b, lo_b = _mul32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return (c0 >= min(round(dropout_p * 2 ** 32), 2 ** 32)).view(batch, heads, lq, lk)
+
+
+def visible_mask(lq: int, lk: int, window: tuple[int, int], klen: Optional[torch.Tensor],
+                 device="cpu") -> torch.Tensor:
+    """bool [B or 1, 1, Lq, Lk]: which keys each query sees (window and per-batch key lengths)."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    seen = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if window[1] >= 0:
+        seen &= j <= i + window[1]
+    if window[0] >= 0:
+        seen &= j >= i - window[0]
+    seen = seen[None, None]
+    if klen is not None:
+        seen = seen & (j < klen.to(device).long()[:, None, None, None])
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed):
+    b, h, lq, _ = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = (t.to(math_dtype) for t in (q, k, v))
+    k, v = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(math_dtype)
+    s = s.masked_fill(~visible_mask(lq, lk, window, klen, q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])  # empty rows: p = 0
+    if dropout_p > 0:
+        p = p * philox_keep(seed, b, h, lq, lk, dropout_p, q.device) / (1.0 - dropout_p)
+    return p @ v, lse
+
+
+@_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
+    o, lse = _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed)
+    return o.to(q.dtype), lse.float() if q.dtype != torch.float64 else lse
+
+
+@_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        full_bias = bias.detach().clone().requires_grad_(bias_grad) if bias is not None else None
+        out, _ = _reference_math(*leaves, full_bias, klen, scale, window, dropout_p, seed)
+        wrt = leaves + ([full_bias] if bias_grad else [])
+        grads = torch.autograd.grad(out, wrt, do.to(out.dtype), allow_unused=True)
+    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    return dq, dk, dv, (grads[3] if bias_grad else None)
+
+
+# ---------------------------------------------------------------------------------------------------- triton
+@_dispatch.register(FORWARD, "triton", devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float16,
+                    torch.bfloat16), available=_ext.triton_unavailable("attention"))
+def triton_forward(*args):
+    from dlcore.kernels import attention
+
+    return attention.forward(*args)
+
+
+@_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float16,
+                    torch.bfloat16), available=_ext.triton_unavailable("attention"))
+def triton_backward(*args):
+    from dlcore.kernels import attention
+
+    return attention.backward(*args)
+
+
+# ---------------------------------------------------------------------------------------------------- cpu (C++)
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_args(q, k, bias, klen, scale, window, dropout_p, seed):
+    """The arguments after the strides that both C++ entry points share."""
+    b, h, lq, d = q.shape
+    threshold = min(round(dropout_p * 2 ** 32), 2 ** 32) if dropout_p > 0 else 0
+    return ((bias.stride() if bias is not None else (0, 0, 0, 0)), float(scale), int(window[0]), int(window[1]),
+            int(seed), int(threshold), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+
+
+def _sizes(q, k):
+    return (*q.shape[:2], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+
+
+@_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=CPU_DTYPES, available=_ext.cpu_unavailable)
+def cpu_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
+    o = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    bias = bias.to(q.dtype) if bias is not None else None
+    klen = klen.to(torch.int32).contiguous() if klen is not None else None
+    sb, *rest = _cpu_args(q, k, bias, klen, scale, window, dropout_p, seed)
+    _ext.cpu.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                               0 if bias is None else bias.data_ptr(), 0 if klen is None else klen.data_ptr(),
+                               _ext.DTYPE_CODE[q.dtype], *_sizes(q, k), q.stride()[:3], k.stride()[:3],
+                               v.stride()[:3], o.stride()[:3], sb, *rest)
+    return o, lse
+
+
+@_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=CPU_DTYPES, available=_ext.cpu_unavailable)
+def cpu_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed):
+    delta = (do.float() * o.float()).sum(-1)  # Δ = rowsum(dO∘O)
+    lse = lse.float().contiguous()
+    dq, dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype), torch.empty(
+        k.shape, dtype=v.dtype)
+    dbias = torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32) if bias_grad else None
+    bias = bias.to(q.dtype) if bias is not None else None
+    klen = klen.to(torch.int32).contiguous() if klen is not None else None
+    sb, *rest = _cpu_args(q, k, bias, klen, scale, window, dropout_p, seed)
+    _ext.cpu.attention_backward(do.data_ptr(), do.stride()[:3], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                0 if dbias is None else dbias.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                0 if klen is None else klen.data_ptr(), _ext.DTYPE_CODE[q.dtype], *_sizes(q, k),
+                                q.stride()[:3], k.stride()[:3], v.stride()[:3], sb, *rest)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+def _launcher(name: str, q: torch.Tensor, v: torch.Tensor):
+    """The dispatch choice, except that a value head dim unlike the query's (torch allows it) runs the reference
+    unless a backend was asked for by name."""
+    backend, launch = _dispatch.select(name, q.device, q.dtype)
+    if backend != "reference" and v.shape[-1] != q.shape[-1]:
+        if _dispatch.requested_backend() is not None:
+            raise _dispatch.BackendUnavailableError(f"dlcore op {name!r}: backend {backend!r} needs value head dim "
+                                                    f"== query head dim, got {v.shape[-1]} and {q.shape[-1]}")
+        launch = _dispatch.get_op(name).impls["reference"].fn
+    return launch
+
+
+def _dense_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("dlcore::flash_attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                 klen: Optional[torch.Tensor], scale: float, window_left: int, window_right: int, dropout_p: float,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_dense_last(t) for t in (q, k, v))
+    return _launcher(FORWARD, q, v)(q, k, v, bias, klen, scale, (window_left, window_right), dropout_p, seed)
+
+
+@attention_op.register_fake
+def _(q, k, v, bias, klen, scale, window_left, window_right, dropout_p, seed):
+    o = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return o, q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op("dlcore::flash_attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, bias: Optional[torch.Tensor], bias_grad: bool,
+                          klen: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
+                          dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v = (_dense_last(t) for t in (do, q, k, v))
+    dq, dk, dv, dbias = _launcher(BACKWARD, q, v)(do, q, k, v, o, lse, bias, bias_grad, klen, scale,
+                                                  (window_left, window_right), dropout_p, seed)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))  # custom ops return tensors, never None
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window_left, window_right, dropout_p, seed):
+    dbias = q.new_empty(bias.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32) \
+        if bias_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, klen, scale, window_left, window_right, dropout_p, seed = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)  # returned for inspection (varlen API); gradients flow through o only
+    ctx.save_for_backward(q, k, v, o, lse, bias, klen)
+    ctx.conf = (scale, window_left, window_right, dropout_p, seed)
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, bias, klen = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = attention_backward_op(grad_o, q, k, v, o, lse, bias, bias_grad, klen, *ctx.conf)
+    return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None), None, None, None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def _check_qkv(q, k, v, enable_gqa: bool) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"query, key and value must share a dtype: query is {q.dtype}, {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must be at least 3-D (..., heads, length, dim), got shape {tuple(t.shape)}")
+        if t.dim() != q.dim() or t.shape[:-3] != q.shape[:-3]:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match query {tuple(q.shape)} in the batch dims")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}")
+    if k.shape[-2] != v.shape[-2] or k.shape[-3] != v.shape[-3]:
+        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} differ in heads or length")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {max(q.shape[-1], v.shape[-1])} is over the supported maximum {MAX_HEAD_DIM}")
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
+        raise ValueError(f"query has {hq} heads and key/value {hk}: " + (
+            "query heads must be a multiple of key/value heads for GQA" if enable_gqa else
+            "pass enable_gqa=True for grouped-query attention"))
+
+
+def _as_bias(mask, name: str, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """A boolean mask (True = take part) or a float additive mask → an additive bias in q's dtype."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
+    if mask.device != q.device:
+        raise ValueError(f"{name} is on {mask.device} but query is on {q.device}")
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    if mask.dtype != q.dtype:
+        raise TypeError(f"{name} must be bool or query's dtype {q.dtype}, got {mask.dtype}")
+    return mask
+
+
+def _broadcast_bias(bias: torch.Tensor, name: str, full: tuple) -> torch.Tensor:
+    try:
+        return bias.expand(full)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(bias.shape)} does not broadcast to {full}") from None
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """The dropout seed, drawn from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout_p > 0 else 0
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+                                 key_padding_mask: Optional[torch.Tensor] = None,
+                                 window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, computed by a flash kernel (no L×S matrix in memory).
+
+    query (..., Hq, L, E), key (..., Hk, S, E), value (..., Hk, S, Ev); returns (..., Hq, L, Ev) in query's dtype.
+    attn_mask: bool (True = take part) or additive float of query's dtype, broadcastable to (..., Hq, L, S);
+    an additive mask that requires grad gets its gradient. is_causal: query i sees keys j <= i (top-left aligned,
+    as torch, also when L != S); not together with attn_mask. dropout_p: on the attention weights, Philox-seeded
+    from torch's generator (torch.manual_seed reproduces it). enable_gqa: Hq a multiple of Hk.
+    Extensions (keyword only): key_padding_mask (..., S) as torch.nn.MultiheadAttention's (bool True = ignore the
+    key, or additive float); window_size (left, right): query i sees keys i-left..i+right (-1 = unbounded).
+    A query row that sees no key returns zeros (as torch). fp32, fp16, bf16 (fp32 math inside) and float64.
+    """
+    _check_qkv(query, key, value, enable_gqa)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True are exclusive (as in torch): pass one of them")
+    left, right = (int(w) for w in window_size)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    *lead, hq, lq, e = query.shape
+    hk, lk = key.shape[-3], key.shape[-2]
+    batch = math.prod(lead)
+    full = (*lead, hq, lq, lk)
+    bias = _as_bias(attn_mask, "attn_mask", query)
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (*lead, lk):
+            raise ValueError(f"key_padding_mask must have shape {(*lead, lk)}, got {tuple(key_padding_mask.shape)}")
+        pad = _as_bias(~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask,
+                       "key_padding_mask", query)[..., None, None, :]
+        bias = pad if bias is None else bias + pad
+    if bias is not None:
+        bias = _broadcast_bias(bias, "attn_mask", full).reshape(batch, hq, lq, lk)
+    if lq == 0 or lk == 0 or batch == 0 or hq == 0:
+        return query.new_zeros((*lead, hq, lq, value.shape[-1]))
+    scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+    o, _ = attention_op(q, k, v, bias, None, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    return o.reshape(*lead, hq, lq, value.shape[-1])
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
+                           max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), return_lse: bool = False):
+    """Attention over packed variable-length sequences, as FlashAttention's function of that name.
+
+    q (total_q, Hq, E), k/v (total_k, Hk, E) hold the sequences one after another; cu_seqlens_q/k (int, [B+1],
+    starting at 0) their cumulative lengths. Sequence b's queries attend only to sequence b's keys. causal and
+    window_size align top-left within each sequence (query i sees key j <= i), as dlcore's SDPA. GQA when Hq is a
+    multiple of Hk. Returns out (total_q, Hq, E) and, with return_lse, the natural-log log-sum-exp (Hq, total_q)
+    (not differentiable; -inf for a query that sees no key).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (total, heads, dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check_qkv(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), enable_gqa=True)
+    lens = []
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype.is_floating_point or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D integer tensor [batch + 1]")
+        cu = cu.to(q.device, torch.int64)
+        n = cu.diff()
+        if int(cu[0]) != 0 or bool((n < 0).any()) or int(cu[-1]) != total:
+            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}")
+        lens.append(n)
+    if lens[0].numel() != lens[1].numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    len_q, len_k = lens
+    batch = len_q.numel()
+    lq = int(len_q.max()) if max_seqlen_q is None else int(max_seqlen_q)
+    lk = int(len_k.max()) if max_seqlen_k is None else int(max_seqlen_k)
+    if lq < int(len_q.max()) or lk < int(len_k.max()):
+        raise ValueError("max_seqlen_q/max_seqlen_k is smaller than the longest sequence")
+
+    def positions(lengths, total):  # (sequence, position) of every packed row
+        seq = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        return seq, torch.arange(total, device=q.device) - starts[seq]
+
+    def pad(t, where, length):  # packed (total, H, D) → padded [B, H, length, D] (a view with a dense last dim)
+        out = t.new_zeros(batch, length, *t.shape[1:])
+        return out.index_put(where, t).transpose(1, 2)
+
+    where_q, where_k = positions(len_q, q.shape[0]), positions(len_k, k.shape[0])
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if q.shape[0] == 0:
+        out, lse = q.new_zeros((0, q.shape[1], v.shape[-1])), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+        return (out, lse) if return_lse else out
+    o, lse = attention_op(pad(q, where_q, lq), pad(k, where_k, lk), pad(v, where_k, lk), None,
+                          len_k.to(torch.int32), scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    out = o.transpose(1, 2)[where_q]
+    return (out, lse.permute(1, 0, 2)[:, where_q[0], where_q[1]]) if return_lse else out

@@ -1,0 +1,357 @@
+"""Triton flash attention (the `triton` backend of dlcore/ops/attention.py), FlashAttention-2 style.
+
+v1 (shipped):
+- forward: one program per (query block, batch·head); loop over the key blocks the mask can reach (window/causal
+  bounds skip the rest), online softmax in base 2 with fp32 statistics, P·V with P cast to V's dtype (tensor cores
+  on a GPU); saves the natural-log log-sum-exp per row. Rows with no visible key give O = 0 and lse = -inf.
+- backward: Δ = rowsum(dO∘O) is computed by the launcher; kernel 1 (one program per key block and query head)
+  accumulates dK, dV over the query blocks; kernel 2 (one program per query block) accumulates dQ and, when the
+  additive bias needs a gradient, writes dS. Neither uses atomics, so the backward is deterministic. GQA: kernel 1
+  writes per-query-head fp32 partials that the launcher sums over each group.
+- masks: top-left aligned window (key j visible from row i iff i - left <= j <= i + right; causal is right = 0, as
+  torch's is_causal), per-batch key lengths (padding / packed sequences), an additive bias of any broadcast shape
+  (passed as an expanded view: broadcast dimensions have stride 0).
+- dropout: Philox4x32-10 with key = the seed's two 32-bit halves and counter (j, i, b·H + h, 0); an element is kept
+  iff the first output word ≥ threshold = round(p·2³²). Regenerated in backward, never stored; the reference and
+  the C++ twin compute the same words, so all backends drop the same elements.
+
+Formulas (s = scale·q·kᵀ + bias, P = softmax(s), Pd = P∘keep/(1-p), O = Pd·V):
+  dV = Pdᵀ·dO;  dPd = dO·Vᵀ;  dP = dPd∘keep/(1-p);  dS = P∘(dP - Δ) with Δ_i = Σ_j P_ij dP_ij = rowsum(dO∘O);
+  dQ = scale·dS·K;  dK = scale·dSᵀ·Q;  dbias = dS (summed over the bias's broadcast dimensions).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dlcore.kernels._triton import AOTConfig, dual_helper, dual_kernel
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dual_helper
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@dual_helper
+def _sum_combine(a, b):
+    return a + b
+
+
+# tl.max / tl.sum are @triton.jit wrappers in triton 3.9 that the interpreter cannot call from a compiled-mode
+# import; tl.reduce (a builtin) with our own dual-built combine functions runs both ways.
+@dual_helper
+def _dropout_keep(seed, rows, cols, bh, threshold):
+    """Philox4x32-10 keep mask for a [rows × cols] tile (see the module docstring for the counter layout)."""
+    c0 = cols[None, :].to(tl.uint32) + (rows[:, None] * 0).to(tl.uint32)
+    c1 = rows[:, None].to(tl.uint32) + (cols[None, :] * 0).to(tl.uint32)
+    c2 = c0 * 0 + bh.to(tl.uint32)
+    c3 = c0 * 0
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        a0, a2 = c0, c2
+        c0 = tl.umulhi(0xCD9E8D57, a2) ^ c1 ^ k0
+        c2 = tl.umulhi(0xD2511F53, a0) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0.to(tl.int64) >= threshold
+
+
+@dual_helper
+def _scores(q, k, rows, cols, klen, LQ, LK, BIAS, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS: tl.constexpr):
+    """s·log2(e) for a [rows × cols] tile, -inf where the mask hides the key."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    visible = (cols[None, :] < klen) & (rows[:, None] >= 0)
+    if WIN_R >= 0:
+        visible = visible & (cols[None, :] <= rows[:, None] + WIN_R)
+    if WIN_L >= 0:
+        visible = visible & (cols[None, :] >= rows[:, None] - WIN_L)
+    if HAS_BIAS:
+        in_range = (rows[:, None] < LQ) & (cols[None, :] < LK)
+        bias = tl.load(BIAS + rows[:, None] * sbm + cols[None, :] * sbn, mask=in_range, other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(visible, s, float("-inf"))
+
+
+@dual_kernel
+def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
+                             sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, sbn,
+                             H, GROUP, LQ, LK, D, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
+                             HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d[None, :] < D
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=(rows[:, None] < LQ) & dmask,
+                other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    bias_base = BIAS + b * sbb + h * sbh
+    klen = LK
+    if HAS_KLEN:
+        klen = tl.load(KLEN + b)
+    lo = 0
+    hi = klen
+    if WIN_R >= 0:
+        hi = tl.minimum(hi, pid_m * BM + BM + WIN_R)
+    if WIN_L >= 0:
+        lo = tl.maximum(0, pid_m * BM - WIN_L) // BN * BN
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.full([BM], 0.0, tl.float32)
+    acc = tl.full([BM, BD], 0.0, tl.float32)
+    for start_n in range(lo, hi, BN):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < klen) & dmask
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rows, cols, bh, threshold), p * drop_scale, 0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=(rows[:, None] < LQ) & dmask)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + bh * LQ + rows, lse, mask=rows < LQ)
+
+
+@dual_kernel
+def attention_backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KLEN,
+                                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn,
+                                   H, GROUP, LQ, LK, D, scale, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
+                                   HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    cols = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d[None, :] < D
+    klen = LK
+    if HAS_KLEN:
+        klen = tl.load(KLEN + b)
+    kv_mask = (cols[:, None] < klen) & dmask
+    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    bias_base = BIAS + b * sbb + h * sbh
+    lo = 0
+    hi = LQ
+    if WIN_R >= 0:
+        lo = tl.maximum(0, pid_n * BN - WIN_R) // BM * BM
+    if WIN_L >= 0:
+        hi = tl.minimum(hi, pid_n * BN + BN + WIN_L)
+    dk = tl.full([BN, BD], 0.0, tl.float32)
+    dv = tl.full([BN, BD], 0.0, tl.float32)
+    for start_m in range(lo, hi, BM):
+        rows = start_m + offs_m
+        row_mask = rows < LQ
+        q = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :], mask=row_mask[:, None] & dmask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdm + offs_d[None, :], mask=row_mask[:, None] & dmask, other=0.0)
+        lse = tl.load(LSE + bh * LQ + rows, mask=row_mask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = exp(s - inf) = 0
+        delta = tl.load(DELTA + bh * LQ + rows, mask=row_mask, other=0.0)
+        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
+        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows, cols, bh, threshold)
+            pd = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        else:
+            pd = p
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = bh.to(tl.int64) * LK * D + cols[:, None] * D + offs_d[None, :]
+    out_mask = (cols[:, None] < LK) & dmask
+    tl.store(DK + out, dk * scale, mask=out_mask)
+    tl.store(DV + out, dv, mask=out_mask)
+
+
+@dual_kernel
+def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
+                                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn,
+                                 H, GROUP, LQ, LK, D, scale, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
+                                 HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_KLEN: tl.constexpr,
+                                 DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d[None, :] < D
+    row_mask = rows < LQ
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=row_mask[:, None] & dmask,
+                other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + offs_d[None, :], mask=row_mask[:, None] & dmask,
+                 other=0.0)
+    lse = tl.load(LSE + bh * LQ + rows, mask=row_mask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + bh * LQ + rows, mask=row_mask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    bias_base = BIAS + b * sbb + h * sbh
+    klen = LK
+    if HAS_KLEN:
+        klen = tl.load(KLEN + b)
+    lo = 0
+    hi = klen
+    if WIN_R >= 0:
+        hi = tl.minimum(hi, pid_m * BM + BM + WIN_R)
+    if WIN_L >= 0:
+        lo = tl.maximum(0, pid_m * BM - WIN_L) // BN * BN
+    dq = tl.full([BM, BD], 0.0, tl.float32)
+    for start_n in range(lo, hi, BN):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < klen) & dmask
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
+        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, rows, cols, bh, threshold), dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(DBIAS + bh.to(tl.int64) * LQ * LK + rows[:, None] * LK + cols[None, :], ds,
+                     mask=row_mask[:, None] & (cols[None, :] < LK))
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + bh.to(tl.int64) * LQ * D + rows[:, None] * D + offs_d[None, :], dq * scale,
+             mask=row_mask[:, None] & dmask)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+def _blocks(d: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, num_warps) for head dim d: the shipped per-head-dim table on a GPU (each entry compiled for
+    sm_90 without spills by tests/test_static_gpu.py), large tiles for the interpreter (its cost is per program)."""
+    bd = max(16, triton.next_power_of_2(d))
+    if not on_gpu:
+        return 64, 64, bd, 4
+    return GPU_TABLE[bd]
+
+
+# head-dim class → (BM, BN, BD, num_warps); BD = head dim rounded up to a power of two (80, 96 → 128; 192 → 256)
+GPU_TABLE = {16: (128, 64, 16, 4), 32: (128, 64, 32, 4), 64: (128, 64, 64, 4), 128: (128, 64, 128, 8),
+             256: (64, 32, 256, 8)}
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q, k, bias, klen, scale, window, dropout_p, seed):
+    b, h, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    threshold = min(int(round(dropout_p * 2 ** 32)), 2 ** 32)
+    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
+    args = dict(H=h, GROUP=h // hk, LQ=lq, LK=lk, D=d, WIN_L=window[0], WIN_R=window[1], seed=seed,
+                threshold=threshold, drop_scale=drop_scale, scale_log2=scale * LOG2E,
+                HAS_BIAS=bias is not None, HAS_KLEN=klen is not None, DROPOUT=dropout_p > 0)
+    return args, bias_strides
+
+
+def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_p: float, seed: int):
+    """q [B,H,Lq,D], k/v [B,Hk,Lk,D] (last dim contiguous), bias None or a [B,H,Lq,Lk] view, klen None or int32 [B].
+    Returns (o [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq])."""
+    b, h, lq, d = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    bm, bn, bd, warps = _blocks(d, q.is_cuda)
+    args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
+    attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse,
+                                    q if bias is None else bias, q if klen is None else klen,
+                                    *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
+                                    BM=bm, BN=bn, BD=bd, num_warps=warps, **args)
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dropout_p, seed):
+    """Gradients (dq, dk, dv, dbias_full or None); dbias_full is dS as fp32 [B,H,Lq,Lk]."""
+    b, h, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    delta = (do.float() * o.float()).sum(-1)  # Δ = rowsum(dO∘O), fp32 [B,H,Lq]
+    dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
+    dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
+    # zeros: blocks the window or key lengths skip are never written
+    dbias = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) if bias_grad else None
+    bm, bn, bd, warps = _blocks(d, q.is_cuda)
+    args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *sb)
+    bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
+    attention_backward_dkdv_kernel.launch((triton.cdiv(lk, bn), b * h), q.device, q, k, v, do, lse, delta, dk, dv,
+                                          bias_arg, klen_arg, *common, scale=scale, BM=bm, BN=bn, BD=bd,
+                                          num_warps=warps, **args)
+    attention_backward_dq_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, do, lse, delta, dq,
+                                        q if dbias is None else dbias, bias_arg, klen_arg, *common, scale=scale,
+                                        BIAS_GRAD=bias_grad, BM=bm, BN=bn, BD=bd, num_warps=warps, **args)
+    if hk != h:  # GQA: each kv head's gradient is the sum over its group of query heads
+        dk, dv = (t.view(b, hk, h // hk, lk, d).sum(2) for t in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+# ---------------------------------------------------------------------------------------------------- AOT configs
+def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
+    import inspect
+
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in ("scale", "scale_log2", "drop_scale"):
+            sig[name] = "fp32"
+        elif name in ("seed", "threshold"):
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _aot_configs():
+    configs = []
+    for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
+        for bd, (bm, bn, _, warps) in GPU_TABLE.items():
+            flags = dict(HAS_BIAS=True, HAS_KLEN=True, DROPOUT=True, BM=bm, BN=bn, BD=bd)
+            io = {n: ptr for n in ("Q", "K", "V", "O", "DO", "BIAS")}
+            stats = {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32",
+                     "DBIAS": "*fp32", "KLEN": "*i32"}
+            for kernel, extra in ((attention_forward_kernel, {}), (attention_backward_dkdv_kernel, {}),
+                                  (attention_backward_dq_kernel, {"BIAS_GRAD": True})):
+                constexprs = {**flags, **extra}
+                configs.append(AOTConfig(kernel, _signature(kernel, {**io, **stats}, constexprs), constexprs,
+                                         num_warps=warps, num_stages=2,
+                                         label=f"{kernel.__name__} {ptr[1:]} d{bd} {bm}x{bn} w{warps}"))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
