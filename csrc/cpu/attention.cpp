@@ -30,7 +30,7 @@ constexpr int BM = 64;  // query rows per tile
 constexpr int BN = 64;  // keys per tile
 constexpr int VW = 16;  // floats per vector
 typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));  // unaligned access
+typedef int32_t vi __attribute__((vector_size(64)));
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -73,6 +73,56 @@ inline float exp2_neg(float x) {
   p = p * f + 1.0f;
   const float scale = bits_f32(uint32_t(int32_t(n) + 127) << 23);
   return x < -126.0f ? 0.0f : p * scale;
+}
+
+// The same, 16 lanes at a time (GCC picks 256-bit vectors for auto-vectorised loops on this CPU; 512 is faster).
+inline vf exp2v(vf x) {
+  const vf lowest = vf{} - 126.0f;
+  const vf xc = x < lowest ? lowest : x;
+  const vf n = (xc + 12582912.0f) - 12582912.0f;
+  const vf f = (xc - n) * kLn2;
+  vf p = vf{} + 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return x < lowest ? vf{} : p * reinterpret_cast<const vf&>(bits);
+}
+
+// One score row of BN values (aligned): row ← 2^(row − shift), returning the row's sum as 16 lane partials
+// (reduced once per row at the end, not per tile).
+inline vf exp2_row(float* row, float shift) {
+  vf* v = reinterpret_cast<vf*>(row);
+  vf sum = {};
+#pragma GCC unroll 4
+  for (int c = 0; c < BN / VW; ++c) {
+    v[c] = exp2v(v[c] - shift);
+    sum += v[c];
+  }
+  return sum;
+}
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// max(init, row[0..BN)) by a shuffle tree
+inline float max_row(const float* row, float init) {
+  const vf* v = reinterpret_cast<const vf*>(row);
+  vf m = vmax(vmax(v[0], v[1]), vmax(v[2], v[3]));
+  m = vmax(m, __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  m = vmax(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  m = vmax(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  m = vmax(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return std::max(init, m[0]);
+}
+
+inline float sum_lanes(vf v) {
+  float total = 0.0f;
+  for (int l = 0; l < VW; ++l) total += v[l];
+  return total;
 }
 
 // Philox4x32-10 with counter (j, i, bh, 0) and key (seed_lo, seed_hi): keep iff the first word ≥ threshold.
@@ -143,17 +193,17 @@ void gemm_acc(const float* A, int64_t sam, int64_t san, const float* Bm, float* 
 
 inline int round4(int64_t n) { return int((n + 3) & ~int64_t(3)); }
 
-// Pack rows [r0, r0+n) of one head (row stride rs) into dst[BM or BN][Dp] (fp32, zero-padded), optionally × mul.
+// Pack rows [r0, r0+n) of one head (row stride rs) into dst[BM or BN][Dp] (fp32, zero-padded), times mul.
 template <int DT>
 void pack_rows(const void* base, int64_t rs, int64_t r0, int64_t n, int64_t D, int64_t Dp, int rows_out,
-               float* dst) {
+               float* dst, float mul = 1.0f) {
   using S = Storage<DT>;
   const auto* src = reinterpret_cast<const typename S::T*>(base);
   for (int r = 0; r < rows_out; ++r) {
     float* out = dst + r * Dp;
     if (r < n) {
       const auto* row = src + (r0 + r) * rs;
-      for (int64_t d = 0; d < D; ++d) out[d] = S::load(row[d]);
+      for (int64_t d = 0; d < D; ++d) out[d] = S::load(row[d]) * mul;
       for (int64_t d = D; d < Dp; ++d) out[d] = 0.0f;
     } else {
       std::fill(out, out + Dp, 0.0f);
@@ -173,13 +223,16 @@ void pack_cols(const void* base, int64_t rs, int64_t c0, int64_t n, int64_t D, i
   }
 }
 
-// Scores of one tile in log2 units: S ← S·scale·log2e + bias·log2e, -inf where hidden. Returns nothing; rows and
-// cols beyond the problem are hidden too.
+// Scores of one tile in log2 units: S ← S·scale·log2e + bias·log2e, -inf where hidden (rows and cols beyond the
+// problem too). `prescaled`: Q was packed already multiplied by scale·log2e (the forward), so only bias and masks.
 template <int DT>
 void mask_scores(const Problem& p, float* S, int64_t b, int64_t h, int64_t r0, int64_t nr, int64_t c0,
-                 int64_t klen) {
+                 int64_t klen, bool prescaled = false) {
   using St = Storage<DT>;
-  const float scale_log2 = p.scale * kLog2e;
+  const float scale_log2 = prescaled ? 1.0f : p.scale * kLog2e;
+  const bool interior = nr == BM && c0 + BN <= klen && (p.win_r < 0 || c0 + BN - 1 <= r0 + p.win_r) &&
+                        (p.win_l < 0 || c0 >= r0 + BM - 1 - p.win_l);
+  if (prescaled && interior && !p.bias) return;  // every score visible, nothing to add
   const auto* bias = reinterpret_cast<const typename St::T*>(p.bias);
   for (int r = 0; r < BM; ++r) {
     float* row = S + r * BN;
@@ -193,7 +246,7 @@ void mask_scores(const Problem& p, float* S, int64_t b, int64_t h, int64_t r0, i
     if (bias) {
       const auto* brow = bias + b * p.sb[0] + h * p.sb[1] + i * p.sb[2] + c0 * p.sb[3];
       for (int j = jlo; j < jhi; ++j) row[j] = row[j] * scale_log2 + St::load(brow[j * p.sb[3]]) * kLog2e;
-    } else {
+    } else if (!prescaled) {
 #pragma omp simd
       for (int j = jlo; j < jhi; ++j) row[j] *= scale_log2;
     }
@@ -222,64 +275,73 @@ template <int DT>
 void forward_impl(const Problem& p, const void* q, const void* k, const void* v, void* o, float* lse,
                   const Strides3& so) {
   using St = Storage<DT>;
-  const int64_t tiles = (p.LQ + BM - 1) / BM, group = p.H / p.HK;
+  const int64_t tiles = (p.LQ + BM - 1) / BM, ktiles = (p.LK + BN - 1) / BN, group = p.H / p.HK;
+  const int64_t tile_floats = BN * p.Dp;
+  // Every key tile is packed once (Kᵀ as [Dp][BN], V as [BN][Dp], fp32) and then read by all query tiles.
+  std::vector<vf> kt_store(size_t(p.B * p.HK * ktiles * tile_floats / VW)), v_store(kt_store.size());
+  float* kt_all = reinterpret_cast<float*>(kt_store.data());
+  float* v_all = reinterpret_cast<float*>(v_store.data());
 #pragma omp parallel
   {
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t bhk = 0; bhk < p.B * p.HK; ++bhk)
+      for (int64_t t = 0; t < ktiles; ++t) {
+        const int64_t b = bhk / p.HK, hk = bhk % p.HK, c0 = t * BN;
+        const int64_t nc = std::max<int64_t>(0, std::min<int64_t>(BN, p.key_len(b) - c0));
+        const auto* kh = static_cast<const typename St::T*>(k) + b * p.sk[0] + hk * p.sk[1];
+        const auto* vh = static_cast<const typename St::T*>(v) + b * p.sv[0] + hk * p.sv[1];
+        float* kt = kt_all + (bhk * ktiles + t) * tile_floats;
+        pack_cols<DT>(kh, p.sk[2], c0, nc, p.D, p.Dp, kt);
+        pack_rows<DT>(vh, p.sv[2], c0, nc, p.D, p.Dp, BN, v_all + (bhk * ktiles + t) * tile_floats);
+      }
     Buffers buf(p.Dp);
-    float m_i[BM], l_i[BM];
+    float m_i[BM];
+    vf l_i[BM];  // row sums as lane partials
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t bh = 0; bh < p.B * p.H; ++bh)
       for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t b = bh / p.H, h = bh % p.H, hk = h / group;
+        const int64_t b = bh / p.H, h = bh % p.H, bhk = b * p.HK + h / group;
         const int64_t r0 = t * BM, nr = std::min<int64_t>(BM, p.LQ - r0);
         const int rows = round4(nr);
         const auto* qh = static_cast<const typename St::T*>(q) + b * p.sq[0] + h * p.sq[1];
-        const auto* kh = static_cast<const typename St::T*>(k) + b * p.sk[0] + hk * p.sk[1];
-        const auto* vh = static_cast<const typename St::T*>(v) + b * p.sv[0] + hk * p.sv[1];
-        pack_rows<DT>(qh, p.sq[2], r0, nr, p.D, p.Dp, rows, buf.q);
+        pack_rows<DT>(qh, p.sq[2], r0, nr, p.D, p.Dp, rows, buf.q, p.scale * kLog2e);
         std::fill(buf.acc, buf.acc + BM * p.Dp, 0.0f);
         std::fill(m_i, m_i + BM, kNegInf);
-        std::fill(l_i, l_i + BM, 0.0f);
+        std::fill(l_i, l_i + BM, vf{});
         const int64_t klen = p.key_len(b);
         int64_t lo, hi;
         p.key_range(r0, r0 + nr, b, lo, hi);
         for (int64_t c0 = lo / BN * BN; c0 < hi; c0 += BN) {
-          const int64_t nc = std::min<int64_t>(BN, klen - c0);
-          pack_cols<DT>(kh, p.sk[2], c0, nc, p.D, p.Dp, buf.kt);
-          pack_rows<DT>(vh, p.sv[2], c0, nc, p.D, p.Dp, BN, buf.vb);
-          gemm_abt(buf.q, buf.kt, buf.s, rows, int(p.Dp));
-          mask_scores<DT>(p, buf.s, b, h, r0, nr, c0, klen);
+          const float* kt = kt_all + (bhk * ktiles + c0 / BN) * tile_floats;
+          const float* vb = v_all + (bhk * ktiles + c0 / BN) * tile_floats;
+          gemm_abt(buf.q, kt, buf.s, rows, int(p.Dp));
+          mask_scores<DT>(p, buf.s, b, h, r0, nr, c0, klen, true);
           for (int r = 0; r < rows; ++r) {
             float* s = buf.s + r * BN;
-            float mx = m_i[r];
-            for (int j = 0; j < BN; ++j) mx = std::max(mx, s[j]);
+            const float mx = max_row(s, m_i[r]);
             const float ms = mx == kNegInf ? 0.0f : mx;
             const float alpha = exp2_neg(m_i[r] - ms);
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < BN; ++j) {
-              s[j] = exp2_neg(s[j] - ms);
-              sum += s[j];
-            }
-            l_i[r] = l_i[r] * alpha + sum;
+            l_i[r] = l_i[r] * alpha + exp2_row(s, ms);
             m_i[r] = mx;
             if (p.threshold > 0) {
               for (int j = 0; j < BN; ++j)
                 s[j] = dropout_keep(p.seed, uint32_t(r0 + r), uint32_t(c0 + j), uint32_t(bh), p.threshold)
                            ? s[j] * p.drop_scale : 0.0f;
             }
-            float* a = buf.acc + r * p.Dp;
-#pragma omp simd
-            for (int64_t d = 0; d < p.Dp; ++d) a[d] *= alpha;
+            if (alpha != 1.0f) {
+              vf* a = reinterpret_cast<vf*>(buf.acc + r * p.Dp);
+              for (int64_t c = 0; c < p.Dp / VW; ++c) a[c] *= alpha;
+            }
           }
-          gemm_acc(buf.s, BN, 1, buf.vb, buf.acc, rows, BN, int(p.Dp));
+          gemm_acc(buf.s, BN, 1, vb, buf.acc, rows, BN, int(p.Dp));
         }
         auto* oh = static_cast<typename St::T*>(o) + b * so[0] + h * so[1];
         for (int r = 0; r < nr; ++r) {
-          const float inv = l_i[r] > 0 ? 1.0f / l_i[r] : 0.0f;
+          const float l = sum_lanes(l_i[r]);
+          const float inv = l > 0 ? 1.0f / l : 0.0f;
           auto* orow = oh + (r0 + r) * so[2];
           for (int64_t d = 0; d < p.D; ++d) orow[d] = St::store(buf.acc[r * p.Dp + d] * inv);
-          lse[bh * p.LQ + r0 + r] = l_i[r] > 0 ? (m_i[r] + std::log2(l_i[r])) * kLn2 : kNegInf;
+          lse[bh * p.LQ + r0 + r] = l > 0 ? (m_i[r] + std::log2(l)) * kLn2 : kNegInf;
         }
       }
   }
@@ -345,8 +407,7 @@ void backward_impl(const Problem& p, const void* dout, const Strides3& sdo, cons
                 float* pr = P + r * BN;
                 float* dr = dS + r * BN;
                 const float ml = row_lse[r], dl = row_delta[r];
-#pragma omp simd
-                for (int j = 0; j < BN; ++j) pr[j] = exp2_neg(pr[j] - ml);
+                exp2_row(pr, ml);
                 if (p.threshold > 0) {
                   // Pd = P∘keep/(1-p) goes to dV; dP = dPd∘keep/(1-p); P itself stays for dS
                   float* pd = buf.pd + r * BN;

@@ -7,7 +7,8 @@ import importlib
 
 from dlcore.bench.harness import DLCORE, Case, Result, run_case  # noqa: F401
 
-CASE_MODULES = {"adam": "dlcore.bench.adam", "replay": "dlcore.bench.replay", "conv_relu": "dlcore.bench.conv_relu"}
+CASE_MODULES = {"adam": "dlcore.bench.adam", "replay": "dlcore.bench.replay", "conv_relu": "dlcore.bench.conv_relu",
+                "attention": "dlcore.bench.attention"}
 
 
 def all_cases(device: str, ops=None, quick: bool = False) -> list[Case]:

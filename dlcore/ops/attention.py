@@ -73,10 +73,13 @@ def visible_mask(lq: int, lk: int, window: tuple[int, int], klen: Optional[torch
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed):
+def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed, math_dtype=None):
+    """(o, lse) in `math_dtype` (default: float64 for float64 inputs, else fp32). Tests also run it in the input's
+    low precision, as the error baseline a kernel must stay within 2× of."""
     b, h, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
-    math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if math_dtype is None:
+        math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = (t.to(math_dtype) for t in (q, k, v))
     k, v = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
     s = (q @ k.transpose(-1, -2)) * scale
@@ -86,7 +89,7 @@ def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])  # empty rows: p = 0
     if dropout_p > 0:
-        p = p * philox_keep(seed, b, h, lq, lk, dropout_p, q.device) / (1.0 - dropout_p)
+        p = p * philox_keep(seed, b, h, lq, lk, dropout_p, q.device) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
     return p @ v, lse
 
 
@@ -98,14 +101,33 @@ def reference_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
 
 @_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
 def reference_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        full_bias = bias.detach().clone().requires_grad_(bias_grad) if bias is not None else None
-        out, _ = _reference_math(*leaves, full_bias, klen, scale, window, dropout_p, seed)
-        wrt = leaves + ([full_bias] if bias_grad else [])
-        grads = torch.autograd.grad(out, wrt, do.to(out.dtype), allow_unused=True)
-    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    return dq, dk, dv, (grads[3] if bias_grad else None)
+    # Explicit formulas (custom ops run below autograd, so no autograd.grad here); the module docstring of
+    # kernels/attention.py derives them. Tests check them against autograd of the reference forward.
+    b, h, lq, _ = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qm, dom = q.to(math_dtype), do.to(math_dtype)
+    km, vm = (t.to(math_dtype).repeat_interleave(h // hk, dim=1) for t in (k, v))
+    s = (qm @ km.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(math_dtype)
+    s = s.masked_fill(~visible_mask(lq, lk, window, klen, q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])
+    dp = dom @ vm.transpose(-1, -2)                      # dPd = dO·Vᵀ
+    if dropout_p > 0:
+        keep = philox_keep(seed, b, h, lq, lk, dropout_p, q.device) * (1.0 / (1.0 - dropout_p) if dropout_p < 1
+                                                                        else 0.0)
+        pd, dp = p * keep, dp * keep                     # Pd = P∘keep/(1-p), dP = dPd∘keep/(1-p)
+    else:
+        pd = p
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))       # dS = P∘(dP − Δ), Δ = rowsum(P∘dP)
+    dq = (ds @ km) * scale
+    dk = (ds.transpose(-1, -2) @ qm) * scale
+    dv = pd.transpose(-1, -2) @ dom
+    if hk != h:
+        dk, dv = (t.view(b, hk, h // hk, lk, -1).sum(2) for t in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (ds if bias_grad else None)
 
 
 # ---------------------------------------------------------------------------------------------------- triton

@@ -1,0 +1,264 @@
+"""Flash attention (dlcore/ops/attention.py): every backend against a float64 reference (fp32 close; fp16/bf16 within
+2× the low-precision reference's own error), masks, windows, key lengths, GQA, Philox dropout, every gradient
+(the additive bias's included); the public SDPA against torch's; varlen; MultiheadAttention against torch's;
+gradcheck, opcheck, torch.compile; bad input."""
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlcore
+from dlcore.functional import flash_attn_varlen_func, scaled_dot_product_attention
+from dlcore.ops import attention as A
+from dlcore.testing import backend_device_pairs
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
+LOW = (torch.float16, torch.bfloat16)
+
+# (B, H, Hk, Lq, Lk, D, window, bias, klen, dropout_p): odd lengths, Lq ≠ Lk, GQA, head dims 16..192 incl. 80
+CASES = [
+    (1, 2, 2, 17, 33, 16, (-1, -1), False, False, 0.0),
+    (2, 4, 2, 70, 129, 80, (-1, 0), True, True, 0.0),   # causal + bias + key lengths + GQA
+    (1, 2, 1, 129, 65, 64, (5, 3), False, False, 0.3),   # sliding window + MQA + dropout
+    (2, 2, 2, 1, 100, 32, (-1, -1), True, False, 0.2),   # one query row, bias + dropout
+    (1, 1, 1, 7, 1, 96, (-1, 0), False, False, 0.0),     # one key: rows past it still see key 0
+    (1, 3, 3, 40, 40, 192, (0, -1), False, True, 0.0),   # anti-causal window, key lengths
+]
+
+
+def _backend_cases():
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for backend, device in backend_device_pairs(A.FORWARD, dtype):
+            if backend != "reference" or dtype == torch.float32:
+                out.append((backend, device, dtype))
+    return out
+
+
+def _inputs(case, dtype, device, gen):
+    b, h, hk, lq, lk, d, window, bias, klen, p = case
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+               for shape in ((b, h, lq, d), (b, hk, lk, d), (b, hk, lk, d)))
+    bias_t = (torch.randn(b, 1, lq, lk, generator=gen, dtype=torch.float64).to(device).expand(b, h, lq, lk)
+              if bias else None)
+    klen_t = torch.randint(0, lk + 1, (b,), generator=gen).to(device, torch.int32) if klen else None
+    return q, k, v, bias_t, klen_t, 1.0 / math.sqrt(d), window, p, int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+def _grads(q, k, v, bias, klen, scale, window, p, seed, math_dtype, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    full_bias = bias.detach().clone().requires_grad_() if bias is not None else None
+    o, lse = A._reference_math(*leaves, full_bias, klen, scale, window, p, seed, math_dtype=math_dtype)
+    wrt = leaves + ([full_bias] if bias is not None else [])
+    return [o, lse] + list(torch.autograd.grad(o, wrt, dout.to(o.dtype)))
+
+
+@pytest.mark.parametrize("backend,device,dtype", _backend_cases())
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_backend_matches_float64_reference(backend, device, dtype, case):
+    if backend == "triton" and device == "cpu" and case[5] == 192 and dtype != torch.float32:
+        pytest.skip("interpreter time: d192 runs in fp32 only")
+    gen = torch.Generator().manual_seed(SEED + sum(map(hash, map(str, case))) % 1000)
+    q, k, v, bias, klen, scale, window, p, seed = _inputs(case, dtype, device, gen)
+    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (q, k, v, bias)]
+    q_l, k_l, v_l, bias_l = low
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(device)
+    exact = _grads(*(t.to(dtype).double() if t is not None and t.is_floating_point() else t for t in (q, k, v, bias)),
+                   klen, scale, window, p, seed, torch.float64, dout.to(dtype).double())
+    with dlcore.use_backend(backend):
+        o, lse = A.attention_op(q_l, k_l, v_l, None if bias_l is None else bias_l, klen, scale, *window, p, seed)
+        o_poison = o.clone()
+        grads = A.attention_backward_op(dout.to(dtype), q_l, k_l, v_l, o, lse, bias_l, bias is not None, klen, scale,
+                                        *window, p, seed)
+    assert torch.equal(o, o_poison), "backward wrote into the forward's output"
+    got = [o, lse] + list(grads[:3]) + ([grads[3]] if bias is not None else [])
+    names = ["o", "lse", "dq", "dk", "dv", "dbias"]
+    if dtype == torch.float32:
+        for name, g, e in zip(names, got, exact):
+            finite = torch.isfinite(e)
+            assert torch.equal(torch.isfinite(g), finite), name
+            torch.testing.assert_close(g.double()[finite], e[finite], atol=2e-5, rtol=1e-4, msg=name)
+        return
+    # the FlashAttention criterion: error ≤ 2× the error of the same math done in the low dtype
+    baseline = _grads(*low, klen, scale, window, p, seed, dtype, dout.to(dtype))
+    for name, g, e, base in zip(names, got, exact, baseline):
+        finite = torch.isfinite(e)
+        err = (g.double() - e)[finite].abs().max().item() if finite.any() else 0.0
+        base_err = (base.double() - e)[finite].abs().max().item() if finite.any() else 0.0
+        assert err <= 2 * base_err + 1e-5, f"{name}: error {err:.3g} vs low-precision reference {base_err:.3g}"
+
+
+def test_dropout_mask_is_philox_and_statistics_are_right():
+    keep = A.philox_keep(12345, 2, 3, 64, 96, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    assert torch.equal(keep, A.philox_keep(12345, 2, 3, 64, 96, 0.3))
+    assert not torch.equal(keep, A.philox_keep(12346, 2, 3, 64, 96, 0.3))
+    # known answer: Philox4x32-10 of counter 0, key 0 (Salmon et al.'s test vector, first word 0x6627e8d5)
+    k0 = A.philox_keep(0, 1, 1, 1, 1, 0x6627E8D5 / 2**32)
+    k1 = A.philox_keep(0, 1, 1, 1, 1, (0x6627E8D5 + 1) / 2**32)
+    assert bool(k0) and not bool(k1)
+
+
+@pytest.mark.parametrize("backend", [b for b, d in backend_device_pairs(A.FORWARD, torch.float32) if d == "cpu"])
+def test_dropout_reproducible_and_unbiased(backend):
+    q = torch.randn(1, 2, 64, 32)
+    k, v = torch.randn(1, 2, 64, 32), torch.ones(1, 2, 64, 32)
+    with dlcore.use_backend(backend):
+        torch.manual_seed(SEED)
+        a = scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+        torch.manual_seed(SEED)
+        b = scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+        c = scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+        one = scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(a.mean().item() - 1.0) < 0.05  # with V = 1 the output is Σ kept P/(1-p): mean 1
+    assert torch.equal(one, torch.zeros_like(one))
+
+
+def _torch_pair(shape_q, shape_kv, dtype=torch.float64, gen=None):
+    q = torch.randn(shape_q, generator=gen, dtype=dtype, requires_grad=True)
+    k = torch.randn(shape_kv, generator=gen, dtype=dtype, requires_grad=True)
+    v = torch.randn(shape_kv, generator=gen, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(is_causal=True), dict(scale=0.3), dict(mask="bool"),
+                                    dict(mask="float"), dict(mask="bool_rows_empty"), dict(gqa=True),
+                                    dict(is_causal=True, gqa=True)])
+@pytest.mark.parametrize("lengths", [(17, 17), (9, 31), (31, 9)])
+def test_sdpa_matches_torch(kwargs, lengths):
+    gen = torch.Generator().manual_seed(SEED)
+    lq, lk = lengths
+    hk = 2 if kwargs.get("gqa") else 4
+    q, k, v = _torch_pair((2, 4, lq, 24), (2, hk, lk, 24), gen=gen)
+    mask = None
+    if kwargs.get("mask") == "bool":
+        mask = torch.rand(lq, lk, generator=gen) > 0.3
+    elif kwargs.get("mask") == "bool_rows_empty":
+        mask = torch.rand(2, 1, lq, lk, generator=gen) > 0.3
+        mask[:, :, 0] = False  # a row that sees nothing: zeros, as torch
+    elif kwargs.get("mask") == "float":
+        mask = torch.randn(4, lq, lk, generator=gen, dtype=torch.float64, requires_grad=True)
+    extra = dict(is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale"),
+                 enable_gqa=bool(kwargs.get("gqa")))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
+    got = scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
+    torch.testing.assert_close(got, expected)
+    wrt = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    g_out = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, wrt, g_out), torch.autograd.grad(expected, wrt, g_out)):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdpa_fp32_default_backend_matches_torch_with_key_padding_and_3d_input():
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(3, 129, 64, generator=gen) for _ in range(3))  # 3-D: (heads, L, E)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-4)
+    q, k, v = (torch.randn(2, 4, 33, 64, generator=gen) for _ in range(3))
+    pad = torch.zeros(2, 33, dtype=torch.bool)
+    pad[0, 20:] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :])
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, key_padding_mask=pad), expected, atol=2e-5,
+                               rtol=1e-4)
+
+
+def test_gradcheck_reference_grade():
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = _torch_pair((1, 2, 5, 8), (1, 1, 6, 8), gen=gen)
+    bias = torch.randn(1, 1, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    with dlcore.use_backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda *t: scaled_dot_product_attention(*t[:3], attn_mask=t[3], enable_gqa=True), (q, k, v, bias))
+
+
+def test_varlen_matches_per_sequence_attention():
+    gen = torch.Generator().manual_seed(SEED)
+    lens_q, lens_k = [5, 1, 17], [7, 3, 17]
+    cu_q = torch.tensor([0] + lens_q).cumsum(0)
+    cu_k = torch.tensor([0] + lens_k).cumsum(0)
+    q = torch.randn(sum(lens_q), 4, 32, generator=gen, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True)
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    for i in range(3):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ks, vs = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1) for t in (k, v))
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], ref, atol=2e-5, rtol=1e-4)
+        s = (qs @ ks.repeat_interleave(2, 0).transpose(1, 2)) / math.sqrt(32)
+        s = s.masked_fill(~torch.ones(s.shape[1:], dtype=torch.bool).tril(), float("-inf"))
+        torch.testing.assert_close(lse[:, cu_q[i]:cu_q[i + 1]], torch.logsumexp(s, -1), atol=2e-5, rtol=1e-4)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_multihead_attention_matches_torch(batch_first, cross):
+    torch.manual_seed(SEED)
+    kw = dict(kdim=12, vdim=20) if cross else {}
+    stock = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first, **kw)
+    ours = dlcore.nn.MultiheadAttention(32, 4, batch_first=batch_first, **kw)
+    ours.load_state_dict(stock.state_dict())
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    n, lq, lk = 3, 11, (7 if cross else 11)
+    shape = (lambda l, e: (n, l, e)) if batch_first else (lambda l, e: (l, n, e))
+    x = torch.randn(shape(lq, 32), requires_grad=True)
+    kv_k = torch.randn(shape(lk, 12 if cross else 32)) if cross else x
+    kv_v = torch.randn(shape(lk, 20 if cross else 32)) if cross else x
+    pad = torch.zeros(n, lk, dtype=torch.bool)
+    pad[1, -3:] = True
+    causal = None if cross else torch.nn.Transformer.generate_square_subsequent_mask(lq)
+    expected, _ = stock(x, kv_k, kv_v, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+    got, weights = ours(x, kv_k, kv_v, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(expected)
+    params = [p for p in ours.parameters()]
+    ga = torch.autograd.grad(got, [x] + params, g)
+    gb = torch.autograd.grad(expected, [x] + list(stock.parameters()), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 9, 9, generator=gen, requires_grad=True)
+    torch.library.opcheck(A.attention_op, (q, k, v, bias, None, 0.25, -1, 0, 0.0, 0))
+    compiled = torch.compile(lambda a, b, c: scaled_dot_product_attention(a, b, c, is_causal=True), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_bad_input_is_named():
+    q = torch.randn(1, 6, 8, 16)
+    kv = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        scaled_dot_product_attention(q, kv, kv)
+    big = torch.randn(1, 1, 4, 300)
+    with pytest.raises(ValueError, match="head dim 300"):
+        scaled_dot_product_attention(big, big, big)
+    x = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="attn_mask"):
+        scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="share a dtype"):
+        scaled_dot_product_attention(x, x.double(), x)
+    with pytest.raises(TypeError, match="attn_mask"):
+        scaled_dot_product_attention(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="exclusive"):
+        scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        scaled_dot_product_attention(x, x, x, dropout_p=1.5)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        scaled_dot_product_attention(x, x, x, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        t = torch.randn(5, 2, 16)
+        flash_attn_varlen_func(t, t, t, torch.tensor([0, 4]), torch.tensor([0, 5]))
+    empty = torch.randn(1, 2, 0, 16)
+    assert scaled_dot_product_attention(empty, x, x).shape == (1, 2, 0, 16)
