@@ -248,18 +248,28 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def _blocks(d: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(BM, BN, BD, num_warps) for head dim d: the shipped per-head-dim table on a GPU (each entry compiled for
-    sm_90 without spills by tests/test_static_gpu.py), large tiles for the interpreter (its cost is per program)."""
+def _blocks(d: int, heavy: bool, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, num_warps) for head dim d: the shipped table on a GPU (each entry compiled for sm_90 without
+    spills by tests/test_static_gpu.py), large tiles for the interpreter (its cost is per program)."""
     bd = max(16, triton.next_power_of_2(d))
     if not on_gpu:
         return 64, 64, bd, 4
-    return GPU_TABLE[bd]
+    bm, bn, warps = GPU_TABLE[(bd, heavy)]
+    return bm, bn, bd, warps
 
 
-# head-dim class → (BM, BN, BD, num_warps); BD = head dim rounded up to a power of two (80, 96 → 128; 192 → 256)
-GPU_TABLE = {16: (128, 64, 16, 4), 32: (128, 64, 32, 4), 64: (128, 64, 64, 4), 128: (128, 64, 128, 8),
-             256: (64, 32, 256, 8)}
+# (head-dim class, heavy) → (BM, BN, num_warps). BD = head dim rounded up to a power of two (80, 96 → 128;
+# 192 → 256); "heavy" = an additive bias, key lengths or dropout (more live registers). The largest tiles from
+# (128,64,8) (128,64,4) (64,64,4) (64,64,8) (64,32,4) (64,32,8) (32,32,4) (32,32,8) (32,16,·) (16,16,·) that
+# compile for sm_90 with no spill in all three kernels (searched 2026-11-25 with dlcore._static_check; GPU timing
+# may prefer other spill-free entries: tune when a GPU is lent).
+GPU_TABLE = {(16, False): (128, 64, 8), (16, True): (64, 32, 4), (32, False): (128, 64, 8), (32, True): (64, 32, 4),
+             (64, False): (128, 64, 8), (64, True): (64, 32, 8), (128, False): (32, 32, 4), (128, True): (32, 32, 4),
+             (256, False): (32, 32, 8), (256, True): (16, 16, 4)}
+
+
+def _heavy(bias, klen, dropout_p) -> bool:
+    return bias is not None or klen is not None or dropout_p > 0
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -284,7 +294,7 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
     b, h, lq, d = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    bm, bn, bd, warps = _blocks(d, q.is_cuda)
+    bm, bn, bd, warps = _blocks(d, _heavy(bias, klen, dropout_p), q.is_cuda)
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse,
                                     q if bias is None else bias, q if klen is None else klen,
@@ -303,7 +313,7 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
     dv = torch.empty_like(dk)
     # zeros: blocks the window or key lengths skip are never written
     dbias = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) if bias_grad else None
-    bm, bn, bd, warps = _blocks(d, q.is_cuda)
+    bm, bn, bd, warps = _blocks(d, _heavy(bias, klen, dropout_p), q.is_cuda)
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *sb)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
@@ -338,19 +348,21 @@ def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
 
 
 def _aot_configs():
+    """Every GPU_TABLE entry, bf16 (fp16 compiles to the same register budget), all three kernels; "heavy"
+    entries with every optional feature switched on (the worst case for registers)."""
     configs = []
-    for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
-        for bd, (bm, bn, _, warps) in GPU_TABLE.items():
-            flags = dict(HAS_BIAS=True, HAS_KLEN=True, DROPOUT=True, BM=bm, BN=bn, BD=bd)
-            io = {n: ptr for n in ("Q", "K", "V", "O", "DO", "BIAS")}
-            stats = {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32",
-                     "DBIAS": "*fp32", "KLEN": "*i32"}
-            for kernel, extra in ((attention_forward_kernel, {}), (attention_backward_dkdv_kernel, {}),
-                                  (attention_backward_dq_kernel, {"BIAS_GRAD": True})):
-                constexprs = {**flags, **extra}
-                configs.append(AOTConfig(kernel, _signature(kernel, {**io, **stats}, constexprs), constexprs,
-                                         num_warps=warps, num_stages=2,
-                                         label=f"{kernel.__name__} {ptr[1:]} d{bd} {bm}x{bn} w{warps}"))
+    ptr = "*bf16"
+    io = {n: ptr for n in ("Q", "K", "V", "O", "DO", "BIAS")}
+    stats = {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32", "DBIAS": "*fp32",
+             "KLEN": "*i32"}
+    for (bd, heavy), (bm, bn, warps) in GPU_TABLE.items():
+        flags = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=bm, BN=bn, BD=bd)
+        for kernel, extra in ((attention_forward_kernel, {}), (attention_backward_dkdv_kernel, {}),
+                              (attention_backward_dq_kernel, {"BIAS_GRAD": heavy})):
+            constexprs = {**flags, **extra}
+            configs.append(AOTConfig(kernel, _signature(kernel, {**io, **stats}, constexprs), constexprs,
+                                     num_warps=warps, num_stages=2,
+                                     label=f"{kernel.__name__} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}"))
     return configs
 
 
