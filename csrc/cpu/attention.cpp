@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -90,7 +91,9 @@ inline vf exp2v(vf x) {
   p = p * f + 1.0f;
   p = p * f + 1.0f;
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return x < lowest ? vf{} : p * reinterpret_cast<const vf&>(bits);
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);  // 2^n from its exponent bits
+  return x < lowest ? vf{} : p * two_n;
 }
 
 // One score row of BN values (aligned): row ← 2^(row − shift), returning the row's sum as 16 lane partials
