@@ -13,6 +13,7 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -121,6 +122,18 @@ def dual_helper(fn) -> DualHelper:
     return DualHelper(fn)
 
 
+# Combine functions for tl.reduce. tl.max / tl.sum are @triton.jit wrappers in triton 3.9 that the interpreter
+# cannot call from a compiled-mode import; tl.reduce (a builtin) with these dual-built combiners runs both ways.
+@dual_helper
+def max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@dual_helper
+def sum_combine(a, b):
+    return a + b
+
+
 @dataclass
 class AOTConfig:
     """One shipped configuration: the signature's types (Triton strings, e.g. "*fp32", "i64"), the constexprs,
@@ -133,3 +146,23 @@ class AOTConfig:
     label: str = ""
     options: dict = field(default_factory=dict)
 
+
+
+def aot_signature(kernel: DualKernel, pointers: dict, constexprs: dict, floats=(), int64s=()) -> dict:
+    """A kernel's Triton signature for ahead-of-time compilation: each parameter is a constexpr, one of `pointers`
+    (name → "*bf16" etc.), an fp32 scalar (named in `floats`), an i64 (named in `int64s`), or else an i32."""
+    import inspect
+
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in int64s:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig

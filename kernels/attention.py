@@ -25,24 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, dual_helper, dual_kernel
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, max_combine, sum_combine
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-@dual_helper
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@dual_helper
-def _sum_combine(a, b):
-    return a + b
-
-
-# tl.max / tl.sum are @triton.jit wrappers in triton 3.9 that the interpreter cannot call from a compiled-mode
-# import; tl.reduce (a builtin) with our own dual-built combine functions runs both ways.
 @dual_helper
 def _dropout_keep(seed, rows, cols, bh, threshold):
     """Philox4x32-10 keep mask for a [rows × cols] tile (see the module docstring for the counter layout)."""
@@ -116,11 +104,11 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
         kv_mask = (cols[:, None] < klen) & dmask
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        l_i = l_i * alpha + tl.reduce(p, 1, sum_combine)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, bh, threshold), p * drop_scale, 0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -329,24 +317,6 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
 
 
 # ---------------------------------------------------------------------------------------------------- AOT configs
-def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
-    import inspect
-
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name in ("scale", "scale_log2", "drop_scale"):
-            sig[name] = "fp32"
-        elif name in ("seed", "threshold"):
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def _aot_configs():
     """Every GPU_TABLE entry, bf16 (fp16 compiles to the same register budget), all three kernels; "heavy"
     entries with every optional feature switched on (the worst case for registers)."""
@@ -360,7 +330,9 @@ def _aot_configs():
         for kernel, extra in ((attention_forward_kernel, {}), (attention_backward_dkdv_kernel, {}),
                               (attention_backward_dq_kernel, {"BIAS_GRAD": heavy})):
             constexprs = {**flags, **extra}
-            configs.append(AOTConfig(kernel, _signature(kernel, {**io, **stats}, constexprs), constexprs,
+            sig = aot_signature(kernel, {**io, **stats}, constexprs, floats=("scale", "scale_log2", "drop_scale"),
+                                int64s=("seed", "threshold"))
+            configs.append(AOTConfig(kernel, sig, constexprs,
                                      num_warps=warps, num_stages=2,
                                      label=f"{kernel.__name__} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}"))
     return configs

@@ -127,22 +127,7 @@ DL_HD AdamElement<PD, SD, AMS, MASTER> adam_element(const int64_t* row, int64_t 
            reinterpret_cast<typename E::ST*>(at(kMaxExpAvgSq, sb)), reinterpret_cast<float*>(at(kMaster, 4))};
 }
 
-// Compile-time variants come from one table: every (param dtype, state dtype, amsgrad, master) combination.
-template <int V> using IntC = std::integral_constant<int, V>;
-
-template <class F> void dispatch_dtype(int code, const char* what, F&& f) {
-  switch (code) {
-    case kF32: f(IntC<kF32>{}); break;
-    case kBF16: f(IntC<kBF16>{}); break;
-    case kF16: f(IntC<kF16>{}); break;
-    default: throw std::invalid_argument(std::string("dlcore: unsupported dtype code for ") + what);
-  }
-}
-
-template <class F> void dispatch_bool(bool b, F&& f) {
-  if (b) f(std::true_type{});
-  else f(std::false_type{});
-}
+// Compile-time variants come from one table (dispatch_dtype / dispatch_bool in dtype.h).
 
 // f is called as f(IntC<PD>, IntC<SD>, bool_constant<AMS>, bool_constant<MASTER>). Master weights exist only for
 // bf16/fp16 params, so fp32 + master is never instantiated.

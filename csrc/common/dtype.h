@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
@@ -121,5 +124,22 @@ template <> struct Storage<kF16> {
   static DL_HD T store(float x) { return f32_to_f16(x); }
   static DL_HD T store_sr(float x, uint32_t) { return f32_to_f16(x); }  // fp16 state rounds to nearest
 };
+
+// Runtime dtype codes and flags → compile-time template arguments.
+template <int V> using IntC = std::integral_constant<int, V>;
+
+template <class F> void dispatch_dtype(int code, const char* what, F&& f) {
+  switch (code) {
+    case kF32: f(IntC<kF32>{}); break;
+    case kBF16: f(IntC<kBF16>{}); break;
+    case kF16: f(IntC<kF16>{}); break;
+    default: throw std::invalid_argument(std::string("dlcore: unsupported dtype code for ") + what);
+  }
+}
+
+template <class F> void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
 
 }  // namespace dlcore

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/vec_math.h"
 
 namespace py = pybind11;
 using namespace dlcore;
@@ -29,11 +30,6 @@ namespace {
 
 constexpr int BM = 64;  // query rows per tile
 constexpr int BN = 64;  // keys per tile
-constexpr int VW = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using Strides3 = std::array<int64_t, 3>;
@@ -58,27 +54,6 @@ struct Problem {
   }
 };
 
-// 2^x for x ≤ 0 (scores minus the running max), 16 lanes at a time: 2^round(x) · Taylor₇(2^f), |f| ≤ ½, relative
-// error ≈ 5e-9; -inf and x < -126 give 0. Explicit vectors: GCC auto-vectorises at 256 bits on this CPU.
-inline vf exp2v(vf x) {
-  const vf lowest = vf{} - 126.0f;
-  const vf xc = x < lowest ? lowest : x;
-  const vf n = (xc + 12582912.0f) - 12582912.0f;
-  const vf f = (xc - n) * kLn2;
-  vf p = vf{} + 1.0f / 5040.0f;
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);  // 2^n from its exponent bits
-  return x < lowest ? vf{} : p * two_n;
-}
-
 // One score row of BN values (aligned): row ← 2^(row − shift), returning the row's sum as 16 lane partials
 // (reduced once per row at the end, not per tile).
 inline vf exp2_row(float* row, float shift) {
@@ -91,8 +66,6 @@ inline vf exp2_row(float* row, float shift) {
   }
   return sum;
 }
-
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // max(init, row[0..BN)) by a shuffle tree
 inline float exp2_neg(float x) { return exp2v(vf{} + x)[0]; }  // one value, same polynomial
@@ -107,11 +80,6 @@ inline float max_row(const float* row, float init) {
   return std::max(init, m[0]);
 }
 
-inline float sum_lanes(vf v) {
-  float total = 0.0f;
-  for (int l = 0; l < VW; ++l) total += v[l];
-  return total;
-}
 
 // Philox4x32-10 with counter (j, i, bh, 0) and key (seed_lo, seed_hi): keep iff the first word ≥ threshold.
 inline bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {

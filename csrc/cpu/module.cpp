@@ -28,6 +28,9 @@ void register_adam(py::module_& m);
 void register_gather(py::module_& m);
 void register_bias_relu(py::module_& m);
 void register_attention(py::module_& m);
+void register_layer_norm(py::module_& m);
+void register_bias_gelu(py::module_& m);
+void register_cross_entropy(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -45,4 +48,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_gather(m);
   register_bias_relu(m);
   register_attention(m);
+  register_layer_norm(m);
+  register_bias_gelu(m);
+  register_cross_entropy(m);
 }

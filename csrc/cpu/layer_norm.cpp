@@ -1,0 +1,140 @@
+// The CPU twin of dlcore's fused (residual add +) LayerNorm (dlcore/ops/layer_norm.py), rows × cols, OpenMP over
+// rows, fp32 math on fp32/bf16/fp16 storage; weight and bias are fp32 (the launcher converts them).
+//   forward:  h = x + r (stored when there is a residual, rounded to the storage type first, as torch would),
+//             μ = mean(h), σ² = mean((h − μ)²) (two passes over an L1-resident row: no cancellation),
+//             ρ = 1/√(σ² + ε), y = (h − μ)·ρ·w + b;   saves μ, ρ per row.
+//   backward: ĥ = (h − μ)·ρ, g = dy·w;  dh = ρ·(g − mean(g) − ĥ·mean(g·ĥ)) + dh_direct (the gradient reaching h
+//             through the residual stream);  dw = Σ_rows dy·ĥ,  db = Σ_rows dy (per-thread partials, thread order).
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/rows.h"
+
+namespace py = pybind11;
+using namespace dlcore;
+
+namespace {
+
+template <int DT>
+void forward(const void* x_, const void* r_, const float* w, const float* b, void* y_, void* h_, float* mean,
+             float* rstd, int64_t rows, int64_t cols, float eps) {
+  using St = Storage<DT>;
+  using T = typename St::T;
+  const T* x = static_cast<const T*>(x_);
+  const T* r = static_cast<const T*>(r_);
+  T* y = static_cast<T*>(y_);
+  T* h = static_cast<T*>(h_);
+#pragma omp parallel
+  {
+    std::vector<float> buf(size_t(vectors_for(cols) * VW));
+    float* v = buf.data();
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      load_row<DT>(x + i * cols, cols, v, 0.f);
+      if (r) {
+        const T* ri = r + i * cols;
+        T* hi = h + i * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const T s = St::store(v[c] + St::load(ri[c]));
+          hi[c] = s;
+          v[c] = St::load(s);
+        }
+      }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < cols; ++c) sum += v[c];
+      const float mu = sum / float(cols);
+      float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t c = 0; c < cols; ++c) sq += (v[c] - mu) * (v[c] - mu);
+      const float rs = 1.0f / std::sqrt(sq / float(cols) + eps);
+      mean[i] = mu;
+      rstd[i] = rs;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) v[c] = (v[c] - mu) * rs * (w ? w[c] : 1.f) + (b ? b[c] : 0.f);
+      store_row<DT>(v, cols, y + i * cols);
+    }
+  }
+}
+
+template <int DT>
+void backward(const void* dy_, const void* dh_direct_, const void* h_, const float* w, const float* mean,
+              const float* rstd, void* dh_, float* dw, float* db, int64_t rows, int64_t cols) {
+  using T = typename Storage<DT>::T;
+  const T* dy = static_cast<const T*>(dy_);
+  const T* dd = static_cast<const T*>(dh_direct_);
+  const T* h = static_cast<const T*>(h_);
+  T* dh = static_cast<T*>(dh_);
+  const int threads = omp_get_max_threads();
+  ColumnPartials pw(threads, cols), pb(threads, cols);
+#pragma omp parallel num_threads(threads)
+  {
+    const size_t n = size_t(vectors_for(cols) * VW);
+    std::vector<float> buf(3 * n);
+    float *g = buf.data(), *hat = g + n, *out = hat + n;
+    float* accw = pw.of_thread(omp_get_thread_num());
+    float* accb = pb.of_thread(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      load_row<DT>(dy + i * cols, cols, g, 0.f);
+      load_row<DT>(h + i * cols, cols, hat, 0.f);
+      const float mu = mean[i], rs = rstd[i];
+      float sum_g = 0.f, sum_gh = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_gh)
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xh = (hat[c] - mu) * rs;
+        accw[c] += g[c] * xh;
+        accb[c] += g[c];
+        hat[c] = xh;
+        g[c] *= w ? w[c] : 1.f;
+        sum_g += g[c];
+        sum_gh += g[c] * xh;
+      }
+      const float mg = sum_g / float(cols), mgh = sum_gh / float(cols);
+      if (dd) load_row<DT>(dd + i * cols, cols, out, 0.f);
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) out[c] = rs * (g[c] - mg - hat[c] * mgh) + (dd ? out[c] : 0.f);
+      store_row<DT>(out, cols, dh + i * cols);
+    }
+  }
+  pw.reduce_into(dw);
+  pb.reduce_into(db);
+}
+
+void layer_norm_forward(int64_t x, int64_t r, int64_t w, int64_t b, int64_t y, int64_t h, int64_t mean,
+                        int64_t rstd, int64_t rows, int64_t cols, double eps, int dtype) {
+  dispatch_dtype(dtype, "layer_norm input", [&](auto d) {
+    forward<decltype(d)::value>(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(r),
+                                reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(b),
+                                reinterpret_cast<void*>(y), reinterpret_cast<void*>(h), reinterpret_cast<float*>(mean),
+                                reinterpret_cast<float*>(rstd), rows, cols, float(eps));
+  });
+}
+
+void layer_norm_backward(int64_t dy, int64_t dh_direct, int64_t h, int64_t w, int64_t mean, int64_t rstd, int64_t dh,
+                         int64_t dw, int64_t db, int64_t rows, int64_t cols, int dtype) {
+  dispatch_dtype(dtype, "layer_norm input", [&](auto d) {
+    backward<decltype(d)::value>(reinterpret_cast<const void*>(dy), reinterpret_cast<const void*>(dh_direct),
+                                 reinterpret_cast<const void*>(h), reinterpret_cast<const float*>(w),
+                                 reinterpret_cast<const float*>(mean), reinterpret_cast<const float*>(rstd),
+                                 reinterpret_cast<void*>(dh), reinterpret_cast<float*>(dw),
+                                 reinterpret_cast<float*>(db), rows, cols);
+  });
+}
+
+}  // namespace
+
+void register_layer_norm(py::module_& m) {
+  m.def("layer_norm_forward", &layer_norm_forward,
+        "y = LayerNorm(x [+ r]) per row; h = x + r stored when r != 0; saves mean and rstd (fp32). Addresses: 0 = none",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("h"),
+        py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("dtype"));
+  m.def("layer_norm_backward", &layer_norm_backward,
+        "dh = LayerNorm'(h)ᵀ·dy + dh_direct; dw, db fp32 column sums (0 = not wanted)", py::arg("grad_y"),
+        py::arg("grad_h"), py::arg("h"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("grad_input"),
+        py::arg("grad_weight"), py::arg("grad_bias"), py::arg("rows"), py::arg("cols"), py::arg("dtype"));
+}

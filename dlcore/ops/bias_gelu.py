@@ -1,0 +1,167 @@
+"""Fused bias + GELU, forward and backward (issue 5): y = gelu(x + b), the feed-forward block's activation.
+
+A transformer's first feed-forward matmul runs without its bias (x·Wᵀ); this op adds the bias and applies GELU in
+one pass, and its backward gives dx = dy·gelu'(x + b) and db = Σ_rows dx in one pass, recomputing gelu' from the
+saved pre-bias input rather than storing an activation.
+
+Launcher signature shared by every backend (x: [rows, cols] contiguous; bias: None or [cols] in the math dtype —
+fp32, float64 for float64 inputs; approximate_tanh: GELU's tanh form, else the exact erf form):
+  forward(x, bias, approximate_tanh) -> y                        (x's dtype)
+  backward(grad_y, x, bias, approximate_tanh) -> (grad_x, grad_bias in the math dtype)
+Formulas, u = x + b:  exact  gelu(u) = ½u(1 + erf(u/√2)),   gelu'(u) = Φ(u) + u·φ(u);
+                      tanh   gelu(u) = ½u(1 + t), t = tanh(√(2/π)(u + 0.044715u³)),
+                             gelu'(u) = ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²).
+
+Backends
+  reference  plain PyTorch in the math dtype (the test oracle; float64 gradcheck).
+  cpu        csrc/cpu/bias_gelu.cpp: OpenMP over rows, vectorised polynomial tanh/erf, fp32/bf16/fp16 storage.
+  triton     kernels/bias_gelu.py: 2-D tiles, per-tile bias-gradient partials.
+  cuda       not written (a helper op: Triton's kernel is the GPU path): reported unavailable.
+Dropout after the activation is not fused yet (the models apply torch's dropout when p > 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dlcore import _checks, _dispatch, _ext
+
+FORWARD, BACKWARD = "bias_gelu", "bias_gelu_backward"
+for _name in (FORWARD, BACKWARD):
+    _dispatch.define_op(_name, gpu_order=("triton",))
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+LOW = (torch.float32, torch.float16, torch.bfloat16)
+_TANH_K = math.sqrt(2.0 / math.pi)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def _pre_activation(x, bias):
+    u = x.to(math_dtype(x.dtype))
+    return u + bias if bias is not None else u
+
+
+@_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_forward(x, bias, approximate_tanh):
+    return F.gelu(_pre_activation(x, bias), approximate="tanh" if approximate_tanh else "none").to(x.dtype)
+
+
+@_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_backward(grad_y, x, bias, approximate_tanh):
+    u = _pre_activation(x, bias)
+    if approximate_tanh:
+        t = torch.tanh(_TANH_K * (u + 0.044715 * u ** 3))
+        grad = 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * _TANH_K * (1 + 3 * 0.044715 * u * u)
+    else:
+        grad = 0.5 * (1 + torch.erf(u / math.sqrt(2.0))) + u * torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    dx = grad_y.to(u.dtype) * grad
+    return dx.to(x.dtype), dx.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------- cpu (C++)
+@_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
+def cpu_forward(x, bias, approximate_tanh):
+    y = torch.empty_like(x)
+    _ext.cpu.bias_gelu_forward(x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), *x.shape,
+                               approximate_tanh, _ext.DTYPE_CODE[x.dtype])
+    return y
+
+
+@_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
+def cpu_backward(grad_y, x, bias, approximate_tanh):
+    dx = torch.empty_like(x)
+    db = torch.empty(x.shape[1], dtype=torch.float32)
+    _ext.cpu.bias_gelu_backward(grad_y.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                dx.data_ptr(), db.data_ptr(), *x.shape, approximate_tanh, _ext.DTYPE_CODE[x.dtype])
+    return dx, db
+
+
+# ---------------------------------------------------------------------------------------------------- triton
+@_dispatch.register(FORWARD, "triton", devices=("cpu", "cuda"), dtypes=LOW,
+                    available=_ext.triton_unavailable("bias_gelu"))
+def triton_forward(x, bias, approximate_tanh):
+    from dlcore.kernels import bias_gelu
+
+    return bias_gelu.forward(x, bias, approximate_tanh)
+
+
+@_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=LOW,
+                    available=_ext.triton_unavailable("bias_gelu"))
+def triton_backward(grad_y, x, bias, approximate_tanh):
+    from dlcore.kernels import bias_gelu
+
+    return bias_gelu.backward(grad_y, x, bias, approximate_tanh)
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dlcore::bias_gelu", mutates_args=())
+def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], approximate_tanh: bool) -> torch.Tensor:
+    _, launch = _dispatch.select(FORWARD, x.device, x.dtype)
+    return launch(x, bias, approximate_tanh)
+
+
+@bias_gelu_op.register_fake
+def _(x, bias, approximate_tanh):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dlcore::bias_gelu_backward", mutates_args=())
+def bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+                          approximate_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _, launch = _dispatch.select(BACKWARD, x.device, x.dtype)
+    dx, db = launch(grad_y.contiguous(), x, bias, approximate_tanh)
+    return dx, db.to(math_dtype(x.dtype))
+
+
+@bias_gelu_backward_op.register_fake
+def _(grad_y, x, bias, approximate_tanh):
+    return torch.empty_like(x), x.new_empty(x.shape[1], dtype=math_dtype(x.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate_tanh = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate_tanh = approximate_tanh
+
+
+def _backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    dx, db = bias_gelu_backward_op(grad_y, x, bias, ctx.approximate_tanh)
+    return dx, (db if bias is not None and ctx.needs_input_grad[1] else None), None
+
+
+bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none") -> torch.Tensor:
+    """gelu(input + bias) as torch.nn.functional.gelu(input + bias, approximate=...), in one pass.
+
+    input: [..., C] floating point; bias: [C] or None (any floating dtype; math in fp32, float64 for float64 input);
+    approximate: 'none' (erf) or 'tanh'. Returns input's shape and dtype."""
+    _checks.tensor("input", input)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (the bias broadcasts over the last)")
+    cols = input.shape[-1]
+    if bias is not None:
+        _checks.tensor("bias", bias, like=input, same_dtype=False)
+        _checks.shape("bias", bias, (cols,))
+        bias = bias.to(math_dtype(input.dtype))
+    x2 = input.reshape(-1, cols).contiguous()
+    if x2.numel() == 0:
+        return reference_forward(x2, bias, approximate == "tanh").view(input.shape)
+    return bias_gelu_op(x2, bias, approximate == "tanh").view(input.shape)
+
+
+def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                approximate: str = "none") -> torch.Tensor:
+    """gelu(F.linear(input, weight, bias)): the matmul without its bias, then the fused bias + GELU."""
+    return bias_gelu(F.linear(input, weight), bias, approximate)

@@ -1,0 +1,108 @@
+"""Triton fused bias + GELU: the `triton` backend of dlcore/ops/bias_gelu.py.
+
+v1 (shipped): a 2-D grid of [RB rows × BC cols] tiles over x [rows, cols].
+- forward: y = gelu(x + b), fp32 math, stored in x's dtype.
+- backward: dx = dy·gelu'(x + b); each tile's column sums of dx go to row `tile row` of an fp32 partial buffer that
+  the launcher sums (deterministic, no atomics).
+GELU (u = x + b):  exact  ½u(1 + erf(u/√2)),  gelu' = Φ(u) + u·e^{−u²/2}/√(2π);
+                   tanh   ½u(1 + t), t = tanh(k(u + a·u³)),  gelu' = ½(1 + t) + ½u(1 − t²)·k(1 + 3a·u²),
+with tanh(z) = 1 − 2/(e^{2z} + 1) (exact at both infinities; Triton has no portable tanh).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, sum_combine
+
+
+@dual_helper
+def _tanh(z):
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@dual_helper
+def _gelu_and_grad(u, TANH: tl.constexpr):
+    """(gelu(u), gelu'(u)) in fp32."""
+    if TANH:
+        t = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
+        y = 0.5 * u * (1.0 + t)
+        dy = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        y = u * cdf
+        dy = cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+    return y, dy
+
+
+@dual_kernel
+def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                             RB: tl.constexpr, BC: tl.constexpr):
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    off = r[:, None].to(tl.int64) * cols + c[None, :]
+    u = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u += tl.load(BIAS + c, mask=c < cols, other=0.0)[None, :]
+    y, _ = _gelu_and_grad(u, TANH)
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@dual_kernel
+def bias_gelu_backward_kernel(DY, X, BIAS, DX, DB, rows, cols, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                              RB: tl.constexpr, BC: tl.constexpr):
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    off = r[:, None].to(tl.int64) * cols + c[None, :]
+    u = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u += tl.load(BIAS + c, mask=c < cols, other=0.0)[None, :]
+    _, grad = _gelu_and_grad(u, TANH)
+    dx = tl.where(mask, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32) * grad, 0.0)
+    tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DB + tl.program_id(0) * cols + c, tl.reduce(dx, 0, sum_combine), mask=c < cols)
+
+
+def _tile(on_gpu: bool) -> tuple[int, int, int]:
+    """(RB, BC, num_warps): 32×128 tiles on a GPU, one large tile per program in the interpreter."""
+    return (32, 128, 4) if on_gpu else (64, 1024, 4)
+
+
+def forward(x, bias, approximate_tanh: bool):
+    rows, cols = x.shape
+    y = torch.empty_like(x)
+    rb, bc, warps = _tile(x.is_cuda)
+    bias_gelu_forward_kernel.launch((triton.cdiv(rows, rb), triton.cdiv(cols, bc)), x.device, x,
+                                    x if bias is None else bias, y, rows, cols, HAS_BIAS=bias is not None,
+                                    TANH=approximate_tanh, RB=rb, BC=bc, num_warps=warps)
+    return y
+
+
+def backward(grad_y, x, bias, approximate_tanh: bool):
+    rows, cols = x.shape
+    rb, bc, warps = _tile(x.is_cuda)
+    dx = torch.empty_like(x)
+    partial = torch.empty((triton.cdiv(rows, rb), cols), dtype=torch.float32, device=x.device)
+    bias_gelu_backward_kernel.launch((triton.cdiv(rows, rb), triton.cdiv(cols, bc)), x.device, grad_y, x,
+                                     x if bias is None else bias, dx, partial, rows, cols, HAS_BIAS=bias is not None,
+                                     TANH=approximate_tanh, RB=rb, BC=bc, num_warps=warps)
+    return dx, partial.sum(0)
+
+
+def _aot_configs():
+    rb, bc, warps = _tile(True)
+    ptrs = {n: "*bf16" for n in ("X", "Y", "DY", "DX")}
+    ptrs.update(BIAS="*fp32", DB="*fp32")
+    configs = []
+    for kernel in (bias_gelu_forward_kernel, bias_gelu_backward_kernel):
+        for tanh in (False, True):
+            constexprs = dict(HAS_BIAS=True, TANH=tanh, RB=rb, BC=bc)
+            configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
+                                     label=f"{kernel.__name__} {'tanh' if tanh else 'erf'} {rb}x{bc} w{warps}"))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
