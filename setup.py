@@ -136,6 +136,7 @@ setup(
     # dlcore.models, so no top-level `kernels` or `models` module lands in site-packages.
     packages=["dlcore", "dlcore.optim", "dlcore.ops", "dlcore.bench", "dlcore.rl", "dlcore.kernels", "dlcore.models"],
     package_dir={"dlcore": "dlcore", "dlcore.kernels": "kernels", "dlcore.models": "models"},
+    package_data={"dlcore.models": ["data/*.txt", "data/*.md"]},  # the training text of `dlcore train gpt`
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
     install_requires=["numpy"],  # torch, triton and numba are the user's choice of build; see README

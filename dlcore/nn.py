@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore.ops.attention import scaled_dot_product_attention
-
+from dlcore.ops.bias_gelu import linear_gelu
 from dlcore.ops.conv_relu import conv2d_relu
+from dlcore.ops.cross_entropy import cross_entropy
+from dlcore.ops.layer_norm import layer_norm
 
 
 class Conv2dReLU(nn.Conv2d):
@@ -88,3 +90,40 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm on dlcore's fused kernel: same arguments, parameters and state_dict keys.
+    forward(x) → y; forward(x, residual=r) → (LayerNorm(x + r), x + r) in one pass (pre-LN transformers)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual)
+
+
+class LinearGELU(nn.Linear):
+    """nn.Linear followed by GELU (approximate 'none' or 'tanh'): the matmul, then dlcore's fused bias + GELU.
+    Same parameters and state_dict keys as nn.Linear. Input [..., in_features] → [..., out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_gelu(x, self.weight, self.bias, self.approximate)
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss on dlcore's chunked kernel, for class-index targets and logits [N, C] or [C]
+    (ignore_index, reduction and label_smoothing as in torch; per-class weights are not supported)."""
+
+    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0):
+        if weight is not None:
+            raise ValueError("dlcore.nn.CrossEntropyLoss does not support per-class weights; use torch's")
+        super().__init__(None, size_average, ignore_index, reduce, reduction, label_smoothing)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(input, target, self.ignore_index, self.reduction, self.label_smoothing)

@@ -66,10 +66,12 @@ def patch_interpreter_bf16() -> bool:
 class DualHelper:
     """A device function called from DualKernels (and other helpers); never launched on its own."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, interpreted=None):
         self.fn = fn
         self.__name__ = fn.__name__
         self._built = {}
+        if interpreted is not None:  # what the interpreter should call instead (see the combiners below)
+            self._built[InterpretedFunction] = interpreted
 
     def build(self, runner: type):
         if runner not in self._built:
@@ -124,14 +126,19 @@ def dual_helper(fn) -> DualHelper:
 
 # Combine functions for tl.reduce. tl.max / tl.sum are @triton.jit wrappers in triton 3.9 that the interpreter
 # cannot call from a compiled-mode import; tl.reduce (a builtin) with these dual-built combiners runs both ways.
-@dual_helper
-def max_combine(a, b):
+# The interpreter reduces with numpy only when the combiner is triton's own (tl.standard._sum_combine /
+# _elementwise_max), and otherwise calls the combiner once per element in Python (seconds per 64K-element tile):
+# its builds of these two are triton's own where this triton has them. (Its max then skips NaN, as np.nanmax.)
+def _maximum(a, b):
     return tl.maximum(a, b)
 
 
-@dual_helper
-def sum_combine(a, b):
+def _add(a, b):
     return a + b
+
+
+max_combine = DualHelper(_maximum, interpreted=getattr(tl.standard, "_elementwise_max", None))
+sum_combine = DualHelper(_add, interpreted=getattr(tl.standard, "_sum_combine", None))
 
 
 @dataclass

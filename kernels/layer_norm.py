@@ -1,7 +1,7 @@
 """Triton fused (residual add +) LayerNorm: the `triton` backend of dlcore/ops/layer_norm.py.
 
 v1 (shipped):
-- forward: one program per RB rows, the whole row in registers (BN = next power of two ≥ cols, at most 16384):
+- forward: one program per RB rows, the whole row in registers (BN = next power of two ≥ cols, at most 4096; wider rows spill in backward on sm_90):
   h = x + r (stored, rounded to the storage dtype first), μ, σ² by two passes over the registers, y = (h − μ)·ρ·w + b;
   μ and ρ = 1/√(σ² + ε) saved in fp32.
 - backward: a fixed number of programs, each walking a contiguous range of rows RB at a time:
@@ -16,7 +16,7 @@ import triton.language as tl
 
 from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, sum_combine
 
-MAX_COLS = 16384
+MAX_COLS = 4096
 
 
 @dual_kernel
@@ -81,14 +81,16 @@ def layer_norm_backward_kernel(DY, DD, H, W, MEAN, RSTD, DX, DW, DB, rows, cols,
     tl.store(DB + pid * cols + c, db, mask=cmask)
 
 
-def _tile(cols: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(RB rows per tile, BN, num_warps): ~4K elements a tile on a GPU, large tiles for the interpreter."""
+def _tile(cols: int, on_gpu: bool, backward: bool = False) -> tuple[int, int, int]:
+    """(RB rows per tile, BN, num_warps): 4K-element tiles forward and 2K backward (more live arrays) on a GPU,
+    at most 32 elements per thread and array (each entry spill-free on sm_90); large tiles for the interpreter."""
     bn = triton.next_power_of_2(cols)
     if bn > MAX_COLS:
         raise ValueError(f"the triton layer_norm handles rows of at most {MAX_COLS} elements, got {cols}")
     if not on_gpu:
         return max(1, 65536 // bn), bn, 4
-    return max(1, 4096 // bn), bn, (4 if bn <= 1024 else 8 if bn <= 4096 else 16)
+    warps = 4 if bn <= 1024 else 8 if bn <= 2048 else 16 if bn <= 4096 else 32
+    return max(1, (2048 if backward else 4096) // bn), bn, warps
 
 
 def forward(x, residual, weight, bias, eps: float):
@@ -110,7 +112,7 @@ def forward(x, residual, weight, bias, eps: float):
 def backward(grad_y, grad_h, h, weight, mean, rstd):
     """Returns (grad_input [rows, cols] in h's dtype, dw fp32 [cols], db fp32 [cols])."""
     rows, cols = h.shape
-    rb, bn, warps = _tile(cols, h.is_cuda)
+    rb, bn, warps = _tile(cols, h.is_cuda, backward=True)
     programs = min(triton.cdiv(rows, rb), (torch.cuda.get_device_properties(h.device).multi_processor_count * 2
                                            if h.is_cuda else 2))
     per_program = triton.cdiv(triton.cdiv(rows, programs), rb) * rb
@@ -126,14 +128,14 @@ def backward(grad_y, grad_h, h, weight, mean, rstd):
 
 
 def _aot_configs():
-    """bf16 rows of GPT-2/BERT widths (768, 1024, 4096) and the widest row (16384), every feature on."""
+    """bf16 rows of GPT-2/BERT widths (768, 1024), each warp-count class, and the widest row, every feature on."""
     configs = []
-    for cols in (768, 1024, 4096, MAX_COLS):
-        rb, bn, warps = _tile(cols, True)
+    for cols in (768, 1024, 2048, MAX_COLS):
         ptrs = {n: "*bf16" for n in ("X", "R", "Y", "H", "DY", "DD", "DX")}
         ptrs.update({n: "*fp32" for n in ("W", "B", "MEAN", "RSTD", "DW", "DB")})
         for kernel, flags in ((layer_norm_forward_kernel, dict(HAS_RES=True, HAS_W=True, HAS_B=True)),
                               (layer_norm_backward_kernel, dict(HAS_DD=True, HAS_W=True))):
+            rb, bn, warps = _tile(cols, True, backward=kernel is layer_norm_backward_kernel)
             constexprs = {**flags, "RB": rb, "BN": bn}
             configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs, floats=("eps",)), constexprs,
                                      num_warps=warps, label=f"{kernel.__name__} cols{cols} {rb}x{bn} w{warps}"))

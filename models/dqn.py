@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import registry
+from dlcore.models._training import Progress, add_dataclass_arguments, dataclass_from_args
 
 
 # ---------------------------------------------------------------------------------------------------- networks
@@ -209,7 +210,7 @@ def train(cfg: DQNConfig) -> dict:
     solved_at, t0 = None, time.perf_counter()
     obs, _ = env.reset(seed=cfg.seed + start)
     episode_return = 0.0
-    progress = _progress(cfg.progress, cfg.steps, start)
+    progress = Progress("dqn", cfg.progress, cfg.steps, start)
     for step in range(start, cfg.steps):
         if rng.random() < epsilon(cfg, step):
             action = int(rng.integers(n_actions))
@@ -273,34 +274,6 @@ def train(cfg: DQNConfig) -> dict:
     return summary
 
 
-class _progress:
-    """A rich progress bar over environment steps (plain prints when rich is missing or disabled)."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self._bar = None
-        if enabled:
-            try:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self._bar = Progress(TextColumn("dqn"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                     TimeRemainingColumn(), TextColumn("{task.description}"))
-                self._bar.start()
-                self._task = self._bar.add_task("", total=total, completed=start)
-            except ImportError:
-                self._bar = None
-
-    def advance(self, completed: int, text: Optional[str] = None) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=completed, **({"description": text} if text else {}))
-
-    def note(self, text: str) -> None:
-        (self._bar.console.print if self._bar is not None else print)(text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def _write_returns(out: str, episode_returns: list, evals: list, cfg: DQNConfig) -> None:
     with open(os.path.join(out, "returns.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -327,20 +300,11 @@ def _write_returns(out: str, episode_returns: list, evals: list, cfg: DQNConfig)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = DQNConfig()
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif isinstance(value, tuple):
-            p.add_argument(flag, type=int, nargs="+", default=list(value))
-        else:
-            p.add_argument(flag, type=type(value), default=value)
+    add_dataclass_arguments(p, DQNConfig())
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = DQNConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-                       if k in DQNConfig.__dataclass_fields__})
+    cfg = dataclass_from_args(DQNConfig, args)
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("solved", "solved_at_step", "last_eval", "seconds")}, default=str))
     print(f"wrote {cfg.out}/returns.csv, returns.png, checkpoint.pt, q_net.pt, summary.json")

@@ -158,9 +158,10 @@ cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 def _chunk_rows(rows: int, V: int, H: int) -> int:
-    """Rows per chunk: about as many logits as the input holds (Liger's rule, ⌈V/H⌉ chunks), a power of two."""
+    """Rows per chunk: about as many logits as the input holds (Liger's rule, ⌈V/H⌉ chunks), a power of two, and
+    at least 64 rows (thinner matmuls lose efficiency)."""
     chunks = max(1, math.ceil(V / H))
-    return max(1, min(rows, 1 << (math.ceil(rows / chunks) - 1).bit_length()))
+    return max(1, min(rows, max(64, 1 << (math.ceil(rows / chunks) - 1).bit_length())))
 
 
 @torch.library.custom_op("dlcore::linear_cross_entropy", mutates_args=())
@@ -287,6 +288,11 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if bias is not None:
         _checks.tensor("bias", bias, like=input)
         _checks.shape("bias", bias, (weight.shape[0],))
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):  # the matmul runs in autocast's dtype, as F.linear would
+        low = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(low), weight.to(low)
+        bias = bias.to(low) if bias is not None else None
     x = input.reshape(-1, input.shape[-1]).contiguous()
     tgt = _checks.class_targets("target", target, weight.shape[0], ignore_index, input)
     if tuple(target.shape) != tuple(input.shape[:-1]):

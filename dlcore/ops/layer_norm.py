@@ -17,7 +17,8 @@ Backward formula (ĥ = (h − μ)·ρ, ρ = 1/√(σ² + ε), g = dy·w, means o
 Backends
   reference  plain PyTorch in the statistics dtype (the test oracle; float64 gradcheck).
   cpu        csrc/cpu/layer_norm.cpp: OpenMP over rows, fp32/bf16/fp16 storage, fp32 math.
-  triton     kernels/layer_norm.py: one row tile in registers, rows up to 16384 wide.
+  triton     kernels/layer_norm.py: one row tile in registers, rows up to 4096 wide (wider rows run the
+             reference unless triton is asked for by name, which raises).
   cuda       not written (a helper op: Triton's kernel is the GPU path): reported unavailable.
 """
 from __future__ import annotations
@@ -114,12 +115,23 @@ def triton_backward(grad_y, grad_h, h, weight, mean, rstd):
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
+TRITON_MAX_COLS = 4096  # kernels/layer_norm.py MAX_COLS (not imported: triton may be missing)
+
+
+def _launcher(name: str, x: torch.Tensor):
+    """The dispatch choice, except that rows wider than the Triton kernel's limit run the reference unless a
+    backend was asked for by name (then the kernel's own error says why)."""
+    backend, launch = _dispatch.select(name, x.device, x.dtype)
+    if backend == "triton" and x.shape[1] > TRITON_MAX_COLS and _dispatch.requested_backend() is None:
+        return _dispatch.get_op(name).impls["reference"].fn
+    return launch
+
+
 @torch.library.custom_op("dlcore::layer_norm", mutates_args=())
 def layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor]:
-    _, launch = _dispatch.select(FORWARD, x.device, x.dtype)
-    y, h, mean, rstd = launch(x, residual, weight, bias, eps)
+    y, h, mean, rstd = _launcher(FORWARD, x)(x, residual, weight, bias, eps)
     return y, (x.new_empty(0) if h is None else h), mean, rstd  # custom ops return tensors, never None
 
 
@@ -134,8 +146,7 @@ def _(x, residual, weight, bias, eps):
 def layer_norm_backward_op(grad_y: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
                            weight: Optional[torch.Tensor], mean: torch.Tensor,
                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, launch = _dispatch.select(BACKWARD, h.device, h.dtype)
-    dx, dw, db = launch(grad_y.contiguous(), None if grad_h is None else grad_h.contiguous(), h, weight, mean, rstd)
+    dx, dw, db = _launcher(BACKWARD, h)(grad_y.contiguous(), None if grad_h is None else grad_h.contiguous(), h, weight, mean, rstd)
     return dx, dw.to(mean.dtype), db.to(mean.dtype)
 
 
@@ -170,8 +181,10 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     """torch.nn.functional.layer_norm, with an optional residual add fused in front.
 
     input: [..., *normalized_shape], floating point; weight, bias: normalized_shape (any floating dtype: the math
-    runs in fp32, float64 for float64 input). residual: input's shape, dtype and device.
-    Returns y (input's dtype and shape), or (y, h) with h = input + residual when a residual is given.
+    runs in fp32, float64 for float64 input). residual: input's shape and device; another floating dtype is
+    promoted with input's, as `input + residual` would be.
+    Returns y (input's dtype and shape), or (y, h) with h = input + residual when a residual is given (both in
+    the promoted dtype).
     """
     _checks.tensor("input", input)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
@@ -182,9 +195,11 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
         if t is not None:
             _checks.tensor(name, t, like=input, same_dtype=False)
             _checks.shape(name, t, shape)
-    if residual is not None:
-        _checks.tensor("residual", residual, like=input)
+    if residual is not None:  # of another floating dtype: both promoted, as input + residual would be
+        _checks.tensor("residual", residual, like=input, same_dtype=False)
         _checks.shape("residual", residual, input.shape)
+        common = torch.promote_types(input.dtype, residual.dtype)
+        input, residual = input.to(common), residual.to(common)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite non-negative number, got {eps}")
     cols = math.prod(shape)
