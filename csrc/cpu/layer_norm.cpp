@@ -8,6 +8,7 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -27,6 +28,14 @@ void forward(const void* x_, const void* r_, const float* w, const float* b, voi
   const T* r = static_cast<const T*>(r_);
   T* y = static_cast<T*>(y_);
   T* h = static_cast<T*>(h_);
+  // absent weight / bias as ones / zeros, so that the loops below have no per-element branch
+  std::vector<float> ones_zeros;
+  if (!w || !b) {
+    ones_zeros.assign(size_t(2 * cols), 0.f);
+    std::fill(ones_zeros.begin(), ones_zeros.begin() + cols, 1.f);
+    if (!w) w = ones_zeros.data();
+    if (!b) b = ones_zeros.data() + cols;
+  }
 #pragma omp parallel
   {
     std::vector<float> buf(size_t(vectors_for(cols) * VW));
@@ -55,7 +64,7 @@ void forward(const void* x_, const void* r_, const float* w, const float* b, voi
       mean[i] = mu;
       rstd[i] = rs;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) v[c] = (v[c] - mu) * rs * (w ? w[c] : 1.f) + (b ? b[c] : 0.f);
+      for (int64_t c = 0; c < cols; ++c) v[c] = (v[c] - mu) * rs * w[c] + b[c];
       store_row<DT>(v, cols, y + i * cols);
     }
   }
@@ -69,6 +78,11 @@ void backward(const void* dy_, const void* dh_direct_, const void* h_, const flo
   const T* dd = static_cast<const T*>(dh_direct_);
   const T* h = static_cast<const T*>(h_);
   T* dh = static_cast<T*>(dh_);
+  std::vector<float> ones;
+  if (!w) {
+    ones.assign(size_t(cols), 1.f);
+    w = ones.data();
+  }
   const int threads = omp_get_max_threads();
   ColumnPartials pw(threads, cols), pb(threads, cols);
 #pragma omp parallel num_threads(threads)
@@ -90,14 +104,19 @@ void backward(const void* dy_, const void* dh_direct_, const void* h_, const flo
         accw[c] += g[c] * xh;
         accb[c] += g[c];
         hat[c] = xh;
-        g[c] *= w ? w[c] : 1.f;
+        g[c] *= w[c];
         sum_g += g[c];
         sum_gh += g[c] * xh;
       }
       const float mg = sum_g / float(cols), mgh = sum_gh / float(cols);
-      if (dd) load_row<DT>(dd + i * cols, cols, out, 0.f);
+      if (dd) {
+        load_row<DT>(dd + i * cols, cols, out, 0.f);
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) out[c] = rs * (g[c] - mg - hat[c] * mgh) + (dd ? out[c] : 0.f);
+        for (int64_t c = 0; c < cols; ++c) out[c] += rs * (g[c] - mg - hat[c] * mgh);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) out[c] = rs * (g[c] - mg - hat[c] * mgh);
+      }
       store_row<DT>(out, cols, dh + i * cols);
     }
   }
