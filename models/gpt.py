@@ -376,44 +376,36 @@ registry.register("train", "gpt", help="byte-level GPT on the shipped Shakespear
 
 # ---------------------------------------------------------------------------------------------------- profiling
 class _PeakMemory:
-    """Peak memory of the block above its start: CUDA's allocator statistics on a GPU; on the CPU the process's
-    resident set, sampled every millisecond by a thread (large tensors are mmap'd and returned on free, so RSS
-    follows the live tensors)."""
+    """Peak memory allocated during the block above what was allocated at its start: CUDA's allocator statistics
+    on a GPU; on the CPU torch's profiler with memory tracking, replaying each op's own allocations and frees in
+    start order (a transient inside one op that it frees itself is not seen; allocations by the C++ kernels' own
+    scratch buffers, a few KB per thread, are not tensors and not counted)."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        import threading
+        else:
+            from torch.profiler import ProfilerActivity, profile
 
-        self._base, self._high, self._stop = self._rss(), 0, threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.001):
-                self._high = max(self._high, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._high, self._rss()) - self._base
+            return
+        self._prof.__exit__(*exc)
+        current = 0
+        for event in sorted(self._prof.events(), key=lambda e: e.time_range.start):
+            current += event.self_cpu_memory_usage
+            self.peak = max(self.peak, current)
 
 
 def profile(config: str = "bench-cpu", batch: int = 4, steps: int = 3, autocast: bool = False,
