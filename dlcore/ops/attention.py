@@ -321,6 +321,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
                                  key_padding_mask: Optional[torch.Tensor] = None,
+                                 key_lengths: Optional[torch.Tensor] = None,
                                  window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, computed by a flash kernel (no L×S matrix in memory).
 
@@ -330,7 +331,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     as torch, also when L != S); not together with attn_mask. dropout_p: on the attention weights, Philox-seeded
     from torch's generator (torch.manual_seed reproduces it). enable_gqa: Hq a multiple of Hk.
     Extensions (keyword only): key_padding_mask (..., S) as torch.nn.MultiheadAttention's (bool True = ignore the
-    key, or additive float); window_size (left, right): query i sees keys i-left..i+right (-1 = unbounded).
+    key, or additive float); key_lengths (...) integers: only the first key_lengths[b] keys of batch element b
+    take part — right-padded batches, whose padded key blocks the kernel then skips (the variable-length path);
+    window_size (left, right): query i sees keys i-left..i+right (-1 = unbounded).
     A query row that sees no key returns zeros (as torch). fp32, fp16, bf16 (fp32 math inside) and float64.
     """
     _check_qkv(query, key, value, enable_gqa)
@@ -354,11 +357,21 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         bias = pad if bias is None else bias + pad
     if bias is not None:
         bias = _broadcast_bias(bias, "attn_mask", full).reshape(batch, hq, lq, lk)
+    klen = None
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.is_floating_point() \
+                or tuple(key_lengths.shape) != tuple(lead):
+            raise ValueError(f"key_lengths must be an integer tensor of shape {tuple(lead)}")
+        if key_lengths.device != query.device:
+            raise ValueError(f"key_lengths is on {key_lengths.device} but query is on {query.device}")
+        if key_lengths.numel() and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > lk):
+            raise ValueError(f"key_lengths must lie in [0, {lk}]")
+        klen = key_lengths.reshape(batch).to(torch.int32)
     if lq == 0 or lk == 0 or batch == 0 or hq == 0:
         return query.new_zeros((*lead, hq, lq, value.shape[-1]))
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
     q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
-    o, _ = attention_op(q, k, v, bias, None, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    o, _ = attention_op(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
     return o.reshape(*lead, hq, lq, value.shape[-1])
 
 
