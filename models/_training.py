@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import statistics
+import time
 from dataclasses import asdict, fields
 from typing import Optional
+
+import torch
 
 
 class Progress:
@@ -73,3 +78,89 @@ def plot_curves(path: str, curves: dict, xlabel: str, ylabel: str, title: str) -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+class _PeakMemory:
+    """Peak memory allocated during the block above what was allocated at its start: CUDA's allocator statistics
+    on a GPU; on the CPU torch's profiler with memory tracking, replaying each op's own allocations and frees in
+    start order (a transient inside one op that it frees itself is not seen; allocations by the C++ kernels' own
+    scratch buffers, a few KB per thread, are not tensors and not counted)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._prof.__exit__(*exc)
+        current = 0
+        for event in sorted(self._prof.events(), key=lambda e: e.time_range.start):
+            current += event.self_cpu_memory_usage
+            self.peak = max(self.peak, current)
+
+
+def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple, tokens: int, device: torch.device,
+                     steps: int = 3, autocast: bool = False, compile_stock: bool = False) -> list[dict]:
+    """Time a training step (model(*inputs) → loss, backward, AdamW step) of the dlcore model with dlcore's AdamW
+    and of its stock twin with torch's (and of the torch.compile'd twin): median of `steps` steps after two
+    warm-up steps, then one step under _PeakMemory. Rows: variant, step_s, tokens_per_s, peak_mib,
+    speedup_vs_eager."""
+    import dlcore.optim
+
+    runs = [("dlcore", ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
+            ("torch eager", twin, torch.optim.AdamW(twin.parameters(), lr=1e-4))]
+    if compile_stock:
+        other = copy.deepcopy(twin)
+        runs.append(("torch.compile", torch.compile(other), torch.optim.AdamW(other.parameters(), lr=1e-4)))
+    rows = []
+    for name, model, opt in runs:
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(*inputs)
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):  # warm-up: compilation, optimizer state allocation
+            step()
+        times = []
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        opt.zero_grad(set_to_none=True)
+        with _PeakMemory(device) as mem:
+            step()
+        seconds = statistics.median(times)
+        rows.append({"variant": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
+                     "peak_mib": mem.peak / 2 ** 20})
+    eager = next(r["step_s"] for r in rows if r["variant"] == "torch eager")
+    for r in rows:
+        r["speedup_vs_eager"] = eager / r["step_s"]
+    return rows
+
+
+def print_profile(title: str, rows: list[dict]) -> None:
+    print(title)
+    print(f"{'variant':<15}{'step s':>9}{'tokens/s':>11}{'peak MiB':>10}{'vs eager':>10}")
+    for r in rows:
+        print(f"{r['variant']:<15}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.0f}"
+              f"{r['speedup_vs_eager']:>9.2f}×")

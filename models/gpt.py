@@ -375,48 +375,11 @@ registry.register("train", "gpt", help="byte-level GPT on the shipped Shakespear
 
 
 # ---------------------------------------------------------------------------------------------------- profiling
-class _PeakMemory:
-    """Peak memory allocated during the block above what was allocated at its start: CUDA's allocator statistics
-    on a GPU; on the CPU torch's profiler with memory tracking, replaying each op's own allocations and frees in
-    start order (a transient inside one op that it frees itself is not seen; allocations by the C++ kernels' own
-    scratch buffers, a few KB per thread, are not tensors and not counted)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        self._prof.__exit__(*exc)
-        current = 0
-        for event in sorted(self._prof.events(), key=lambda e: e.time_range.start):
-            current += event.self_cpu_memory_usage
-            self.peak = max(self.peak, current)
-
-
 def profile(config: str = "bench-cpu", batch: int = 4, steps: int = 3, autocast: bool = False,
             compile_stock: bool = False, device: Optional[str] = None) -> list[dict]:
-    """Training tokens/s (forward, backward, AdamW step) and the step's peak memory above the weights and optimizer
-    state, for dlcore and its stock twin (and the torch.compile'd twin), same run; medians of `steps` timed steps
-    after two warm-up steps."""
-    import copy
-    import statistics
-
-    import dlcore.optim
+    """Training tokens/s (forward, backward, AdamW step) and peak memory, dlcore vs its stock twin (and the
+    torch.compile'd twin), same run: dlcore.models._training.profile_training."""
+    from dlcore.models._training import profile_training
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = CONFIGS[config]
@@ -424,43 +387,10 @@ def profile(config: str = "bench-cpu", batch: int = 4, steps: int = 3, autocast:
     ours = GPT(cfg).to(dev)
     twin = GPT(cfg, stock=True).to(dev)
     twin.load_state_dict(ours.state_dict())
-    runs = [("dlcore", ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
-            ("torch eager", twin, torch.optim.AdamW(twin.parameters(), lr=1e-4))]
-    if compile_stock:
-        other = copy.deepcopy(twin)
-        runs.append(("torch.compile", torch.compile(other), torch.optim.AdamW(other.parameters(), lr=1e-4)))
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.n_positions), device=dev)
     targets = torch.randint(0, cfg.vocab_size, (batch, cfg.n_positions), device=dev)
-    rows = []
-    for name, model, opt in runs:
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(idx, targets)
-            loss.backward()
-            opt.step()
-
-        for _ in range(2):  # warm-up: compilation, optimizer state allocation
-            step()
-        times = []
-        for _ in range(steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        opt.zero_grad(set_to_none=True)
-        with _PeakMemory(dev) as mem:
-            step()
-        seconds = statistics.median(times)
-        rows.append({"variant": name, "step_s": seconds, "tokens_per_s": batch * cfg.n_positions / seconds,
-                     "peak_mib": mem.peak / 2 ** 20})
-    base = {r["variant"]: r["step_s"] for r in rows}
-    for r in rows:
-        r["speedup_vs_eager"] = base["torch eager"] / r["step_s"]
-    return rows
+    return profile_training(ours, twin, (idx, targets), batch * cfg.n_positions, dev, steps, autocast,
+                            compile_stock)
 
 
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
@@ -473,14 +403,13 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _profile_run(args: argparse.Namespace) -> int:
+    from dlcore.models._training import print_profile
+
     rows = profile(args.config, args.batch, args.steps, args.autocast, args.compile, args.device)
     cfg = CONFIGS[args.config]
-    print(f"GPT {args.config}: {cfg.n_layer} layers, d {cfg.n_embd}, vocab {cfg.vocab_size}, batch {args.batch} × "
-          f"{cfg.n_positions}, {'bf16 autocast' if args.autocast else 'fp32'}, training step with AdamW")
-    print(f"{'variant':<15}{'step s':>9}{'tokens/s':>11}{'peak MiB':>10}{'vs eager':>10}")
-    for r in rows:
-        print(f"{r['variant']:<15}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.0f}"
-              f"{r['speedup_vs_eager']:>9.2f}×")
+    print_profile(f"GPT {args.config}: {cfg.n_layer} layers, d {cfg.n_embd}, vocab {cfg.vocab_size}, batch "
+                  f"{args.batch} × {cfg.n_positions}, {'bf16 autocast' if args.autocast else 'fp32'}, training step "
+                  "with AdamW", rows)
     return 0
 
 

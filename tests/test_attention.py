@@ -166,6 +166,25 @@ def test_sdpa_fp32_default_backend_matches_torch_with_key_padding_and_3d_input()
                                rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_sdpa_key_lengths_equal_a_right_padding_mask(backend):
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(3, 2, 70, 32, generator=gen, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([70, 1, 33])
+    pad = torch.arange(70) >= lengths[:, None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :])
+    with dlcore.use_backend(backend):
+        got = scaled_dot_product_attention(q, k, v, key_lengths=lengths)
+        grads = torch.autograd.grad(got, (q, k, v), torch.ones_like(got))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="key_lengths must lie"):
+        scaled_dot_product_attention(q, k, v, key_lengths=torch.tensor([71, 1, 1]))
+    with pytest.raises(ValueError, match="key_lengths must be an integer tensor of shape"):
+        scaled_dot_product_attention(q, k, v, key_lengths=torch.tensor([1, 1]))
+
+
 def test_gradcheck_reference_grade():
     gen = torch.Generator().manual_seed(SEED)
     q, k, v = _torch_pair((1, 2, 5, 8), (1, 1, 6, 8), gen=gen)

@@ -1,47 +1,39 @@
-"""Benchmark cases for issue 5's model-level targets: one GPT training step (forward, backward, AdamW step).
+"""Benchmark cases for issue 5's model-level targets: one training step (forward, backward, AdamW step) of a
+dlcore model (fused ops + dlcore.optim.AdamW) against its stock twin (torch.nn + torch.optim.AdamW), eager and
+torch.compile'd (the model; the optimizer step stays eager in both), in the same run.
 
-CPU: the GPT-2-shaped model of the issue (d 768, 12 heads, 2 layers, context 512, batch 4, vocabulary 8192), fp32
-and under bf16 autocast. dlcore (fused ops + dlcore.optim.AdamW) against the stock twin (torch.nn + torch.optim.AdamW)
-eager and torch.compile'd (the model; the optimizer step stays eager in both).
-GPU: GPT-2 small (124M), batch 8, context 1024, bf16 autocast.
+GPT, CPU: the GPT-2-shaped model of the issue (d 768, 12 heads, 2 layers, context 512, batch 4, vocabulary 8192),
+fp32 and under bf16 autocast. GPU: GPT-2 small (124M), batch 8, context 1024, bf16 autocast.
 FLOPs: 6·tokens·(12·layers·d² + vocab·d) for the matmuls plus 6·layers·tokens·T·d for causal attention."""
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 
 from dlcore.bench.harness import DLCORE, Case
 
 
-def _flops(cfg, batch: int, length: int) -> float:
-    tokens = batch * length
-    d, layers = cfg.n_embd, cfg.n_layer
-    return 6.0 * tokens * (12 * layers * d * d + cfg.vocab_size * d) + 6.0 * layers * tokens * length * d
-
-
-def _setup(config_name: str, batch: int, device: str, autocast: bool, compile_stock: bool):
+def train_step_setup(make_pair: Callable[[], tuple], make_batch: Callable[[], tuple], device: str, autocast: bool,
+                     compile_stock: bool):
+    """setup(n_sets) for a training-step case: make_pair() → (dlcore model, stock twin with the same weights) on
+    `device`; make_batch() → the model's positional inputs, ending with its labels (the model returns the loss)."""
     def setup(n_sets: int):
         import dlcore.optim
-        from dlcore.models.gpt import CONFIGS, GPT
 
-        cfg = CONFIGS[config_name]
-        length = cfg.n_positions
         torch.manual_seed(0)
-        ours = GPT(cfg).to(device)
-        stock = GPT(cfg, stock=True).to(device)
-        stock.load_state_dict(ours.state_dict())
-        data = [(torch.randint(0, cfg.vocab_size, (batch, length), device=device),
-                 torch.randint(0, cfg.vocab_size, (batch, length), device=device)) for _ in range(n_sets)]
+        ours, stock = make_pair()
+        data = [make_batch() for _ in range(n_sets)]
         state = {"i": 0}
 
         def variant(model, optimizer):
             def step():
-                idx, targets = data[state["i"] % n_sets]
+                inputs = data[state["i"] % n_sets]
                 state["i"] += 1
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = model(idx, targets)
+                    loss = model(*inputs)
                 loss.backward()
                 optimizer.step()
                 return loss
@@ -57,8 +49,14 @@ def _setup(config_name: str, batch: int, device: str, autocast: bool, compile_st
     return setup
 
 
+def _flops(cfg, batch: int, length: int) -> float:
+    tokens = batch * length
+    d, layers = cfg.n_embd, cfg.n_layer
+    return 6.0 * tokens * (12 * layers * d * d + cfg.vocab_size * d) + 6.0 * layers * tokens * length * d
+
+
 def cases(device: str) -> list[Case]:
-    from dlcore.models.gpt import CONFIGS
+    from dlcore.models.gpt import CONFIGS, GPT
 
     if device == "cpu":
         runs = [("bench-cpu", 4, False, 1.5), ("bench-cpu", 4, True, 1.5)]
@@ -67,9 +65,18 @@ def cases(device: str) -> list[Case]:
     out = []
     for name, batch, autocast, target in runs:
         cfg = CONFIGS[name]
+
+        def make_pair(cfg=cfg):
+            ours, stock = GPT(cfg).to(device), GPT(cfg, stock=True).to(device)
+            stock.load_state_dict(ours.state_dict())
+            return ours, stock
+
+        def make_batch(cfg=cfg, batch=batch):
+            return tuple(torch.randint(0, cfg.vocab_size, (batch, cfg.n_positions), device=device) for _ in range(2))
+
         label = (f"GPT {name} ({cfg.n_layer}L d{cfg.n_embd} V{cfg.vocab_size}) B{batch} T{cfg.n_positions} "
                  f"{'bf16 autocast' if autocast else 'fp32'} train step")
-        out.append(Case("gpt", label, device, _setup(name, batch, device, autocast, compile_stock=True),
+        out.append(Case("gpt", label, device, train_step_setup(make_pair, make_batch, device, autocast, True),
                         flops=_flops(cfg, batch, cfg.n_positions), baseline="torch eager", target=target,
                         quick=False, notes="issue 5: also ≥ 1.05× (CPU) / ≥ 1.0× (GPU) against torch.compile"))
     return out
