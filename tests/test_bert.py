@@ -110,3 +110,24 @@ def test_fp32_cpu_kernels_match_twin_on_padded_batch():
         loss.backward()
     for (name, p), q in zip(ours.named_parameters(), twin.parameters()):
         assert max_error(p.grad, q.grad) < 1e-4 * (1 + q.grad.abs().max().item()), name
+
+
+def test_train_bert_pretrains_and_fine_tunes(tmp_path):
+    from dlcore.models.bert import BertTrainConfig, train
+
+    s = train(BertTrainConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, batch=16,
+                              pretrain_steps=40, finetune_steps=120, out=str(tmp_path), progress=False))
+    assert s["pretrain_loss_last20"] < s["pretrain_loss_first20"]
+    assert s["accuracy"] > s["majority_baseline"] + 0.05
+    assert (tmp_path / "classifier.pt").exists() and (tmp_path / "loss.csv").exists()
+
+
+def test_profile_bert_reports_both_variants():
+    from dlcore.models import bert
+
+    bert.PROFILE_CONFIGS["test-tiny"] = CFG
+    try:
+        rows = bert.profile("test-tiny", batch=2, length=16, steps=1)
+    finally:
+        del bert.PROFILE_CONFIGS["test-tiny"]
+    assert [r["variant"] for r in rows] == ["dlcore", "torch eager"] and all(r["tokens_per_s"] > 0 for r in rows)
