@@ -274,9 +274,18 @@ def _batches(data: torch.Tensor, cfg: GPTTrainConfig, gen: torch.Generator):
 
 
 def train(cfg: GPTTrainConfig) -> dict:
-    """Train; writes loss.csv, loss.png, checkpoint.pt (resume with resume=True) and summary.json to cfg.out."""
+    """Train; writes loss.csv, loss.png, checkpoint.pt (resume with resume=True) and summary.json to cfg.out.
+    Under torchrun (WORLD_SIZE > 1) each process trains a DistributedDataParallel replica on its own batches
+    (gloo on the CPU); rank 0 evaluates, prints and writes."""
+    import torch.distributed as dist
+
     import dlcore.optim
     from dlcore.models._training import Progress, plot_curves
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
 
     with open(cfg.text, "rb") as f:
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
@@ -285,7 +294,8 @@ def train(cfg: GPTTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model_cfg = GPTConfig(vocab_size=256, n_positions=cfg.context, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                           n_head=cfg.n_head)
-    model = GPT(model_cfg, stock=cfg.stock)
+    model = GPT(model_cfg, stock=cfg.stock)  # same seed on every rank: identical replicas
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -300,8 +310,8 @@ def train(cfg: GPTTrainConfig) -> dict:
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         history, start = ckpt["history"], ckpt["step"]
-    gen = torch.Generator().manual_seed(cfg.seed + start)
-    progress = Progress("gpt", cfg.progress, cfg.steps, start)
+    gen = torch.Generator().manual_seed(cfg.seed + start + 7919 * rank)  # each rank its own batches
+    progress = Progress("gpt", cfg.progress and rank == 0, cfg.steps, start)
     t0 = time.perf_counter()
 
     @torch.no_grad()
@@ -324,14 +334,14 @@ def train(cfg: GPTTrainConfig) -> dict:
     for step in range(start, cfg.steps):
         x, y = _batches(train_data, cfg, gen)
         opt.zero_grad(set_to_none=True)
-        loss = model(x, y)
+        loss = net(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
         train_loss = loss.item()
         progress.advance(step + 1, f"loss {train_loss:.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             val = evaluate()
             history.append((step + 1, train_loss, val))
             progress.note(f"step {step + 1}: train loss {train_loss:.3f}, val loss {val:.3f}")
@@ -339,6 +349,14 @@ def train(cfg: GPTTrainConfig) -> dict:
                         schedule.state_dict(), "history": history, "step": step + 1, "config": asdict(cfg)},
                        ckpt_path)
     progress.close()
+    agree = True
+    if world > 1:  # the replicas must hold the same weights after training
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        agree = all(torch.equal(gathered[0], g) for g in gathered)
+        if rank != 0:
+            return {"history": history, "replicas_agree": agree, "world_size": world}
     text = sample()
     with open(os.path.join(cfg.out, "loss.csv"), "w") as f:
         f.write("step,train_loss,val_loss\n" + "".join(f"{s},{a:.5f},{b:.5f}\n" for s, a, b in history))
@@ -347,7 +365,8 @@ def train(cfg: GPTTrainConfig) -> dict:
         plot_curves(os.path.join(cfg.out, "loss.png"), {"train": (steps, [h[1] for h in history]),
                                                         "validation": (steps, [h[2] for h in history])},
                     "step", "cross-entropy (nats/byte)", f"byte-level GPT on {os.path.basename(cfg.text)}")
-    summary = {"history": history, "sample": text, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
+    summary = {"history": history, "sample": text, "seconds": time.perf_counter() - t0, "world_size": world,
+               "replicas_agree": agree, "config": asdict(cfg)}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -364,10 +383,12 @@ def _train_run(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(GPTTrainConfig, args)
     summary = train(cfg)
+    if "sample" not in summary:  # a torchrun worker other than rank 0
+        return 0 if summary["replicas_agree"] else 1
     first, last = summary["history"][0], summary["history"][-1]
     print(f"val loss {first[2]:.3f} (step {first[0]}) → {last[2]:.3f} (step {last[0]}); sample:\n{summary['sample']}")
     print(f"wrote {cfg.out}/loss.csv, loss.png, checkpoint.pt, summary.json")
-    return 0 if last[2] < first[2] else 1
+    return 0 if last[2] < first[2] and summary["replicas_agree"] else 1
 
 
 registry.register("train", "gpt", help="byte-level GPT on the shipped Shakespeare text", run=_train_run)(

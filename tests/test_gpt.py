@@ -152,3 +152,26 @@ def test_profile_reports_both_variants():
         del gpt.CONFIGS["test-tiny"]
     assert [r["variant"] for r in rows] == ["dlcore", "torch eager"]
     assert all(r["tokens_per_s"] > 0 and r["peak_mib"] >= 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_gpt_under_torchrun_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dlcore.cli train gpt`: DistributedDataParallel with gloo; the replicas end
+    with identical weights and the validation loss falls."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "dlcore.cli", "train", "gpt", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32",
+           "--batch", "8", "--steps", "40", "--eval-every", "20", "--warmup", "5", "--sample-chars", "20",
+           "--out", str(tmp_path), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["world_size"] == 2 and summary["replicas_agree"]
+    assert summary["history"][-1][2] < summary["history"][0][2]
