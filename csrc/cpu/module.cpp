@@ -31,6 +31,7 @@ void register_attention(py::module_& m);
 void register_layer_norm(py::module_& m);
 void register_bias_gelu(py::module_& m);
 void register_cross_entropy(py::module_& m);
+void register_additive_attention(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -51,4 +52,5 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_layer_norm(m);
   register_bias_gelu(m);
   register_cross_entropy(m);
+  register_additive_attention(m);
 }
