@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlcore.ops.additive_attention import BahdanauAttention  # noqa: F401  (re-exported)
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
 from dlcore.ops.conv_relu import conv2d_relu

@@ -182,9 +182,9 @@ class Seq2SeqTrainConfig:
     emb: int = 64
     hidden: int = 128
     batch: int = 64
-    steps: int = 1200
+    steps: int = 600
     lr: float = 3e-3
-    eval_every: int = 300
+    eval_every: int = 200
     eval_size: int = 300
     beam: int = 4
     target: float = 0.95

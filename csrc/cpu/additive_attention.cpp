@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,23 +23,36 @@ struct Shapes {
   int64_t B, S, A, D;
 };
 
-// e_j for j < n into e, and t_j rows into t when given ([n, A] scratch)
+inline vf load_vf(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+inline void store_vf(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+
+// e_j for j < n into e, and t_j rows into t when given ([n, A] scratch). Whole 16-float vectors, then a tail
+// vector built lane by lane (its unused lanes hold tanh(0) · 0 = 0).
 inline void scores(const float* s, const float* uh, const float* v, int64_t n, int64_t A, float* e, float* t) {
+  const int64_t full = A / VW * VW;
   for (int64_t j = 0; j < n; ++j) {
     const float* u = uh + j * A;
     float* tj = t ? t + j * A : nullptr;
-    float acc = 0.f;
-    for (int64_t a = 0; a < A; a += VW) {
-      const int64_t w = A - a < VW ? A - a : VW;
-      vf x = {};
-      for (int64_t l = 0; l < w; ++l) x[l] = s[a + l] + u[a + l];
-      const vf th = tanhv(x);
-      for (int64_t l = 0; l < w; ++l) {
-        acc += v[a + l] * th[l];
-        if (tj) tj[a + l] = th[l];
-      }
+    vf acc = {};
+    for (int64_t a = 0; a < full; a += VW) {
+      const vf th = tanhv(load_vf(s + a) + load_vf(u + a));
+      acc += load_vf(v + a) * th;
+      if (tj) store_vf(tj + a, th);
     }
-    e[j] = acc;
+    if (full < A) {
+      vf x = {}, w = {};
+      for (int64_t l = 0; l < A - full; ++l) x[l] = s[full + l] + u[full + l], w[l] = v[full + l];
+      const vf th = tanhv(x);
+      acc += w * th;
+      if (tj)
+        for (int64_t l = 0; l < A - full; ++l) tj[full + l] = th[l];
+    }
+    e[j] = sum_lanes(acc);
   }
 }
 

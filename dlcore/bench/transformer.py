@@ -3,7 +3,9 @@ width 768, vocabulary 8192 on the CPU; 8·1024 tokens and GPT-2's 50257 on a GPU
 - layer_norm with the residual add fused, against F.layer_norm(x + r) (eager and torch.compile);
 - bias_gelu (tanh), against F.gelu(x + b, approximate="tanh");
 - cross_entropy over [tokens, vocab] logits, against F.cross_entropy;
-- linear_cross_entropy (the output layer + loss), against F.cross_entropy(F.linear(x, W), t).
+- linear_cross_entropy (the output layer + loss), against F.cross_entropy(F.linear(x, W), t);
+- additive (Bahdanau) attention for one decoder step (batch 64, 48 source positions, width 256, right-padded),
+  against the stock chain tanh → ·v → masked softmax → weighted sum.
 Bytes are the minimum traffic of the fused forward+backward (each tensor read or written once per pass)."""
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _case(op, name, device, make_inputs, ours, stock, nbytes, flops=0.0, ops=())
 
 
 def cases(device: str) -> list[Case]:
-    from dlcore.functional import bias_gelu, cross_entropy, layer_norm, linear_cross_entropy
+    from dlcore.functional import additive_attention, bias_gelu, cross_entropy, layer_norm, linear_cross_entropy
 
     rows, width, vocab, dtype = _shape(device)
     size = torch.tensor([], dtype=dtype).element_size()
@@ -75,6 +77,17 @@ def cases(device: str) -> list[Case]:
         return grad_leaf(rows, width), grad_leaf(vocab, width, scale=0.02), \
             torch.randint(0, vocab, (rows,), device=device)
 
+    B, S, A, D = 64, 48, 256, 256
+    lengths = torch.randint(S // 2, S + 1, (B,), device=device)
+
+    def aa_inputs():
+        return grad_leaf(B, A), grad_leaf(B, S, A), grad_leaf(A), grad_leaf(B, S, D)
+
+    def aa_stock(ws, uh, v, h):
+        e = torch.tanh(ws[:, None] + uh) @ v
+        e = e.masked_fill(torch.arange(S, device=device) >= lengths[:, None], float("-inf"))
+        return torch.einsum("bs,bsd->bd", e.softmax(1), h)
+
     ln_bytes = rows * width * size * 7  # fwd: x, r → y, h; bwd: dy, dh, h → dx
     gelu_bytes = rows * hidden * size * 5  # fwd: x → y; bwd: dy, x → dx
     ce_bytes = rows * vocab * size * 3  # fwd: z; bwd: z → dz
@@ -91,4 +104,7 @@ def cases(device: str) -> list[Case]:
               lambda x, w, t: linear_cross_entropy(x, w, t), lambda x, w, t: F.cross_entropy(F.linear(x, w), t),
               nbytes=(vocab * width * 3 + rows * width * 2) * size, flops=6.0 * rows * width * vocab,
               ops=("cross_entropy",)),
+        _case("transformer", f"additive_attention B{B} S{S} A{A} D{D} {str(dtype)[6:]} fwd+bwd", device, aa_inputs,
+              lambda ws, uh, v, h: additive_attention(ws, uh, v, h, lengths)[0], aa_stock,
+              nbytes=B * S * (2 * A + 2 * D) * size, ops=("additive_attention", "additive_attention_backward")),
     ]
