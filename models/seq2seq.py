@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +84,16 @@ class Seq2Seq(nn.Module):
         keys = self.attn.project_keys(memory) if self.cfg.attention == "bahdanau" else None
         return memory, keys, state
 
-    def _context_luong(self, state, memory, src_lengths):
-        q = self.query(state)[:, None, None, :]  # [B, 1 head, 1 query, 2H]
-        kv = memory[:, None]                     # [B, 1 head, S, 2H]
+    def _context_luong(self, states, memory, src_lengths):
+        """Contexts for decoder states [B, T, H] (T = 1 when decoding): one attention call for all T queries."""
+        q = self.query(states)[:, None]  # [B, 1 head, T queries, 2H]
+        kv = memory[:, None]             # [B, 1 head, S, 2H]
         if self.stock:
             keep = (torch.arange(memory.shape[1], device=memory.device) < src_lengths[:, None])[:, None, None, :]
             c = F.scaled_dot_product_attention(q, kv, kv, attn_mask=keep, scale=1.0)
         else:
             c = scaled_dot_product_attention(q, kv, kv, scale=1.0, key_lengths=src_lengths.to(memory.device))
-        return c[:, 0, 0]
+        return c[:, 0]
 
     def step(self, token, state, memory, keys, src_lengths):
         """One decoder step: (features for the output layer [B, F], new state)."""
@@ -101,7 +103,7 @@ class Seq2Seq(nn.Module):
             state = self.cell(torch.cat([e, context], -1), state)
             return torch.cat([state, context], -1), state
         state = self.cell(e, state)
-        context = self._context_luong(state, memory, src_lengths)
+        context = self._context_luong(state[:, None], memory, src_lengths)[:, 0]
         return torch.tanh(self.combine(torch.cat([context, state], -1))), state
 
     def forward(self, src, src_lengths, tgt_in, labels):
@@ -109,11 +111,19 @@ class Seq2Seq(nn.Module):
         if labels.shape != tgt_in.shape:
             raise ValueError(f"labels must have tgt_in's shape {tuple(tgt_in.shape)}, got {tuple(labels.shape)}")
         memory, keys, state = self.encode(src, src_lengths)
-        features = []
-        for t in range(tgt_in.shape[1]):
-            f, state = self.step(tgt_in[:, t], state, memory, keys, src_lengths)
-            features.append(f)
-        feats = torch.stack(features, 1)
+        if self.cfg.attention == "luong":  # attention does not feed the recurrence: all states first, one attention
+            states = []
+            for e in self.tgt_embed(tgt_in).unbind(1):
+                state = self.cell(e, state)
+                states.append(state)
+            states = torch.stack(states, 1)
+            feats = torch.tanh(self.combine(torch.cat([self._context_luong(states, memory, src_lengths), states], -1)))
+        else:
+            features = []
+            for t in range(tgt_in.shape[1]):
+                f, state = self.step(tgt_in[:, t], state, memory, keys, src_lengths)
+                features.append(f)
+            feats = torch.stack(features, 1)
         if self.stock:
             return F.cross_entropy(self.out(feats).flatten(0, 1), labels.flatten())
         return linear_cross_entropy(feats, self.out.weight, labels, self.out.bias)
@@ -266,3 +276,41 @@ def _train_run(args: argparse.Namespace) -> int:
 
 registry.register("train", "seq2seq", help="GRU encoder-decoder with Bahdanau or Luong attention: numbers to words",
                   run=_train_run)(_train_arguments)
+
+
+def profile(attention: str = "bahdanau", hidden: int = 128, batch: int = 64, steps: int = 3, autocast: bool = False,
+            device: Optional[str] = None) -> list[dict]:
+    """Training tokens/s (source + target tokens) and peak memory on numbers → words batches, dlcore vs stock."""
+    from dlcore.models._training import profile_training
+    from dlcore.models.transformer import SRC_VOCAB, TGT_VOCAB, numbers_batch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, hidden=hidden, attn_dim=hidden, attention=attention)
+    torch.manual_seed(0)
+    ours, twin = Seq2Seq(cfg).to(dev), Seq2Seq(cfg, stock=True).to(dev)
+    twin.load_state_dict(ours.state_dict())
+    src, src_len, tgt_in, tgt_len, labels = numbers_batch(torch.randint(0, 1_000_000, (batch,)))
+    inputs = (src.to(dev), src_len.to(dev), tgt_in.to(dev), labels.to(dev))
+    return profile_training(ours, twin, inputs, int(src_len.sum() + tgt_len.sum()), dev, steps, autocast)
+
+
+def _profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", choices=["bahdanau", "luong"], default="bahdanau")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+
+
+def _profile_run(args: argparse.Namespace) -> int:
+    from dlcore.models._training import print_profile
+
+    rows = profile(args.attention, args.hidden, args.batch, args.steps, args.autocast, args.device)
+    print_profile(f"Seq2Seq ({args.attention}, hidden {args.hidden}) on numbers → words, batch {args.batch}, "
+                  f"{'bf16 autocast' if args.autocast else 'fp32'} (tokens = source + target)", rows)
+    return 0
+
+
+registry.register("profile", "seq2seq", help="Seq2Seq training tokens/s and peak memory, dlcore vs stock",
+                  run=_profile_run)(_profile_arguments)

@@ -366,3 +366,41 @@ def _train_run(args: argparse.Namespace) -> int:
 
 registry.register("train", "transformer", help="encoder-decoder Transformer: numbers to English words",
                   run=_train_run)(_train_arguments)
+
+
+def profile(config: str = "small", batch: int = 64, steps: int = 3, autocast: bool = False,
+            compile_stock: bool = False, device: Optional[str] = None) -> list[dict]:
+    """Training tokens/s (source + target tokens) and peak memory on numbers → words batches, dlcore vs stock."""
+    from dlcore.models._training import profile_training
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = TransformerConfig(**{**asdict(CONFIGS[config]), "src_vocab": SRC_VOCAB, "tgt_vocab": TGT_VOCAB,
+                               "dropout": 0.0, "max_len": 96})
+    torch.manual_seed(0)
+    ours, twin = Transformer(cfg).to(dev), Transformer(cfg, stock=True).to(dev)
+    twin.load_state_dict(ours.state_dict())
+    batch_ = tuple(t.to(dev) for t in numbers_batch(torch.randint(0, 1_000_000, (batch,))))
+    tokens = int(batch_[1].sum() + batch_[3].sum())
+    return profile_training(ours, twin, batch_, tokens, dev, steps, autocast, compile_stock)
+
+
+def _profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd stock twin")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+
+
+def _profile_run(args: argparse.Namespace) -> int:
+    from dlcore.models._training import print_profile
+
+    rows = profile(args.config, args.batch, args.steps, args.autocast, args.compile, args.device)
+    print_profile(f"Transformer {args.config} on numbers → words, batch {args.batch}, "
+                  f"{'bf16 autocast' if args.autocast else 'fp32'} (tokens = source + target)", rows)
+    return 0
+
+
+registry.register("profile", "transformer", help="Transformer training tokens/s and peak memory, dlcore vs stock",
+                  run=_profile_run)(_profile_arguments)

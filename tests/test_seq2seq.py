@@ -119,3 +119,12 @@ def test_seq2seq_bad_input_and_training_runs(tmp_path):
     s = train(Seq2SeqTrainConfig(emb=8, hidden=16, batch=8, steps=6, eval_every=6, eval_size=4, beam=2,
                                  out=str(tmp_path), progress=False))
     assert len(s["history"]) == 1 and s["beam_exact_match"] is not None and (tmp_path / "model.pt").exists()
+
+
+def test_profile_seq2seq_and_transformer_report_both_variants():
+    from dlcore.models import seq2seq, transformer
+
+    for rows in (seq2seq.profile("luong", hidden=16, batch=4, steps=1),
+                 seq2seq.profile("bahdanau", hidden=16, batch=4, steps=1),
+                 transformer.profile("small", batch=4, steps=1)):
+        assert [r["variant"] for r in rows] == ["dlcore", "torch eager"] and all(r["tokens_per_s"] > 0 for r in rows)
