@@ -7,6 +7,8 @@ v1 (shipped): a 2-D grid of [RB rows × BC cols] tiles over x [rows, cols].
 GELU (u = x + b):  exact  ½u(1 + erf(u/√2)),  gelu' = Φ(u) + u·e^{−u²/2}/√(2π);
                    tanh   ½u(1 + t), t = tanh(k(u + a·u³)),  gelu' = ½(1 + t) + ½u(1 − t²)·k(1 + 3a·u²),
 with tanh(z) = 1 − 2/(e^{2z} + 1) (exact at both infinities; Triton has no portable tanh).
+Dropout (DROPOUT): y = gelu(u)·keep/(1 − p), keep from kernels/attention.py's Philox helper with counter
+(col, row, 0, 0) — the same elements as the C++ twin and the reference — regenerated in backward.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, sum_combine
+from dlcore.kernels.attention import _dropout_keep
 
 
 @dual_helper
@@ -37,8 +40,8 @@ def _gelu_and_grad(u, TANH: tl.constexpr):
 
 
 @dual_kernel
-def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
-                             RB: tl.constexpr, BC: tl.constexpr):
+def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr,
+                             TANH: tl.constexpr, DROPOUT: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
@@ -47,12 +50,14 @@ def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, HAS_BIAS: tl.constexpr, TAN
     if HAS_BIAS:
         u += tl.load(BIAS + c, mask=c < cols, other=0.0)[None, :]
     y, _ = _gelu_and_grad(u, TANH)
+    if DROPOUT:
+        y = tl.where(_dropout_keep(seed, r, c, tl.program_id(0) * 0, threshold), y * drop_scale, 0.0)
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @dual_kernel
-def bias_gelu_backward_kernel(DY, X, BIAS, DX, DB, rows, cols, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
-                              RB: tl.constexpr, BC: tl.constexpr):
+def bias_gelu_backward_kernel(DY, X, BIAS, DX, DB, rows, cols, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr,
+                              TANH: tl.constexpr, DROPOUT: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
@@ -61,7 +66,10 @@ def bias_gelu_backward_kernel(DY, X, BIAS, DX, DB, rows, cols, HAS_BIAS: tl.cons
     if HAS_BIAS:
         u += tl.load(BIAS + c, mask=c < cols, other=0.0)[None, :]
     _, grad = _gelu_and_grad(u, TANH)
-    dx = tl.where(mask, tl.load(DY + off, mask=mask, other=0.0).to(tl.float32) * grad, 0.0)
+    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        dy = tl.where(_dropout_keep(seed, r, c, tl.program_id(0) * 0, threshold), dy * drop_scale, 0.0)
+    dx = tl.where(mask, dy * grad, 0.0)
     tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DB + tl.program_id(0) * cols + c, tl.reduce(dx, 0, sum_combine), mask=c < cols)
 
@@ -71,24 +79,31 @@ def _tile(on_gpu: bool) -> tuple[int, int, int]:
     return (32, 128, 4) if on_gpu else (64, 1024, 4)
 
 
-def forward(x, bias, approximate_tanh: bool):
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    return dict(seed=seed, threshold=min(int(round(dropout_p * 2 ** 32)), 2 ** 32),
+                drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0, DROPOUT=dropout_p > 0)
+
+
+def forward(x, bias, approximate_tanh: bool, dropout_p: float = 0.0, seed: int = 0):
     rows, cols = x.shape
     y = torch.empty_like(x)
     rb, bc, warps = _tile(x.is_cuda)
     bias_gelu_forward_kernel.launch((triton.cdiv(rows, rb), triton.cdiv(cols, bc)), x.device, x,
                                     x if bias is None else bias, y, rows, cols, HAS_BIAS=bias is not None,
-                                    TANH=approximate_tanh, RB=rb, BC=bc, num_warps=warps)
+                                    TANH=approximate_tanh, RB=rb, BC=bc, num_warps=warps,
+                                    **_dropout_args(dropout_p, seed))
     return y
 
 
-def backward(grad_y, x, bias, approximate_tanh: bool):
+def backward(grad_y, x, bias, approximate_tanh: bool, dropout_p: float = 0.0, seed: int = 0):
     rows, cols = x.shape
     rb, bc, warps = _tile(x.is_cuda)
     dx = torch.empty_like(x)
     partial = torch.empty((triton.cdiv(rows, rb), cols), dtype=torch.float32, device=x.device)
     bias_gelu_backward_kernel.launch((triton.cdiv(rows, rb), triton.cdiv(cols, bc)), x.device, grad_y, x,
                                      x if bias is None else bias, dx, partial, rows, cols, HAS_BIAS=bias is not None,
-                                     TANH=approximate_tanh, RB=rb, BC=bc, num_warps=warps)
+                                     TANH=approximate_tanh, RB=rb, BC=bc, num_warps=warps,
+                                     **_dropout_args(dropout_p, seed))
     return dx, partial.sum(0)
 
 
@@ -98,10 +113,12 @@ def _aot_configs():
     ptrs.update(BIAS="*fp32", DB="*fp32")
     configs = []
     for kernel in (bias_gelu_forward_kernel, bias_gelu_backward_kernel):
-        for tanh in (False, True):
-            constexprs = dict(HAS_BIAS=True, TANH=tanh, RB=rb, BC=bc)
-            configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
-                                     label=f"{kernel.__name__} {'tanh' if tanh else 'erf'} {rb}x{bc} w{warps}"))
+        for tanh, dropout in ((False, False), (True, False), (True, True)):
+            constexprs = dict(HAS_BIAS=True, TANH=tanh, DROPOUT=dropout, RB=rb, BC=bc)
+            sig = aot_signature(kernel, ptrs, constexprs, floats=("drop_scale",), int64s=("seed", "threshold"))
+            configs.append(AOTConfig(kernel, sig, constexprs, num_warps=warps,
+                                     label=f"{kernel.__name__} {'tanh' if tanh else 'erf'}{' dropout' if dropout else ''}"
+                                           f" {rb}x{bc} w{warps}"))
     return configs
 
 

@@ -157,7 +157,8 @@ def test_bias_gelu_gradcheck_opcheck_and_bad_input():
     b = torch.randn(9, generator=gen, dtype=torch.float64, requires_grad=True)
     for approximate in ("none", "tanh"):
         assert torch.autograd.gradcheck(lambda a, c: bias_gelu(a, c, approximate), (x, b))
-    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), True))
+    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), True, 0.0, 0))
+    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), False, 0.3, 123))
     with pytest.raises(ValueError, match="approximate"):
         bias_gelu(x, b, "fast")
     with pytest.raises(ValueError, match="bias"):
@@ -165,6 +166,54 @@ def test_bias_gelu_gradcheck_opcheck_and_bad_input():
     with pytest.raises(TypeError, match="input"):
         bias_gelu(torch.ones(3, 9, dtype=torch.int32))
     assert bias_gelu(torch.randn(0, 9), torch.randn(9)).shape == (0, 9)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in _cases(bias_gelu_mod.FORWARD) if c[2] != torch.float16])
+@pytest.mark.parametrize("rows,cols,p", [(7, 129, 0.1), (65, 1030, 0.5), (3, 17, 1.0)])
+def test_bias_gelu_dropout_same_mask_on_every_backend(backend, device, dtype, rows, cols, p):
+    """Every backend drops the elements philox_keep names (forward and backward), scaled by 1/(1 − p)."""
+    from dlcore.ops.attention import philox_keep
+
+    gen = _gen("bgd", rows, cols, p)
+    x = torch.randn(rows, cols, generator=gen, dtype=torch.float64) * 2
+    b = torch.randn(cols, generator=gen, dtype=torch.float64)
+    gy = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    x, gy = _representable(dtype, x, gy)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    keep = philox_keep(seed, 1, 1, rows, cols, p)[0, 0]
+    scale = 0.0 if p == 1 else 1 / (1 - p)
+
+    def stock(xi, bi):
+        return F.gelu(xi + bi.to(xi.dtype), approximate="tanh") * keep.to(xi.dtype) * scale
+
+    def run(dt, dev, fn):
+        xi = x.to(dev, dt).requires_grad_()
+        bi = b.to(dev, torch.float64 if dt == torch.float64 else torch.float32).requires_grad_()
+        y = fn(xi, bi)
+        return [y, *torch.autograd.grad(y, [xi, bi], gy.to(dev, dt))]
+
+    want = run(torch.float64, "cpu", stock)
+    low = run(dtype, device, stock) if dtype in LOW else want
+    with dlcore.use_backend(backend):
+        got = run(dtype, device, lambda xi, bi: bias_gelu_mod.bias_gelu_op(xi, bi.to(bias_gelu_mod.math_dtype(
+            xi.dtype)), True, p, seed))
+    assert bool((got[0].detach().cpu()[~keep] == 0).all()) and bool((got[1].detach().cpu()[~keep] == 0).all())
+    for g, w64, s, name in zip(got, want, low, ("y", "dx", "db")):
+        _check(g, w64, s, dtype, f"{backend} {name}")
+
+
+def test_bias_gelu_dropout_rate_and_seeding():
+    x = torch.randn(256, 512)
+    torch.manual_seed(3)
+    a = bias_gelu(x, None, "tanh", dropout_p=0.25)
+    torch.manual_seed(3)
+    b = bias_gelu(x, None, "tanh", dropout_p=0.25)
+    assert torch.equal(a, b)  # torch.manual_seed reproduces the mask
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.01
+    assert max_error(bias_gelu(x, None, "tanh", dropout_p=0.25, training=False), F.gelu(x, approximate="tanh")) < 1e-5
+    with pytest.raises(ValueError, match="dropout_p"):
+        bias_gelu(x, dropout_p=1.5)
 
 
 # ---------------------------------------------------------------------------------------------------- cross-entropy

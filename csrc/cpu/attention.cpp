@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/philox.h"
 #include "common/vec_math.h"
 
 namespace py = pybind11;
@@ -81,20 +82,6 @@ inline float max_row(const float* row, float init) {
 }
 
 
-// Philox4x32-10 with counter (j, i, bh, 0) and key (seed_lo, seed_hi): keep iff the first word ≥ threshold.
-inline bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
-  uint32_t c0 = j, c1 = i, c2 = bh, c3 = 0, k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;
-    c0 = uint32_t(pb >> 32) ^ c1 ^ k0;
-    c2 = uint32_t(pa >> 32) ^ c3 ^ k1;
-    c1 = uint32_t(pb);
-    c3 = uint32_t(pa);
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return uint64_t(c0) >= threshold;
-}
 
 // C[rows][BN] = A[rows][Dp] · Bt[Dp][BN]  (rows rounded up to 4; A zero-padded to that)
 void gemm_abt(const float* A, const float* Bt, float* C, int rows, int Dp) {

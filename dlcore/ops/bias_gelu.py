@@ -5,9 +5,12 @@ one pass, and its backward gives dx = dy·gelu'(x + b) and db = Σ_rows dx in on
 saved pre-bias input rather than storing an activation.
 
 Launcher signature shared by every backend (x: [rows, cols] contiguous; bias: None or [cols] in the math dtype —
-fp32, float64 for float64 inputs; approximate_tanh: GELU's tanh form, else the exact erf form):
-  forward(x, bias, approximate_tanh) -> y                        (x's dtype)
-  backward(grad_y, x, bias, approximate_tanh) -> (grad_x, grad_bias in the math dtype)
+fp32, float64 for float64 inputs; approximate_tanh: GELU's tanh form, else the exact erf form; dropout_p, seed:
+dropout after the activation, element (row, col) kept iff Philox4x32-10(key = seed, counter = (col, row, 0, 0))[0]
+≥ round(p·2³²) — dlcore.ops.attention.philox_keep — so every backend drops the same elements, and backward
+regenerates the mask instead of storing it):
+  forward(x, bias, approximate_tanh, dropout_p, seed) -> y                        (x's dtype)
+  backward(grad_y, x, bias, approximate_tanh, dropout_p, seed) -> (grad_x, grad_bias in the math dtype)
 Formulas, u = x + b:  exact  gelu(u) = ½u(1 + erf(u/√2)),   gelu'(u) = Φ(u) + u·φ(u);
                       tanh   gelu(u) = ½u(1 + t), t = tanh(√(2/π)(u + 0.044715u³)),
                              gelu'(u) = ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²).
@@ -17,7 +20,6 @@ Backends
   cpu        csrc/cpu/bias_gelu.cpp: OpenMP over rows, vectorised polynomial tanh/erf, fp32/bf16/fp16 storage.
   triton     kernels/bias_gelu.py: 2-D tiles, per-tile bias-gradient partials.
   cuda       not written (a helper op: Triton's kernel is the GPU path): reported unavailable.
-Dropout after the activation is not fused yet (the models apply torch's dropout when p > 0).
 """
 from __future__ import annotations
 
@@ -41,6 +43,23 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _drop(t: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """t·keep/(1 − p) with the Philox keep mask of a [rows, cols] tensor (see the module docstring)."""
+    if dropout_p <= 0:
+        return t
+    from dlcore.ops.attention import philox_keep
+
+    keep = philox_keep(seed, 1, 1, t.shape[0], t.shape[1], dropout_p, device=t.device)[0, 0]
+    return torch.where(keep, t / (1.0 - dropout_p), 0.0) if dropout_p < 1 else torch.zeros_like(t)
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
+    """(seed, threshold, scale) as the C++ twin takes them."""
+    if dropout_p <= 0:
+        return 0, 0, 1.0
+    return seed, min(int(round(dropout_p * 2 ** 32)), 2 ** 32), (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------- reference
 def _pre_activation(x, bias):
     u = x.to(math_dtype(x.dtype))
@@ -48,106 +67,115 @@ def _pre_activation(x, bias):
 
 
 @_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
-def reference_forward(x, bias, approximate_tanh):
-    return F.gelu(_pre_activation(x, bias), approximate="tanh" if approximate_tanh else "none").to(x.dtype)
+def reference_forward(x, bias, approximate_tanh, dropout_p=0.0, seed=0):
+    y = F.gelu(_pre_activation(x, bias), approximate="tanh" if approximate_tanh else "none")
+    return _drop(y, dropout_p, seed).to(x.dtype)
 
 
 @_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
-def reference_backward(grad_y, x, bias, approximate_tanh):
+def reference_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
     u = _pre_activation(x, bias)
     if approximate_tanh:
         t = torch.tanh(_TANH_K * (u + 0.044715 * u ** 3))
         grad = 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * _TANH_K * (1 + 3 * 0.044715 * u * u)
     else:
         grad = 0.5 * (1 + torch.erf(u / math.sqrt(2.0))) + u * torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
-    dx = grad_y.to(u.dtype) * grad
+    dx = _drop(grad_y.to(u.dtype), dropout_p, seed) * grad
     return dx.to(x.dtype), dx.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------- cpu (C++)
 @_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
-def cpu_forward(x, bias, approximate_tanh):
+def cpu_forward(x, bias, approximate_tanh, dropout_p=0.0, seed=0):
     y = torch.empty_like(x)
     _ext.cpu.bias_gelu_forward(x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), *x.shape,
-                               approximate_tanh, _ext.DTYPE_CODE[x.dtype])
+                               approximate_tanh, _ext.DTYPE_CODE[x.dtype], *_dropout_args(dropout_p, seed))
     return y
 
 
 @_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
-def cpu_backward(grad_y, x, bias, approximate_tanh):
+def cpu_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
     dx = torch.empty_like(x)
     db = torch.empty(x.shape[1], dtype=torch.float32)
     _ext.cpu.bias_gelu_backward(grad_y.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                dx.data_ptr(), db.data_ptr(), *x.shape, approximate_tanh, _ext.DTYPE_CODE[x.dtype])
+                                dx.data_ptr(), db.data_ptr(), *x.shape, approximate_tanh, _ext.DTYPE_CODE[x.dtype],
+                                *_dropout_args(dropout_p, seed))
     return dx, db
 
 
 # ---------------------------------------------------------------------------------------------------- triton
 @_dispatch.register(FORWARD, "triton", devices=("cpu", "cuda"), dtypes=LOW,
                     available=_ext.triton_unavailable("bias_gelu"))
-def triton_forward(x, bias, approximate_tanh):
+def triton_forward(x, bias, approximate_tanh, dropout_p=0.0, seed=0):
     from dlcore.kernels import bias_gelu
 
-    return bias_gelu.forward(x, bias, approximate_tanh)
+    return bias_gelu.forward(x, bias, approximate_tanh, dropout_p, seed)
 
 
 @_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=LOW,
                     available=_ext.triton_unavailable("bias_gelu"))
-def triton_backward(grad_y, x, bias, approximate_tanh):
+def triton_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
     from dlcore.kernels import bias_gelu
 
-    return bias_gelu.backward(grad_y, x, bias, approximate_tanh)
+    return bias_gelu.backward(grad_y, x, bias, approximate_tanh, dropout_p, seed)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("dlcore::bias_gelu", mutates_args=())
-def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], approximate_tanh: bool) -> torch.Tensor:
+def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], approximate_tanh: bool, dropout_p: float,
+                 seed: int) -> torch.Tensor:
     _, launch = _dispatch.select(FORWARD, x.device, x.dtype)
-    return launch(x, bias, approximate_tanh)
+    return launch(x, bias, approximate_tanh, dropout_p, seed)
 
 
 @bias_gelu_op.register_fake
-def _(x, bias, approximate_tanh):
+def _(x, bias, approximate_tanh, dropout_p, seed):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("dlcore::bias_gelu_backward", mutates_args=())
 def bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                          approximate_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          approximate_tanh: bool, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, launch = _dispatch.select(BACKWARD, x.device, x.dtype)
-    dx, db = launch(grad_y.contiguous(), x, bias, approximate_tanh)
+    dx, db = launch(grad_y.contiguous(), x, bias, approximate_tanh, dropout_p, seed)
     return dx, db.to(math_dtype(x.dtype))
 
 
 @bias_gelu_backward_op.register_fake
-def _(grad_y, x, bias, approximate_tanh):
+def _(grad_y, x, bias, approximate_tanh, dropout_p, seed):
     return torch.empty_like(x), x.new_empty(x.shape[1], dtype=math_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, bias, approximate_tanh = inputs
+    x, bias, approximate_tanh, dropout_p, seed = inputs
     ctx.save_for_backward(x, bias)
-    ctx.approximate_tanh = approximate_tanh
+    ctx.conf = (approximate_tanh, dropout_p, seed)
 
 
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    dx, db = bias_gelu_backward_op(grad_y, x, bias, ctx.approximate_tanh)
-    return dx, (db if bias is not None and ctx.needs_input_grad[1] else None), None
+    dx, db = bias_gelu_backward_op(grad_y, x, bias, *ctx.conf)
+    return dx, (db if bias is not None and ctx.needs_input_grad[1] else None), None, None, None
 
 
 bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------- public
-def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none") -> torch.Tensor:
-    """gelu(input + bias) as torch.nn.functional.gelu(input + bias, approximate=...), in one pass.
+def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none",
+              dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """dropout(gelu(input + bias), dropout_p, training) as torch.nn.functional would compute it, in one pass.
 
     input: [..., C] floating point; bias: [C] or None (any floating dtype; math in fp32, float64 for float64 input);
-    approximate: 'none' (erf) or 'tanh'. Returns input's shape and dtype."""
+    approximate: 'none' (erf) or 'tanh'; dropout_p: Philox-seeded from torch's generator (torch.manual_seed
+    reproduces it; the mask is regenerated in backward, never stored). Returns input's shape and dtype."""
     _checks.tensor("input", input)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension (the bias broadcasts over the last)")
     cols = input.shape[-1]
@@ -158,10 +186,11 @@ def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approxim
     x2 = input.reshape(-1, cols).contiguous()
     if x2.numel() == 0:
         return reference_forward(x2, bias, approximate == "tanh").view(input.shape)
-    return bias_gelu_op(x2, bias, approximate == "tanh").view(input.shape)
+    return bias_gelu_op(x2, bias, approximate == "tanh", p, seed).view(input.shape)
 
 
 def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                approximate: str = "none") -> torch.Tensor:
-    """gelu(F.linear(input, weight, bias)): the matmul without its bias, then the fused bias + GELU."""
-    return bias_gelu(F.linear(input, weight), bias, approximate)
+                approximate: str = "none", dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """dropout(gelu(F.linear(input, weight, bias))): the matmul without its bias, then the fused bias + GELU
+    (+ dropout)."""
+    return bias_gelu(F.linear(input, weight), bias, approximate, dropout_p, training)

@@ -1,0 +1,51 @@
+// Philox4x32-10 dropout masks shared by the CPU twins (attention, bias+GELU): element (i, j) of stream `bh` is kept
+// iff the first output word for counter (j, i, bh, 0) and key (seed_lo, seed_hi) is ≥ threshold = round(p·2³²).
+// The Triton kernels (kernels/attention.py _dropout_keep) and the reference (dlcore/ops/attention.py philox_keep)
+// compute the same words, so every backend drops the same elements.
+#pragma once
+#include <cstdint>
+
+namespace dlcore {
+
+inline bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
+  uint32_t c0 = j, c1 = i, c2 = bh, c3 = 0, k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;
+    c0 = uint32_t(pb >> 32) ^ c1 ^ k0;
+    c2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(pb);
+    c3 = uint32_t(pa);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return uint64_t(c0) >= threshold;
+}
+
+#if !defined(__CUDACC__)
+// The same words for 16 consecutive columns j0..j0+15 of row i at once (GCC vectors; the 32×32→64-bit products
+// become vpmuludq on AVX-512/AVX2). Returns a lane mask: all ones where the element is kept.
+typedef uint32_t philox_vu __attribute__((vector_size(64)));
+typedef uint64_t philox_vu64 __attribute__((vector_size(128)));
+typedef int32_t philox_vi __attribute__((vector_size(64)));
+
+inline philox_vi dropout_keep16(uint64_t seed, uint32_t i, uint32_t j0, uint32_t bh, uint64_t threshold) {
+  philox_vu c0 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  c0 += j0;
+  philox_vu c1 = philox_vu{} + i, c2 = philox_vu{} + bh, c3 = {};
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const philox_vu64 pb = __builtin_convertvector(c2, philox_vu64) * uint64_t(0xCD9E8D57u);
+    const philox_vu64 pa = __builtin_convertvector(c0, philox_vu64) * uint64_t(0xD2511F53u);
+    c0 = __builtin_convertvector(pb >> 32, philox_vu) ^ c1 ^ k0;
+    c2 = __builtin_convertvector(pa >> 32, philox_vu) ^ c3 ^ k1;
+    c1 = __builtin_convertvector(pb, philox_vu);
+    c3 = __builtin_convertvector(pa, philox_vu);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const philox_vu64 word = __builtin_convertvector(c0, philox_vu64);
+  return __builtin_convertvector(word >= threshold, philox_vi);
+}
+#endif
+
+}  // namespace dlcore
