@@ -67,6 +67,21 @@ def _scores(q, k, rows, cols, klen, LQ, LK, BIAS, sbm, sbn, scale_log2, WIN_L, W
     return tl.where(visible, s, float("-inf"))
 
 
+@dual_helper
+def _key_range(KLEN, b, LK, pid_m, WIN_L, WIN_R, HAS_KLEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """(keys of batch b, first key block start, key end) that query block pid_m can see."""
+    klen = LK
+    if HAS_KLEN:
+        klen = tl.load(KLEN + b)
+    lo = 0
+    hi = klen
+    if WIN_R >= 0:
+        hi = tl.minimum(hi, pid_m * BM + BM + WIN_R)
+    if WIN_L >= 0:
+        lo = tl.maximum(0, pid_m * BM - WIN_L) // BN * BN
+    return klen, lo, hi
+
+
 @dual_kernel
 def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
                              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, sbn,
@@ -87,15 +102,7 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     bias_base = BIAS + b * sbb + h * sbh
-    klen = LK
-    if HAS_KLEN:
-        klen = tl.load(KLEN + b)
-    lo = 0
-    hi = klen
-    if WIN_R >= 0:
-        hi = tl.minimum(hi, pid_m * BM + BM + WIN_R)
-    if WIN_L >= 0:
-        lo = tl.maximum(0, pid_m * BM - WIN_L) // BN * BN
+    klen, lo, hi = _key_range(KLEN, b, LK, pid_m, WIN_L, WIN_R, HAS_KLEN, BM, BN)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.full([BM], 0.0, tl.float32)
     acc = tl.full([BM, BD], 0.0, tl.float32)
@@ -206,15 +213,7 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     bias_base = BIAS + b * sbb + h * sbh
-    klen = LK
-    if HAS_KLEN:
-        klen = tl.load(KLEN + b)
-    lo = 0
-    hi = klen
-    if WIN_R >= 0:
-        hi = tl.minimum(hi, pid_m * BM + BM + WIN_R)
-    if WIN_L >= 0:
-        lo = tl.maximum(0, pid_m * BM - WIN_L) // BN * BN
+    klen, lo, hi = _key_range(KLEN, b, LK, pid_m, WIN_L, WIN_R, HAS_KLEN, BM, BN)
     dq = tl.full([BM, BD], 0.0, tl.float32)
     for start_n in range(lo, hi, BN):
         cols = start_n + offs_n
