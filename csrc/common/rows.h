@@ -31,6 +31,27 @@ inline void store_row(const float* src, int64_t n, typename Storage<DT>::T* dst)
   for (int64_t i = 0; i < n; ++i) dst[i] = St::store(src[i]);
 }
 
+// Σ_i a[i] and Σ_i (a[i] − shift)·b[i] over a vf-aligned row of nv whole vectors, with four independent
+// accumulators (one accumulator is bound by the add latency, ~4 cycles a vector). Padding lanes must make their
+// terms 0 (e.g. a = 0 and b = 0 there).
+inline float vsum(const vf* a, int64_t nv) {
+  vf acc[4] = {};
+  int64_t k = 0;
+  for (; k + 4 <= nv; k += 4)
+    for (int u = 0; u < 4; ++u) acc[u] += a[k + u];
+  for (; k < nv; ++k) acc[0] += a[k];
+  return sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+inline float vdot_shifted(const vf* a, float shift, const vf* b, int64_t nv) {
+  vf acc[4] = {};
+  int64_t k = 0;
+  for (; k + 4 <= nv; k += 4)
+    for (int u = 0; u < 4; ++u) acc[u] += (a[k + u] - shift) * b[k + u];
+  for (; k < nv; ++k) acc[0] += (a[k] - shift) * b[k];
+  return sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
 // Per-thread fp32 partial sums of `cols` columns, combined in thread order (deterministic for a thread count).
 // Each thread's row starts on a vector boundary and is padded to whole vectors (so it may be used as vf*).
 struct ColumnPartials {

@@ -36,10 +36,12 @@ void forward(const void* x_, const void* r_, const float* w, const float* b, voi
     if (!w) w = ones_zeros.data();
     if (!b) b = ones_zeros.data() + cols;
   }
+  const int64_t nv = vectors_for(cols);
 #pragma omp parallel
   {
-    std::vector<float> buf(size_t(vectors_for(cols) * VW));
-    float* v = buf.data();
+    std::vector<vf> store(static_cast<size_t>(nv)), centred(static_cast<size_t>(nv));
+    float* v = reinterpret_cast<float*>(store.data());
+    float* d = reinterpret_cast<float*>(centred.data());
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       load_row<DT>(x + i * cols, cols, v, 0.f);
@@ -53,18 +55,15 @@ void forward(const void* x_, const void* r_, const float* w, const float* b, voi
           v[c] = St::load(s);
         }
       }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) sum += v[c];
-      const float mu = sum / float(cols);
-      float sq = 0.f;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t c = 0; c < cols; ++c) sq += (v[c] - mu) * (v[c] - mu);
-      const float rs = 1.0f / std::sqrt(sq / float(cols) + eps);
+      const float mu = vsum(store.data(), nv) / float(cols);
+      // d = v − μ on the row, 0 on the padding, so that Σd² needs no correction
+#pragma omp simd
+      for (int64_t c = 0; c < nv * VW; ++c) d[c] = c < cols ? v[c] - mu : 0.f;
+      const float rs = 1.0f / std::sqrt(vdot_shifted(centred.data(), 0.f, centred.data(), nv) / float(cols) + eps);
       mean[i] = mu;
       rstd[i] = rs;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) v[c] = (v[c] - mu) * rs * w[c] + b[c];
+      for (int64_t c = 0; c < cols; ++c) v[c] = d[c] * rs * w[c] + b[c];
       store_row<DT>(v, cols, y + i * cols);
     }
   }
@@ -85,30 +84,29 @@ void backward(const void* dy_, const void* dh_direct_, const void* h_, const flo
   }
   const int threads = omp_get_max_threads();
   ColumnPartials pw(threads, cols), pb(threads, cols);
+  const int64_t nv = vectors_for(cols);
 #pragma omp parallel num_threads(threads)
   {
-    const size_t n = size_t(vectors_for(cols) * VW);
-    std::vector<float> buf(3 * n);
-    float *g = buf.data(), *hat = g + n, *out = hat + n;
+    std::vector<vf> buf(static_cast<size_t>(3 * nv));
+    float *g = reinterpret_cast<float*>(buf.data()), *hat = g + nv * VW, *out = hat + nv * VW;
+    const vf* gv = buf.data();
+    const vf* hv = buf.data() + nv;
     float* accw = pw.of_thread(omp_get_thread_num());
     float* accb = pb.of_thread(omp_get_thread_num());
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
-      load_row<DT>(dy + i * cols, cols, g, 0.f);
+      load_row<DT>(dy + i * cols, cols, g, 0.f);  // zero padding: the padded terms of both sums vanish
       load_row<DT>(h + i * cols, cols, hat, 0.f);
       const float mu = mean[i], rs = rstd[i];
-      float sum_g = 0.f, sum_gh = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_gh)
+#pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
         const float xh = (hat[c] - mu) * rs;
         accw[c] += g[c] * xh;
         accb[c] += g[c];
         hat[c] = xh;
         g[c] *= w[c];
-        sum_g += g[c];
-        sum_gh += g[c] * xh;
       }
-      const float mg = sum_g / float(cols), mgh = sum_gh / float(cols);
+      const float mg = vsum(gv, nv) / float(cols), mgh = vdot_shifted(gv, 0.f, hv, nv) / float(cols);
       if (dd) {
         load_row<DT>(dd + i * cols, cols, out, 0.f);
 #pragma omp simd
