@@ -39,9 +39,9 @@ def _gelu_and_grad(u, TANH: tl.constexpr):
     return y, dy
 
 
-@dual_kernel
-def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr,
-                             TANH: tl.constexpr, DROPOUT: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
+@dual_helper
+def _tile_pre_activation(X, BIAS, rows, cols, HAS_BIAS: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
+    """This program's [RB × BC] tile: (rows, cols, mask, offsets, u = x + b in fp32)."""
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
@@ -49,6 +49,13 @@ def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, seed, threshold, drop_scale
     u = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         u += tl.load(BIAS + c, mask=c < cols, other=0.0)[None, :]
+    return r, c, mask, off, u
+
+
+@dual_kernel
+def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr,
+                             TANH: tl.constexpr, DROPOUT: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
+    r, c, mask, off, u = _tile_pre_activation(X, BIAS, rows, cols, HAS_BIAS, RB, BC)
     y, _ = _gelu_and_grad(u, TANH)
     if DROPOUT:
         y = tl.where(_dropout_keep(seed, r, c, tl.program_id(0) * 0, threshold), y * drop_scale, 0.0)
@@ -58,13 +65,7 @@ def bias_gelu_forward_kernel(X, BIAS, Y, rows, cols, seed, threshold, drop_scale
 @dual_kernel
 def bias_gelu_backward_kernel(DY, X, BIAS, DX, DB, rows, cols, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr,
                               TANH: tl.constexpr, DROPOUT: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
-    r = tl.program_id(0) * RB + tl.arange(0, RB)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    off = r[:, None].to(tl.int64) * cols + c[None, :]
-    u = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        u += tl.load(BIAS + c, mask=c < cols, other=0.0)[None, :]
+    r, c, mask, off, u = _tile_pre_activation(X, BIAS, rows, cols, HAS_BIAS, RB, BC)
     _, grad = _gelu_and_grad(u, TANH)
     dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:

@@ -54,6 +54,16 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, defaults) -> None:
             parser.add_argument(flag, type=type(value), default=value)
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser, batch: int, compile_option: bool = True) -> None:
+    """The options every `dlcore profile <model>` takes (its model-specific ones are added beside them)."""
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast")
+    if compile_option:
+        parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd stock twin")
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+
+
 def dataclass_from_args(cls, args: argparse.Namespace):
     names = {f.name for f in fields(cls)}
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names})

@@ -415,12 +415,10 @@ def profile(config: str = "bench-cpu", batch: int = 4, steps: int = 3, autocast:
 
 
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
+    from dlcore.models._training import add_profile_arguments
+
     p.add_argument("--config", choices=sorted(CONFIGS), default="bench-cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 2 warm-up steps)")
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd stock twin")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    add_profile_arguments(p, batch=4)
 
 
 def _profile_run(args: argparse.Namespace) -> int:

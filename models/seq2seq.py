@@ -207,16 +207,15 @@ class Seq2SeqTrainConfig:
 def train(cfg: Seq2SeqTrainConfig) -> dict:
     import dlcore.optim
     from dlcore.models._training import Progress, plot_curves
-    from dlcore.models.transformer import (BOS, EOS, SRC_VOCAB, TGT_VOCAB, decode_words, number_to_words,
-                                           numbers_batch)
+    from dlcore.models.transformer import (BOS, EOS, SRC_VOCAB, TGT_VOCAB, exact_match_rate, held_out_numbers,
+                                           numbers_batch, training_numbers)
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Seq2Seq(Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, cfg.emb, cfg.hidden, cfg.hidden, cfg.attention), cfg.stock)
     opt = (torch.optim.Adam if cfg.stock else dlcore.optim.Adam)(model.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1 - s / cfg.steps))
-    held_out = torch.arange(0, 1_000_000, 7)
-    eval_numbers = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(99))[:cfg.eval_size]]
+    eval_numbers = held_out_numbers(cfg.eval_size)
     os.makedirs(cfg.out, exist_ok=True)
     progress = Progress(f"seq2seq/{cfg.attention}", cfg.progress, cfg.steps)
     history, t0 = [], time.perf_counter()
@@ -227,12 +226,10 @@ def train(cfg: Seq2SeqTrainConfig) -> dict:
         ids = model.beam_search(src, src_len, BOS, EOS, 80, beam) if beam else \
             model.greedy_decode(src, src_len, BOS, EOS, 80)
         model.train()
-        return sum(g == number_to_words(int(n)) for g, n in zip(decode_words(ids), eval_numbers)) / len(eval_numbers)
+        return exact_match_rate(ids, eval_numbers)
 
     for step in range(cfg.steps):
-        numbers = torch.randint(0, 1_000_000, (cfg.batch,), generator=gen)
-        numbers = (numbers + (numbers % 7 == 0).long()) % 1_000_000
-        src, src_len, tgt_in, _, labels = numbers_batch(numbers)
+        src, src_len, tgt_in, _, labels = numbers_batch(training_numbers(cfg.batch, gen))
         opt.zero_grad(set_to_none=True)
         loss = model(src, src_len, tgt_in, labels)
         loss.backward()
@@ -295,12 +292,11 @@ def profile(attention: str = "bahdanau", hidden: int = 128, batch: int = 64, ste
 
 
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
+    from dlcore.models._training import add_profile_arguments
+
     p.add_argument("--attention", choices=["bahdanau", "luong"], default="bahdanau")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    add_profile_arguments(p, batch=64, compile_option=False)
 
 
 def _profile_run(args: argparse.Namespace) -> int:

@@ -259,6 +259,23 @@ def numbers_batch(numbers: torch.Tensor):
     return (src, torch.tensor([len(d) for d in digits]), tgt_in, torch.tensor([len(w) + 1 for w in words]), labels)
 
 
+def held_out_numbers(size: int) -> torch.Tensor:
+    """`size` fixed numbers n < 10⁶ with n mod 7 = 0: the evaluation set, never trained on."""
+    held_out = torch.arange(0, 1_000_000, 7)
+    return held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(99))[:size]]
+
+
+def training_numbers(batch: int, gen: torch.Generator) -> torch.Tensor:
+    """`batch` random numbers n < 10⁶ with n mod 7 ≠ 0 (multiples of 7 are moved up by one)."""
+    numbers = torch.randint(0, 1_000_000, (batch,), generator=gen)
+    return (numbers + (numbers % 7 == 0).long()) % 1_000_000
+
+
+def exact_match_rate(decoded: torch.Tensor, numbers: torch.Tensor) -> float:
+    """Fraction of the decoded token rows that spell their number's words exactly."""
+    return sum(g == number_to_words(int(n)) for g, n in zip(decode_words(decoded), numbers)) / len(numbers)
+
+
 def decode_words(ids: torch.Tensor) -> list[str]:
     out = []
     for row in ids.tolist():
@@ -307,8 +324,7 @@ def train(cfg: TransformerTrainConfig) -> dict:
                                                                  eps=1e-9)
     base = inverse_sqrt_schedule(cfg.d_model, cfg.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_scale * base(s))
-    held_out = torch.arange(0, 1_000_000, 7)
-    eval_numbers = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(99))[:cfg.eval_size]]
+    eval_numbers = held_out_numbers(cfg.eval_size)
     os.makedirs(cfg.out, exist_ok=True)
     progress = Progress("transformer", cfg.progress, cfg.steps)
     history, t0 = [], time.perf_counter()
@@ -316,15 +332,13 @@ def train(cfg: TransformerTrainConfig) -> dict:
     def exact_match() -> float:
         model.eval()
         src, src_len, _, _, _ = numbers_batch(eval_numbers)
-        got = decode_words(model.greedy_decode(src, src_len, BOS, EOS, max_len=80))
+        got = model.greedy_decode(src, src_len, BOS, EOS, max_len=80)
         model.train()
-        return sum(g == number_to_words(int(n)) for g, n in zip(got, eval_numbers)) / len(got)
+        return exact_match_rate(got, eval_numbers)
 
     for step in range(cfg.steps):
-        numbers = torch.randint(0, 1_000_000, (cfg.batch,), generator=gen)
-        numbers = numbers + (numbers % 7 == 0).long()  # keep multiples of 7 for evaluation
         opt.zero_grad(set_to_none=True)
-        loss = model(*numbers_batch(numbers % 1_000_000))
+        loss = model(*numbers_batch(training_numbers(cfg.batch, gen)))
         loss.backward()
         opt.step()
         schedule.step()
@@ -385,12 +399,10 @@ def profile(config: str = "small", batch: int = 64, steps: int = 3, autocast: bo
 
 
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
+    from dlcore.models._training import add_profile_arguments
+
     p.add_argument("--config", choices=sorted(CONFIGS), default="small")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd stock twin")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    add_profile_arguments(p, batch=64)
 
 
 def _profile_run(args: argparse.Namespace) -> int:
