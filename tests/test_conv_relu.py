@@ -27,27 +27,34 @@ CASES = [(b, d, t) for t in (torch.float32, torch.float64) for b, d in backend_d
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("bias", [True, False])
-def test_forward_backward_match_float64(backend, device, dtype, shape, channels_last, bias):
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True)])
+def test_forward_backward_match_float64(backend, device, dtype, shape, channels_last, bias, residual):
     n, cin, h, w, cout, k, s, p, d, g = shape
     gen = torch.Generator().manual_seed(SEED + sum(shape))
     x = torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64)
     wt = torch.randn(cout, cin // g, k, k, generator=gen, dtype=torch.float64) / (cin * k * k) ** 0.5
     b = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
-    ref_inputs = [t.clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ())]
-    y_ref = F.relu(F.conv2d(*ref_inputs[:2], ref_inputs[2] if bias else None, s, p, d, g))
+    out_shape = F.conv2d(x, wt, None, s, p, d, g).shape
+    r = torch.randn(out_shape, generator=gen, dtype=torch.float64) if residual else None
+    ref_inputs = [t.clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ()) + ((r,) if residual else ())]
+    z_ref = F.conv2d(*ref_inputs[:2], ref_inputs[2] if bias else None, s, p, d, g)
+    y_ref = F.relu(z_ref + ref_inputs[-1] if residual else z_ref)
     grad = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
     refs = torch.autograd.grad(y_ref, ref_inputs, grad)
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [x.to(device, dtype).contiguous(memory_format=fmt).requires_grad_(),
               wt.to(device, dtype).requires_grad_()] + ([b.to(device, dtype).requires_grad_()] if bias else [])
+    if residual:  # the residual in the other layout than the input: converted, not mis-read
+        other = torch.contiguous_format if channels_last else torch.channels_last
+        inputs.append(r.to(device, dtype).contiguous(memory_format=other).requires_grad_())
     with dlcore.use_backend(backend):
-        y = conv2d_relu(inputs[0], inputs[1], inputs[2] if bias else None, s, p, d, g)
+        y = conv2d_relu(inputs[0], inputs[1], inputs[2] if bias else None, s, p, d, g,
+                        residual=inputs[-1] if residual else None)
         grads = torch.autograd.grad(y, inputs, grad.to(device, dtype))
     scale = 1 + y_ref.abs().max().item()
     assert (y.double().cpu() - y_ref).abs().max().item() <= TOL[dtype] * scale
-    for got, want, name in zip(grads, refs, ("input", "weight", "bias")):
+    for got, want, name in zip(grads, refs, ("input", "weight", "bias" if bias else "residual", "residual")):
         err = (got.double().cpu() - want).abs().max().item()
         assert err <= TOL[dtype] * (1 + want.abs().max().item()), f"grad {name}: {err}"
 
@@ -62,7 +69,7 @@ def test_gradcheck_float64():
 
 def test_opcheck_and_compile():
     x, w, b = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
-    torch.library.opcheck(conv2d_relu_op, (x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    torch.library.opcheck(conv2d_relu_op, (x, w, b, None, [1, 1], [1, 1], [1, 1], 1))
     compiled = torch.compile(lambda x, w, b: conv2d_relu(x, w, b, padding=1).sum(), fullgraph=True)
     torch.testing.assert_close(compiled(x, w, b), F.relu(F.conv2d(x, w, b, padding=1)).sum(), rtol=1e-4, atol=1e-4)
 

@@ -26,12 +26,12 @@ void cast(int64_t in, int64_t out, int64_t n, int in_dtype, int out_dtype) {
 
 void register_adam(py::module_& m);
 void register_gather(py::module_& m);
-void register_bias_relu(py::module_& m);
 void register_attention(py::module_& m);
 void register_layer_norm(py::module_& m);
 void register_bias_gelu(py::module_& m);
 void register_cross_entropy(py::module_& m);
 void register_additive_attention(py::module_& m);
+void register_batch_norm(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -47,10 +47,10 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("input"), py::arg("output"), py::arg("n"), py::arg("input_dtype"), py::arg("output_dtype"));
   register_adam(m);
   register_gather(m);
-  register_bias_relu(m);
   register_attention(m);
   register_layer_norm(m);
   register_bias_gelu(m);
   register_cross_entropy(m);
   register_additive_attention(m);
+  register_batch_norm(m);
 }

@@ -1,0 +1,276 @@
+"""Residual blocks and batch-norm layers on dlcore's fused kernels (issue 6), and the two model rewrites:
+
+- BatchNorm1d / BatchNorm2d (+ReLU, +LeakyReLU): nn.BatchNorm with the statistics, normalise, affine, an optional
+  residual add and the activation fused (dlcore.functional.batch_norm_act); same arguments and state_dict keys.
+- BasicBlock / Bottleneck: torchvision's arguments, attributes and state_dict keys; in training each BN + ReLU
+  (and the last BN + residual add + ReLU) is one fused op.
+- fuse_for_inference(model): folds every BN into the convolution before it (w' = w·γρ, b' = β + (b − μ)·γρ) and
+  turns each block into fused convolutions whose epilogue adds the bias, the residual and applies ReLU in one
+  pass (dlcore.functional.conv2d_relu): a BasicBlock is two launches, a Bottleneck three (+1 for a projection).
+- patch(model): swaps the blocks and BN+ReLU pairs of an existing torchvision-style ResNet in place (parameters
+  and buffers shared, not copied) and returns it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlcore.ops.batch_norm import batch_norm_act
+from dlcore.ops.conv_relu import conv2d_relu
+
+
+# ---------------------------------------------------------------------------------------------------- batch norm
+class _BatchNormAct(nn.modules.batchnorm._BatchNorm):
+    """act(BatchNorm(x) + residual) as one op; `activation` is fixed per class (see the table below)."""
+
+    activation = "identity"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, negative_slope: float = 0.01):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.negative_slope = negative_slope
+
+    @classmethod
+    def from_module(cls, bn: nn.modules.batchnorm._BatchNorm, negative_slope: float = 0.01):
+        """The fused layer sharing `bn`'s parameters and buffers (its state_dict keys too)."""
+        fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
+                    negative_slope=negative_slope)
+        for name in ("weight", "bias"):
+            setattr(fused, name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            fused._buffers[name] = bn._buffers.get(name)
+        fused.train(bn.training)
+        return fused
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        # torch's rule: batch statistics in training, or in eval when no running statistics are kept
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        update = self.training and self.track_running_stats
+        return batch_norm_act(input, self.running_mean if not self.training or update else None,
+                              self.running_var if not self.training or update else None, self.weight, self.bias,
+                              use_batch, self.momentum, self.eps, residual=residual, activation=self.activation,
+                              negative_slope=self.negative_slope,
+                              num_batches_tracked=self.num_batches_tracked if update else None)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return super().extra_repr() + slope
+
+
+def _batch_norm_class(name: str, base: type, activation: str) -> type:
+    doc = (f"{base.__name__}{' followed by ' + activation if activation != 'identity' else ''} as one fused op "
+           f"(dlcore.functional.batch_norm_act): {base.__name__}'s arguments (+ negative_slope), parameters and "
+           f"state_dict keys. forward(x, residual=None) → {activation}(bn(x) + residual).")
+    return type(name, (_BatchNormAct, base), {"activation": activation, "__doc__": doc,
+                                               "__module__": __name__})
+
+
+BatchNorm1d = _batch_norm_class("BatchNorm1d", nn.BatchNorm1d, "identity")
+BatchNorm1dReLU = _batch_norm_class("BatchNorm1dReLU", nn.BatchNorm1d, "relu")
+BatchNorm2d = _batch_norm_class("BatchNorm2d", nn.BatchNorm2d, "identity")
+BatchNorm2dReLU = _batch_norm_class("BatchNorm2dReLU", nn.BatchNorm2d, "relu")
+BatchNorm2dLeakyReLU = _batch_norm_class("BatchNorm2dLeakyReLU", nn.BatchNorm2d, "leaky_relu")
+
+
+# ---------------------------------------------------------------------------------------------------- folding
+class FoldedConv2d(nn.Conv2d):
+    """A convolution with batch norm folded in (inference only): y = [relu](conv(x, w') + b' + residual)."""
+
+    def __init__(self, *args, relu: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+
+    @classmethod
+    @torch.no_grad()
+    def fold(cls, conv: nn.Conv2d, bn: Optional[nn.modules.batchnorm._BatchNorm], relu: bool) -> "FoldedConv2d":
+        """w' = w·γρ, b' = β + (b − μ)·γρ with ρ = 1/√(σ²_running + ε), computed in float64."""
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("fuse_for_inference folds convolutions with padding_mode='zeros' and integer padding")
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, True, relu=relu, device=conv.weight.device, dtype=conv.weight.dtype)
+        w = conv.weight.double()
+        b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                          device=w.device)
+        if bn is not None:
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+            scale = (bn.running_var.double() + bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight.double()
+            b = (b - bn.running_mean.double()) * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+            w = w * scale[:, None, None, None]
+        folded.weight.copy_(w)
+        folded.bias.copy_(b)
+        return folded.train(False)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.relu:
+            return conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                               residual=residual)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y if residual is None else y + residual
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride, dilation, groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+
+class _FusedBlock(nn.Module):
+    """Shared by BasicBlock and Bottleneck: the convs and BNs are named convK / bnK (torchvision's names); every
+    bnK but the last applies ReLU, the last adds the shortcut and then applies ReLU."""
+
+    expansion = 1
+    depth = 2  # number of (conv, bn) pairs
+
+    def _pairs(self):
+        return [(getattr(self, f"conv{k}"), getattr(self, f"bn{k}")) for k in range(1, self.depth + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = x
+        for k, (conv, bn) in enumerate(self._pairs(), start=1):
+            residual = identity if k == self.depth else None
+            if isinstance(conv, FoldedConv2d):  # after fuse_(): the conv's epilogue does BN, residual and ReLU
+                out = conv(out, residual=residual)
+            else:
+                out = bn(conv(out), residual=residual)
+        return out
+
+    @torch.no_grad()
+    def fuse_(self) -> "_FusedBlock":
+        """Fold every BN into its convolution (inference only; see fuse_for_inference)."""
+        for k, (conv, bn) in enumerate(self._pairs(), start=1):
+            if not isinstance(conv, FoldedConv2d):
+                setattr(self, f"conv{k}", FoldedConv2d.fold(conv, bn, relu=True))
+                setattr(self, f"bn{k}", nn.Identity())
+        if self.downsample is not None and not isinstance(self.downsample[0], FoldedConv2d):
+            bn = self.downsample[1] if len(self.downsample) > 1 else None
+            self.downsample = nn.Sequential(FoldedConv2d.fold(self.downsample[0], bn, relu=False))
+        return self
+
+    @classmethod
+    def from_block(cls, block: nn.Module) -> "_FusedBlock":
+        """A dlcore block sharing a torchvision-style block's modules (parameters and buffers are the same objects)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for k in range(1, cls.depth + 1):
+            conv, bn = getattr(block, f"conv{k}"), getattr(block, f"bn{k}")
+            setattr(fused, f"conv{k}", conv)
+            setattr(fused, f"bn{k}", BatchNorm2dReLU.from_module(bn) if isinstance(bn, nn.BatchNorm2d) else bn)
+        fused.downsample = block.downsample
+        fused.stride = block.stride
+        fused.relu = nn.ReLU(inplace=True)  # kept for torchvision's attribute set; the fused ops apply ReLU
+        fused.train(block.training)
+        return fused
+
+
+class BasicBlock(_FusedBlock):
+    """torchvision's BasicBlock (same arguments, attributes, state_dict keys) on dlcore's fused BN + ReLU + add."""
+
+    expansion = 1
+    depth = 2
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        norm = norm_layer or BatchNorm2dReLU  # a norm_layer must take forward(x, residual=None), as dlcore's do
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+
+class Bottleneck(_FusedBlock):
+    """torchvision's Bottleneck (ResNet v1.5: stride on the 3×3), same arguments, attributes and state_dict keys."""
+
+    expansion = 4
+    depth = 3
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        norm = norm_layer or BatchNorm2dReLU
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+
+# ---------------------------------------------------------------------------------------------------- rewrites
+@torch.no_grad()
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """Put `model` in eval mode and fold its batch norms, in place: every dlcore BasicBlock / Bottleneck becomes
+    fused convolutions (bias + residual + ReLU epilogue), and a ResNet stem (conv1, bn1, relu) one conv+ReLU.
+    A torchvision-style model is patched first. Returns the model (for training again, build a new one)."""
+    patch(model)
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, _FusedBlock):
+            module.fuse_()
+    stem = _stem(model)
+    if stem is not None and not isinstance(model.conv1, FoldedConv2d):
+        model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True)
+        model.bn1, model.relu = nn.Identity(), nn.Identity()
+    return model
+
+
+def _stem(model: nn.Module):
+    """(conv1, bn1) of a ResNet-style stem (conv1 → bn1 → relu → maxpool attributes), else None."""
+    conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
+    if isinstance(conv, (nn.Conv2d,)) and isinstance(bn, nn.BatchNorm2d) and hasattr(model, "relu"):
+        return conv, bn
+    return None
+
+
+def _torchvision_block(module: nn.Module) -> Optional[type]:
+    """dlcore's block class for a torchvision-style block (by class name and attributes), else None."""
+    name = type(module).__name__
+    if isinstance(module, _FusedBlock):
+        return None
+    if name == "BasicBlock" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample")):
+        return BasicBlock
+    if name == "Bottleneck" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv3", "bn3", "downsample")):
+        return Bottleneck
+    return None
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap, in place, the BasicBlock / Bottleneck modules of a torchvision-style ResNet for dlcore's (sharing their
+    parameters and buffers) and its stem's bn1 + relu for one fused BatchNorm2dReLU; returns the model. The
+    state_dict is unchanged, so checkpoints load before or after patching."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            block_cls = _torchvision_block(child)
+            if block_cls is not None:
+                setattr(parent, name, block_cls.from_block(child))
+    stem = _stem(model)
+    if stem is not None and type(model.bn1) is nn.BatchNorm2d and isinstance(model.relu, nn.ReLU):
+        model.bn1, model.relu = BatchNorm2dReLU.from_module(model.bn1), nn.Identity()
+    return model

@@ -1,0 +1,332 @@
+"""Fused batch norm + residual add + activation, forward and backward (issue 6):
+
+    y = act(γ·(x − μ)·ρ + β + r),   ρ = 1/√(σ² + ε),   act ∈ {identity, ReLU, LeakyReLU(slope ≥ 0)}
+
+A ResNet block ends in BN → add → ReLU and DCGAN's layers in BN → (Leaky)ReLU: torch runs each as its own pass
+over the activation (and saves its own input for backward). Here the batch statistics take one pass over x and
+normalise + affine + residual + activation one more; backward takes two passes (per-channel sums, then dx), reads
+the saved output y for act' (y > 0 ⇔ z > 0), and saves only x and y.
+
+The four channel-wise kernels behind it (each a dispatch op with reference / cpu / triton backends; tensors
+viewed as [outer, C, inner] — NCHW (N, C, H·W), channels_last and [N, C] (N·H·W, C, 1)):
+  batch_norm_stats(x, dims) -> (μ, σ² biased)                         one pass; Welford/Chan merges of tiles
+  channel_affine_act(x, r, scale, shift, out, dims, act, slope)       out = act(scale·x + shift + r)
+  channel_act_backward_reduce(dy, y, x, μ, dz, dims, act, slope)      (S1 = Σ dz, S2 = Σ dz·(x − μ)), dz = act'·dy
+  channel_act_backward_apply(dy, y, x, a, b, k, dx, dims, act, slope) dx = a·dz + b·x + k
+with the per-channel coefficients folded in PyTorch on [C] vectors (M = N·H·W values per channel):
+  forward  scale = γρ, shift = β − μγρ
+  backward dβ = S1, dγ = ρ·S2;  training: a = γρ, b = −γρ³·S2/M, k = −γρ·S1/M − b·μ   (the gradient through μ
+           and σ²: dx = γρ/M·(M·dz − S1 − x̂·Σ dz·x̂));  eval: a = γρ, b = k = 0.  The residual's gradient is dz.
+The conv epilogue of dlcore/ops/conv_relu.py (bias + residual + ReLU) is channel_affine_act with no scale.
+
+Running statistics are updated as torch does: momentum (None: cumulative average over num_batches_tracked),
+unbiased variance σ²·M/(M − 1).
+
+Backends: reference (plain PyTorch, float64 too), cpu (csrc/cpu/batch_norm.cpp, fp32/bf16/fp16 storage),
+triton (kernels/batch_norm.py); cuda C++ not written yet (reported unavailable).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dlcore import _checks, _dispatch, _ext
+
+STATS, AFFINE, REDUCE, APPLY = ("batch_norm_stats", "channel_affine_act", "channel_act_backward_reduce",
+                                "channel_act_backward_apply")
+for _name in (STATS, AFFINE, REDUCE, APPLY):
+    _dispatch.define_op(_name, gpu_order=("triton",))
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+LOW = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_dims(t: torch.Tensor) -> tuple[int, int, int]:
+    """(outer, C, inner) of a tensor [N, C, *] dense in its own layout (see dense_like)."""
+    n, c = t.shape[0], t.shape[1]
+    inner = t[0, 0].numel() if t.dim() > 2 else 1
+    if t.dim() > 2 and inner > 1 and c > 1 and not t.is_contiguous():  # channels_last(_3d): channels innermost
+        return n * inner, c, 1
+    return n, c, inner
+
+
+def dense_like(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t dense in `like`'s layout (channels_last kept as is, anything else made contiguous)."""
+    like = t if like is None else like
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(like.dim())
+    if fmt is not None and like.shape[1] > 1 and not like.is_contiguous() and like.is_contiguous(memory_format=fmt):
+        return t.contiguous(memory_format=fmt)
+    return t.contiguous()
+
+
+def _view3(t: torch.Tensor, dims) -> torch.Tensor:
+    """The [outer, C, inner] view of a dense tensor's memory (for the reference backend)."""
+    outer, c, inner = dims
+    if inner == 1 and t.dim() > 2:  # channels last: memory is [N, *spatial, C]
+        return t.movedim(1, -1).reshape(outer, c, 1)
+    return t.reshape(outer, c, inner)
+
+
+def _activate(z: torch.Tensor, activation: int, slope: float) -> torch.Tensor:
+    return z.relu() if activation == 1 else F.leaky_relu(z, slope) if activation == 2 else z
+
+
+def _activation_grad(dy: torch.Tensor, y: Optional[torch.Tensor], activation: int, slope: float) -> torch.Tensor:
+    if activation == 0:
+        return dy
+    return torch.where(y > 0, dy, dy * slope if activation == 2 else torch.zeros_like(dy))
+
+
+def _addr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+@_dispatch.register(STATS, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_stats(x, dims):
+    v = _view3(x, dims).to(stats_dtype(x.dtype))
+    return v.mean((0, 2)), v.var((0, 2), unbiased=False)
+
+
+@_dispatch.register(AFFINE, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_affine_act(x, residual, scale, shift, out, dims, activation, slope):
+    z = _view3(x, dims).to(stats_dtype(x.dtype))
+    if scale is not None:
+        z = z * scale[:, None]
+    if shift is not None:
+        z = z + shift[:, None]
+    if residual is not None:
+        z = z + _view3(residual, dims)
+    _view3(out, dims).copy_(_activate(z, activation, slope))
+    return out
+
+
+@_dispatch.register(REDUCE, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_backward_reduce(dy, y, x, mean, dz, dims, activation, slope):
+    sd = stats_dtype(dy.dtype)
+    g = _activation_grad(_view3(dy, dims).to(sd), None if y is None else _view3(y, dims), activation, slope)
+    if dz is not None:
+        _view3(dz, dims).copy_(g)
+    s2 = (g * (_view3(x, dims).to(sd) - mean[:, None])).sum((0, 2)) if x is not None else g.new_zeros(dims[1])
+    return g.sum((0, 2)), s2
+
+
+@_dispatch.register(APPLY, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_backward_apply(dy, y, x, a, b, k, dx, dims, activation, slope):
+    sd = stats_dtype(dy.dtype)
+    g = _activation_grad(_view3(dy, dims).to(sd), None if y is None else _view3(y, dims), activation, slope)
+    v = g * a[:, None]
+    if b is not None:
+        v = v + _view3(x, dims).to(sd) * b[:, None] + k[:, None]
+    _view3(dx, dims).copy_(v)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------- cpu (C++)
+_cpu = dict(devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
+
+
+@_dispatch.register(STATS, "cpu", **_cpu)
+def cpu_stats(x, dims):
+    mean = torch.empty(dims[1], dtype=torch.float32)
+    var = torch.empty_like(mean)
+    _ext.cpu.batch_norm_stats(x.data_ptr(), mean.data_ptr(), var.data_ptr(), *dims, _ext.DTYPE_CODE[x.dtype])
+    return mean, var
+
+
+@_dispatch.register(AFFINE, "cpu", **_cpu)
+def cpu_affine_act(x, residual, scale, shift, out, dims, activation, slope):
+    _ext.cpu.channel_affine_act(x.data_ptr(), _addr(residual), _addr(scale), _addr(shift), out.data_ptr(), *dims,
+                                activation, slope, _ext.DTYPE_CODE[x.dtype])
+    return out
+
+
+@_dispatch.register(REDUCE, "cpu", **_cpu)
+def cpu_backward_reduce(dy, y, x, mean, dz, dims, activation, slope):
+    s1 = torch.empty(dims[1], dtype=torch.float32)
+    s2 = torch.zeros_like(s1)
+    _ext.cpu.channel_act_backward_reduce(dy.data_ptr(), _addr(y), _addr(x), _addr(mean), _addr(dz), s1.data_ptr(),
+                                         s2.data_ptr(), *dims, activation, slope, _ext.DTYPE_CODE[dy.dtype])
+    return s1, s2
+
+
+@_dispatch.register(APPLY, "cpu", **_cpu)
+def cpu_backward_apply(dy, y, x, a, b, k, dx, dims, activation, slope):
+    _ext.cpu.channel_act_backward_apply(dy.data_ptr(), _addr(y), _addr(x), a.data_ptr(), _addr(b), _addr(k),
+                                        dx.data_ptr(), *dims, activation, slope, _ext.DTYPE_CODE[dy.dtype])
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------- triton
+def _triton(name: str, kernel_fn: str):
+    """kernels/batch_norm.py's launcher `kernel_fn` (same signature), imported at the first call."""
+    def launch(*args):
+        from dlcore.kernels import batch_norm
+
+        return getattr(batch_norm, kernel_fn)(*args)
+
+    _dispatch.register(name, "triton", devices=("cpu", "cuda"), dtypes=LOW,
+                       available=_ext.triton_unavailable("batch_norm"))(launch)
+
+
+for _name, _fn in ((STATS, "stats"), (AFFINE, "apply"), (REDUCE, "backward_reduce"), (APPLY, "backward_apply")):
+    _triton(_name, _fn)
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+def _launcher(name: str, t: torch.Tensor):
+    return _dispatch.select(name, t.device, t.dtype)[1]
+
+
+@torch.library.custom_op("dlcore::batch_norm_act", mutates_args=())
+def batch_norm_act_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                      running_var: Optional[torch.Tensor], training: bool, eps: float, activation: int,
+                      slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, μ, ρ, σ² biased) — μ, σ² of the batch when training, else the running ones. x, residual dense in one
+    layout; weight, bias, running stats in the statistics dtype."""
+    dims = channel_dims(x)
+    if training:
+        mean, var = _launcher(STATS, x)(x, dims)
+    else:
+        mean, var = running_mean.clone(), running_var.clone()
+    invstd = (var + eps).rsqrt()
+    scale = invstd * weight if weight is not None else invstd
+    shift = -mean * scale if bias is None else bias - mean * scale
+    y = torch.empty_like(x)
+    _launcher(AFFINE, x)(x, residual, scale, shift, y, dims, activation, slope)
+    return y, mean, invstd, var
+
+
+@batch_norm_act_op.register_fake
+def _(x, residual, weight, bias, running_mean, running_var, training, eps, activation, slope):
+    stats = x.new_empty(x.shape[1], dtype=stats_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+@torch.library.custom_op("dlcore::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward_op(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                               weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                               training: bool, activation: int, slope: float, has_residual: bool,
+                               needs_input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+    """(dx, d_residual, dγ, dβ); empty tensors for gradients not asked for (custom ops never return None)."""
+    dims = channel_dims(x)
+    grad_y = dense_like(grad_y, x)
+    y_act = y if activation else None
+    dz = torch.empty_like(x) if has_residual else None
+    s1, s2 = _launcher(REDUCE, x)(grad_y, y_act, x, mean, dz, dims, activation, slope)
+    dx = x.new_empty(0)
+    if needs_input_grad:
+        a = invstd * weight if weight is not None else invstd
+        b = k = None
+        if training:
+            m = dims[0] * dims[2]
+            b = -a * invstd.square() * s2 / m
+            k = -a * s1 / m - b * mean
+        # with a residual, dz = act'·dy is already written: read it (2 tensors) instead of dy and y (3)
+        source, act = (dz, 0) if dz is not None else (grad_y, activation)
+        dx = _launcher(APPLY, x)(source, y_act if act else None, x, a, b, k, torch.empty_like(x), dims, act, slope)
+    return dx, (x.new_empty(0) if dz is None else dz), s2 * invstd, s1
+
+
+@batch_norm_act_backward_op.register_fake
+def _(grad_y, x, y, weight, mean, invstd, training, activation, slope, has_residual, needs_input_grad):
+    return (torch.empty_like(x) if needs_input_grad else x.new_empty(0),
+            torch.empty_like(x) if has_residual else x.new_empty(0), torch.empty_like(mean), torch.empty_like(mean))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _rm, _rv, training, _eps, activation, slope = inputs
+    y, mean, invstd, _var = output
+    ctx.save_for_backward(x, y, weight, mean, invstd)
+    ctx.conf = (training, activation, slope, residual is not None)
+
+
+def _backward(ctx, grad_y, _gm, _gi, _gv):
+    x, y, weight, mean, invstd = ctx.saved_tensors
+    training, activation, slope, has_residual = ctx.conf
+    dx, dr, dw, db = batch_norm_act_backward_op(grad_y, x, y, weight, mean, invstd, training, activation, slope,
+                                                has_residual, ctx.needs_input_grad[0])
+    return (dx if ctx.needs_input_grad[0] else None, dr if has_residual else None,
+            dw if weight is not None else None, db if ctx.needs_input_grad[3] else None,
+            None, None, None, None, None, None)
+
+
+batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
+                   momentum: Optional[float] = 0.1, eps: float = 1e-5, *, residual: Optional[torch.Tensor] = None,
+                   activation: str = "relu", negative_slope: float = 0.01,
+                   num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """act(F.batch_norm(input, …) + residual), as one fused op; the arguments before `*` are F.batch_norm's.
+
+    input: [N, C, *] (NCHW or channels_last; the output keeps input's layout), floating point. weight, bias,
+    running_mean, running_var: [C] (any floating dtype; the math runs in fp32, float64 for float64 input).
+    residual: input's shape, dtype and device, added after the affine transform. activation: "relu",
+    "leaky_relu" (negative_slope ≥ 0) or "identity". In training mode the running statistics (when given) are
+    updated in place as torch does; num_batches_tracked is incremented when given, and momentum=None then uses the
+    cumulative average 1/num_batches_tracked.
+    """
+    _checks.tensor("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"input must be [N, C, *] with at least 2 dims, got shape {tuple(input.shape)}")
+    c = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None:
+            _checks.tensor(name, t, like=input, same_dtype=False)
+            _checks.shape(name, t, (c,))
+    if residual is not None:
+        _checks.tensor("residual", residual, like=input)
+        _checks.shape("residual", residual, input.shape)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if activation == "leaky_relu" and not negative_slope >= 0:
+        raise ValueError(f"negative_slope must be >= 0 (the backward reads the sign from the output), "
+                         f"got {negative_slope}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required when training=False")
+    count = input.numel() // c if c else 0
+    if training and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+    if input.numel() == 0:
+        raise ValueError(f"input is empty (shape {tuple(input.shape)})")
+    sd = stats_dtype(input.dtype)
+    x = dense_like(input)
+    r = None if residual is None else dense_like(residual, x)
+    def cast(t, detach=False):
+        return None if t is None else (t.detach() if detach else t).to(sd)
+
+    rm, rv = (None, None) if training else (cast(running_mean, True), cast(running_var, True))
+    y, mean, _invstd, var = batch_norm_act_op(x, r, cast(weight), cast(bias), rm, rv, bool(training),
+                                              float(eps), ACTIVATIONS[activation], float(negative_slope))
+    if training:
+        _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
+    return y
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count: int):
+    """torch's update: r ← (1 − f)·r + f·batch, f = momentum or 1/num_batches_tracked; variance unbiased."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is None and running_var is None:
+        return
+    factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+    if running_mean is not None:
+        running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+    if running_var is not None:
+        unbiased = var.detach() * (count / (count - 1))
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)

@@ -1,0 +1,153 @@
+"""ResNet (He et al. 2015) on dlcore: torchvision's architecture, module names and state_dict keys, so torchvision
+checkpoints load unchanged into either twin.
+
+dlcore path (default): every BN + ReLU is one fused op and each block ends in one fused BN + residual add + ReLU
+(dlcore.nn.BasicBlock / Bottleneck); `dlcore.fuse_for_inference(model)` then folds the BNs into the convolutions
+(a BasicBlock becomes two convolutions with a bias + residual + ReLU epilogue).
+The stock twin (`stock=True`) is plain torch.nn, written as torchvision writes it (classes BasicBlock /
+Bottleneck, so `dlcore.patch` recognises it as it would torchvision's).
+
+`small_input=True` swaps the 7×7/2 stem and max-pool for a 3×3/1 stem (for 8×8 – 32×32 images, e.g. digits).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlcore import blocks
+
+
+# ------------------------------------------------------------------------------------- stock twin (torchvision)
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = blocks.conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = blocks.conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = blocks.conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = blocks.conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = blocks.conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+# ---------------------------------------------------------------------------------------------------- the network
+ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+         "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
+         "resnet152": ("bottleneck", (3, 8, 36, 3))}
+
+
+class ResNet(nn.Module):
+    """torchvision.models.ResNet's layout: conv1, bn1, relu, maxpool, layer1-4, avgpool, fc."""
+
+    def __init__(self, block: str, layers, num_classes: int = 1000, zero_init_residual: bool = False,
+                 in_channels: int = 3, small_input: bool = False, stock: bool = False):
+        super().__init__()
+        if block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        self.stock = stock
+        cls = {("basic", True): BasicBlock, ("bottleneck", True): Bottleneck,
+               ("basic", False): blocks.BasicBlock, ("bottleneck", False): blocks.Bottleneck}[(block, stock)]
+        norm = nn.BatchNorm2d if stock else blocks.BatchNorm2d
+        self.inplanes = 64
+        self.conv1 = (nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False) if small_input else
+                      nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False))
+        # dlcore: the stem's BN and ReLU are one fused op (relu is then the identity); same state_dict keys
+        self.bn1 = nn.BatchNorm2d(64) if stock else blocks.BatchNorm2dReLU(64)
+        self.relu = nn.ReLU(inplace=True) if stock else nn.Identity()
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(cls, norm, 64, layers[0])
+        self.layer2 = self._make_layer(cls, norm, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(cls, norm, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(cls, norm, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * cls.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each block's last BN starts at 0: the block starts as the identity
+            for m in self.modules():
+                if isinstance(m, (Bottleneck, blocks.Bottleneck)):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, (BasicBlock, blocks.BasicBlock)):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def _make_layer(self, cls, norm, planes: int, count: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * cls.expansion:
+            downsample = nn.Sequential(blocks.conv1x1(self.inplanes, planes * cls.expansion, stride),
+                                       norm(planes * cls.expansion))
+        layers = [cls(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * cls.expansion
+        layers += [cls(self.inplanes, planes) for _ in range(1, count)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled representation [N, 512·expansion] (SimCLR's encoder output)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _builder(name: str):
+    block, layers = ARCHS[name]
+
+    def build(num_classes: int = 1000, stock: bool = False, **kwargs) -> ResNet:
+        return ResNet(block, layers, num_classes, stock=stock, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = (f"{name} ({block} blocks {layers}); stock=True for the plain-torch twin. Keyword arguments: "
+                     f"num_classes, zero_init_residual, in_channels, small_input.")
+    return build
+
+
+resnet18, resnet34, resnet50, resnet101, resnet152 = (_builder(n) for n in ARCHS)
+
+
+def twin_of(model: ResNet) -> ResNet:
+    """The other twin (stock ↔ dlcore) of `model`'s architecture, holding a copy of its state_dict."""
+    block = "bottleneck" if isinstance(model.layer1[0], (Bottleneck, blocks.Bottleneck)) else "basic"
+    layers = tuple(len(getattr(model, f"layer{k}")) for k in range(1, 5))
+    twin = ResNet(block, layers, model.fc.out_features, in_channels=model.conv1.in_channels,
+                  small_input=isinstance(model.maxpool, nn.Identity), stock=not model.stock)
+    twin.load_state_dict(model.state_dict())
+    return twin.to(next(model.parameters()).device)
