@@ -1,11 +1,12 @@
 """Functional forms of dlcore's ops, mirroring torch.nn.functional / torch.optim's functional API."""
 from dlcore.ops.adam import adam
 from dlcore.ops.additive_attention import additive_attention
+from dlcore.ops.batch_norm import batch_norm_act
 from dlcore.ops.attention import flash_attn_varlen_func, scaled_dot_product_attention
 from dlcore.ops.bias_gelu import bias_gelu, linear_gelu
 from dlcore.ops.conv_relu import conv2d_relu
 from dlcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from dlcore.ops.layer_norm import layer_norm
 
-__all__ = ["adam", "additive_attention", "bias_gelu", "conv2d_relu", "cross_entropy", "flash_attn_varlen_func", "layer_norm",
+__all__ = ["adam", "additive_attention", "batch_norm_act", "bias_gelu", "conv2d_relu", "cross_entropy", "flash_attn_varlen_func", "layer_norm",
            "linear_cross_entropy", "linear_gelu", "scaled_dot_product_attention"]

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlcore.blocks import (BasicBlock, BatchNorm1d, BatchNorm1dReLU, BatchNorm2d, BatchNorm2dLeakyReLU,  # noqa: F401
+                           BatchNorm2dReLU, Bottleneck, FoldedConv2d)  # (re-exported)
 from dlcore.ops.additive_attention import BahdanauAttention  # noqa: F401  (re-exported)
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu

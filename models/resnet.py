@@ -149,5 +149,7 @@ def twin_of(model: ResNet) -> ResNet:
     layers = tuple(len(getattr(model, f"layer{k}")) for k in range(1, 5))
     twin = ResNet(block, layers, model.fc.out_features, in_channels=model.conv1.in_channels,
                   small_input=isinstance(model.maxpool, nn.Identity), stock=not model.stock)
+    reference = next(model.parameters())
+    twin = twin.to(reference.device, reference.dtype)
     twin.load_state_dict(model.state_dict())
-    return twin.to(next(model.parameters()).device)
+    return twin.train(model.training)
