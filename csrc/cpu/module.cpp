@@ -32,6 +32,7 @@ void register_bias_gelu(py::module_& m);
 void register_cross_entropy(py::module_& m);
 void register_additive_attention(py::module_& m);
 void register_batch_norm(py::module_& m);
+void register_nt_xent(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -53,4 +54,5 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_cross_entropy(m);
   register_additive_attention(m);
   register_batch_norm(m);
+  register_nt_xent(m);
 }
