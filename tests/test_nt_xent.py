@@ -42,9 +42,10 @@ def test_loss_and_gradients_match_float64(backend, device, n, d, temperature):
         got = nt_xent_loss(a32, b32, temperature)
         grads = torch.autograd.grad(got * 3.0, (a32, b32))  # a non-unit upstream gradient
     assert got.dtype == torch.float32 and got.dim() == 0
-    assert abs(got.item() - want.item()) <= 2e-5 * (1 + abs(want.item()))
+    tol = 2e-5 if device == "cpu" else 3e-3  # the GPU kernel's dots are tf32
+    assert abs(got.item() - want.item()) <= tol * (1 + abs(want.item()))
     for g, w in zip(grads, grads_want):
-        assert (g.double().cpu() - 3 * w).abs().max().item() <= 2e-5 * (1 + 3 * w.abs().max().item())
+        assert (g.double().cpu() - 3 * w).abs().max().item() <= tol * (1 + 3 * w.abs().max().item())
 
 
 def test_float64_reference_gradcheck():

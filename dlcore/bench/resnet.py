@@ -115,17 +115,6 @@ def _inference_case(device, arch, batch, image, dtype, target):
                 target=target, quick=False, notes="issue 6 CPU: also ≥ 1.05× torch.compile")
 
 
-class _Classifier(torch.nn.Module):
-    """model(x, labels) → cross-entropy loss, the shape train_step_setup expects."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, labels):
-        return F.cross_entropy(self.model(x), labels)
-
-
 def _training_case(device, arch, batch, image, autocast, target):
     from dlcore.bench.gpt import train_step_setup
     from dlcore.models import resnet
@@ -133,7 +122,7 @@ def _training_case(device, arch, batch, image, autocast, target):
     def make_pair():
         stock = getattr(resnet, arch)(stock=True).to(device).to(memory_format=CL)
         ours = resnet.twin_of(stock).to(memory_format=CL)
-        return _Classifier(ours), _Classifier(stock)
+        return resnet.WithLoss(ours), resnet.WithLoss(stock)
 
     def make_batch():
         return (torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=CL),
