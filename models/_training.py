@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import time
@@ -174,3 +175,16 @@ def print_profile(title: str, rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['variant']:<15}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.0f}"
               f"{r['speedup_vs_eager']:>9.2f}×")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1):
+    """Linear warm-up over the first warmup_fraction of total_steps, then cosine decay to 0: a LambdaLR whose
+    saved state is only the step, so a run resumed with a longer schedule follows the new one."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -76,10 +76,11 @@ ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)
 
 
 class ResNet(nn.Module):
-    """torchvision.models.ResNet's layout: conv1, bn1, relu, maxpool, layer1-4, avgpool, fc."""
+    """torchvision.models.ResNet's layout: conv1, bn1, relu, maxpool, layer1-4, avgpool, fc. `width` (64 in
+    torchvision) is layer1's channel count, doubled at each later stage (narrow encoders for CPU runs)."""
 
     def __init__(self, block: str, layers, num_classes: int = 1000, zero_init_residual: bool = False,
-                 in_channels: int = 3, small_input: bool = False, stock: bool = False):
+                 in_channels: int = 3, small_input: bool = False, stock: bool = False, width: int = 64):
         super().__init__()
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
@@ -87,19 +88,19 @@ class ResNet(nn.Module):
         cls = {("basic", True): BasicBlock, ("bottleneck", True): Bottleneck,
                ("basic", False): blocks.BasicBlock, ("bottleneck", False): blocks.Bottleneck}[(block, stock)]
         norm = nn.BatchNorm2d if stock else blocks.BatchNorm2d
-        self.inplanes = 64
-        self.conv1 = (nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False) if small_input else
-                      nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False))
+        self.inplanes = width
+        self.conv1 = (nn.Conv2d(in_channels, width, 3, 1, 1, bias=False) if small_input else
+                      nn.Conv2d(in_channels, width, 7, 2, 3, bias=False))
         # dlcore: the stem's BN and ReLU are one fused op (relu is then the identity); same state_dict keys
-        self.bn1 = nn.BatchNorm2d(64) if stock else blocks.BatchNorm2dReLU(64)
+        self.bn1 = nn.BatchNorm2d(width) if stock else blocks.BatchNorm2dReLU(width)
         self.relu = nn.ReLU(inplace=True) if stock else nn.Identity()
         self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(cls, norm, 64, layers[0])
-        self.layer2 = self._make_layer(cls, norm, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(cls, norm, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(cls, norm, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(cls, norm, width, layers[0])
+        self.layer2 = self._make_layer(cls, norm, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(cls, norm, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(cls, norm, 8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * cls.expansion, num_classes)
+        self.fc = nn.Linear(8 * width * cls.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -124,7 +125,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled representation [N, 512·expansion] (SimCLR's encoder output)."""
+        """The pooled representation [N, 8·width·expansion] (SimCLR's encoder output)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
@@ -141,7 +142,7 @@ def _builder(name: str):
 
     build.__name__ = name
     build.__doc__ = (f"{name} ({block} blocks {layers}); stock=True for the plain-torch twin. Keyword arguments: "
-                     f"num_classes, zero_init_residual, in_channels, small_input.")
+                     f"num_classes, zero_init_residual, in_channels, small_input, width.")
     return build
 
 
@@ -153,7 +154,8 @@ def twin_of(model: ResNet) -> ResNet:
     block = "bottleneck" if isinstance(model.layer1[0], (Bottleneck, blocks.Bottleneck)) else "basic"
     layers = tuple(len(getattr(model, f"layer{k}")) for k in range(1, 5))
     twin = ResNet(block, layers, model.fc.out_features, in_channels=model.conv1.in_channels,
-                  small_input=isinstance(model.maxpool, nn.Identity), stock=not model.stock)
+                  small_input=isinstance(model.maxpool, nn.Identity), stock=not model.stock,
+                  width=model.conv1.out_channels)
     reference = next(model.parameters())
     twin = twin.to(reference.device, reference.dtype)
     twin.load_state_dict(model.state_dict())
@@ -217,7 +219,7 @@ def train(cfg: ResNetTrainConfig) -> dict:
     Under torchrun each process trains a DistributedDataParallel replica on its share of every batch; rank 0
     evaluates and writes."""
     import dlcore.optim
-    from dlcore.models._training import Progress, plot_curves
+    from dlcore.models._training import Progress, plot_curves, warmup_cosine
     from dlcore.models._vision import Checkpoint, Distributed, load_images
 
     dist = Distributed()
@@ -230,7 +232,7 @@ def train(cfg: ResNetTrainConfig) -> dict:
                                                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(data.train_y) + cfg.batch - 1) // cfg.batch
     total = cfg.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total, pct_start=0.15)
+    schedule = warmup_cosine(opt, total, 0.15)
     ckpt = Checkpoint(cfg.out, cfg.resume)
     history, start = [], 0
     state = ckpt.load()
