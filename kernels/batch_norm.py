@@ -9,7 +9,7 @@ channels_last) so that neighbouring lanes read neighbouring addresses.
 v1 (shipped):
 - stats: a grid of (position ranges × channel blocks); each program folds its tiles into (count, mean, M2) per
   channel by Chan's formula (tile mean and M2 from two passes over the registers: no cancellation) and writes them
-  to a partial buffer; the launcher merges the partials with the same formula (deterministic, no atomics).
+  to a partial buffer, merged by the op with the same formula (deterministic, no atomics).
 - apply: y = act(scale_c·x + shift_c + r), one tile per program.
 - backward_reduce: dz = act'(y)·dy (written when asked: the residual's gradient), per-program partial Σ dz and
   Σ dz·(x − μ) per channel, summed by the launcher.
@@ -159,8 +159,9 @@ def _position_programs(positions: int, bp: int, channel_blocks: int, device: tor
     return triton.cdiv(positions, per_program), per_program
 
 
-def stats(x, dims):
-    """Per-channel (mean, biased variance), fp32 [C], of x viewed as dims = [outer, C, inner]."""
+def stats_partials(x, dims):
+    """Per-program (count [S, 1], mean [S, C], M2 [S, C]) of x viewed as dims = [outer, C, inner]; the caller
+    merges them (dlcore.ops.batch_norm.merge_partials)."""
     outer, channels, inner = dims
     positions = outer * inner
     bp, bc, warps = _tile_shape(channels, inner, x.is_cuda)
@@ -170,10 +171,7 @@ def stats(x, dims):
     pcount = torch.empty((programs, 1), dtype=torch.float32, device=x.device)
     stats_kernel.launch((programs, triton.cdiv(channels, bc)), x.device, x, pmean, pm2, pcount, positions, channels,
                         inner, per_program, BP=bp, BC=bc, num_warps=warps)
-    # Chan's merge of the programs' partials, all at once: m = Σ n_i m_i / n, M2 = Σ M2_i + Σ n_i (m_i − m)²
-    mean = (pcount * pmean).sum(0) / positions
-    m2 = pm2.sum(0) + (pcount * (pmean - mean).square()).sum(0)
-    return mean, m2 / positions
+    return pcount, pmean, pm2
 
 
 def apply(x, residual, scale, shift, y, dims, activation: int, slope: float):

@@ -23,7 +23,8 @@ Running statistics are updated as torch does: momentum (None: cumulative average
 unbiased variance σ²·M/(M − 1).
 
 Backends: reference (plain PyTorch, float64 too), cpu (csrc/cpu/batch_norm.cpp, fp32/bf16/fp16 storage),
-triton (kernels/batch_norm.py); cuda C++ not written yet (reported unavailable).
+triton (kernels/batch_norm.py), cuda (csrc/cuda/batch_norm.cu; compiled for sm_90 here, never run on a GPU yet —
+so the GPU default stays triton, whose kernels are checked through the interpreter, until a GPU run measures both).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from dlcore import _checks, _dispatch, _ext
 STATS, AFFINE, REDUCE, APPLY = ("batch_norm_stats", "channel_affine_act", "channel_act_backward_reduce",
                                 "channel_act_backward_apply")
 for _name in (STATS, AFFINE, REDUCE, APPLY):
-    _dispatch.define_op(_name, gpu_order=("triton",))
+    _dispatch.define_op(_name, gpu_order=("triton", "cuda"))  # unmeasured: see the module docstring
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
@@ -164,19 +165,88 @@ def cpu_backward_apply(dy, y, x, a, b, k, dx, dims, activation, slope):
 
 
 # ---------------------------------------------------------------------------------------------------- triton
+def merge_partials(pcount, pmean, pm2, positions: int):
+    """Chan's merge of per-block partials [S, C] (counts [S, 1] or [S, C]), all at once:
+    m = Σ n_i m_i / n,  M2 = Σ M2_i + Σ n_i (m_i − m)²;  returns (mean, biased variance) [C]."""
+    mean = (pcount * pmean).sum(0) / positions
+    m2 = pm2.sum(0) + (pcount * (pmean - mean).square()).sum(0)
+    return mean, m2 / positions
+
+
 def _triton(name: str, kernel_fn: str):
     """kernels/batch_norm.py's launcher `kernel_fn` (same signature), imported at the first call."""
     def launch(*args):
         from dlcore.kernels import batch_norm
 
+        if name == STATS:
+            x, dims = args
+            return merge_partials(*batch_norm.stats_partials(x, dims), dims[0] * dims[2])
         return getattr(batch_norm, kernel_fn)(*args)
 
     _dispatch.register(name, "triton", devices=("cpu", "cuda"), dtypes=LOW,
                        available=_ext.triton_unavailable("batch_norm"))(launch)
 
 
-for _name, _fn in ((STATS, "stats"), (AFFINE, "apply"), (REDUCE, "backward_reduce"), (APPLY, "backward_apply")):
+for _name, _fn in ((STATS, "stats_partials"), (AFFINE, "apply"), (REDUCE, "backward_reduce"),
+                   (APPLY, "backward_apply")):
     _triton(_name, _fn)
+
+
+# ---------------------------------------------------------------------------------------------------- cuda (C++)
+def _cuda_unavailable() -> Optional[str]:
+    if _ext.cuda is None:
+        return _ext.cuda_error
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+_cuda = dict(devices=("cuda",), dtypes=LOW, available=_cuda_unavailable)
+
+
+def _splits(dims, device) -> int:
+    """Position splits of a reduction: about four blocks per SM in all, at least 1024 positions per split."""
+    channel_blocks = dims[1] if dims[2] > 1 else -(-dims[1] // 32)
+    want = -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // channel_blocks)
+    return max(1, min(want, -(-(dims[0] * dims[2]) // 1024)))
+
+
+@_dispatch.register(STATS, "cuda", **_cuda)
+def cuda_stats(x, dims):
+    splits = _splits(dims, x.device)
+    pcount, pmean, pm2 = (torch.empty((splits, dims[1]), dtype=torch.float32, device=x.device) for _ in range(3))
+    with torch.cuda.device(x.device):
+        _ext.cuda.batch_norm_stats_partials(x.data_ptr(), pcount.data_ptr(), pmean.data_ptr(), pm2.data_ptr(), *dims,
+                                            splits, _ext.DTYPE_CODE[x.dtype], _ext.cuda_stream(x.device))
+    return merge_partials(pcount, pmean, pm2, dims[0] * dims[2])
+
+
+@_dispatch.register(AFFINE, "cuda", **_cuda)
+def cuda_affine_act(x, residual, scale, shift, out, dims, activation, slope):
+    with torch.cuda.device(x.device):
+        _ext.cuda.channel_affine_act(x.data_ptr(), _addr(residual), _addr(scale), _addr(shift), out.data_ptr(), *dims,
+                                     activation, slope, _ext.DTYPE_CODE[x.dtype], _ext.cuda_stream(x.device))
+    return out
+
+
+@_dispatch.register(REDUCE, "cuda", **_cuda)
+def cuda_backward_reduce(dy, y, x, mean, dz, dims, activation, slope):
+    splits = _splits(dims, dy.device)
+    ps1, ps2 = (torch.empty((splits, dims[1]), dtype=torch.float32, device=dy.device) for _ in range(2))
+    with torch.cuda.device(dy.device):
+        _ext.cuda.channel_act_backward_reduce_partials(
+            dy.data_ptr(), _addr(y), _addr(x), _addr(mean), _addr(dz), ps1.data_ptr(), ps2.data_ptr(), *dims, splits,
+            activation, slope, _ext.DTYPE_CODE[dy.dtype], _ext.cuda_stream(dy.device))
+    return ps1.sum(0), ps2.sum(0)
+
+
+@_dispatch.register(APPLY, "cuda", **_cuda)
+def cuda_backward_apply(dy, y, x, a, b, k, dx, dims, activation, slope):
+    with torch.cuda.device(dy.device):
+        _ext.cuda.channel_act_backward_apply(dy.data_ptr(), _addr(y), _addr(x), a.data_ptr(), _addr(b), _addr(k),
+                                             dx.data_ptr(), *dims, activation, slope, _ext.DTYPE_CODE[dy.dtype],
+                                             _ext.cuda_stream(dy.device))
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops

@@ -8,6 +8,7 @@ Backends (each: torch's convolution — oneDNN on the CPU, cuDNN on a GPU — wi
              ReLU in place, one pass; backward: one pass for dz = dy·[y > 0] and db = Σ dz (channel_act_backward_reduce),
              then torch's convolution_backward for dx and dw. fp32/bf16/fp16, NCHW and channels_last.
   triton     the same two channel kernels from kernels/batch_norm.py (the interpreter on CPU tensors).
+  cuda       the same two from csrc/cuda/batch_norm.cu (compiled for sm_90, not yet run on a GPU).
 Backward needs only the output y (y > 0 ⇔ z + b + r > 0), never the pre-activation; the residual's gradient is dz.
 
 Autograd: one custom op `dlcore::conv2d_relu` (+ fake) with a registered backward that is itself the custom op
@@ -25,7 +26,7 @@ from dlcore.ops import batch_norm as channel_ops
 
 FORWARD, BACKWARD = "conv2d_relu", "conv2d_relu_backward"
 for _name in (FORWARD, BACKWARD):
-    _dispatch.define_op(_name, gpu_order=("triton",))
+    _dispatch.define_op(_name, gpu_order=("triton", "cuda"))
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 RELU = channel_ops.ACTIVATIONS["relu"]
 
@@ -79,8 +80,8 @@ def _epilogue_backends(backend: str, dtypes):
         return (*_conv_grads(dz, x, weight, stride, padding, dilation, groups, mask), db, dz)
 
 
-_epilogue_backends("cpu", channel_ops.LOW)
-_epilogue_backends("triton", channel_ops.LOW)
+for _backend in ("cpu", "triton", "cuda"):
+    _epilogue_backends(_backend, channel_ops.LOW)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
