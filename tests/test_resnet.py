@@ -81,7 +81,10 @@ def test_fuse_for_inference_and_patch_keep_the_function(arch, channels_last):
         want = stock(x)
         fused = dlcore.fuse_for_inference(copy.deepcopy(ours))
         assert isinstance(fused.layer1[0].conv1, blocks.FoldedConv2d)
-        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)  # oneDNN's fused path where available
+        for backend in ("cpu", "reference"):  # dlcore's conv2d_relu epilogue (a forced backend)
+            with dlcore.use_backend(backend):
+                torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
         patched = dlcore.patch(copy.deepcopy(stock))
         assert isinstance(patched.layer1[0], blocks.BasicBlock if arch == "resnet18" else blocks.Bottleneck)
         assert patched.state_dict().keys() == stock.state_dict().keys()

@@ -128,10 +128,19 @@ def _training_case(device, arch, batch, image, autocast, target):
         return (torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=CL),
                 torch.randint(0, 1000, (batch,), device=device))
 
+    base_setup = train_step_setup(make_pair, make_batch, device, autocast, True)
+
+    def setup(n_sets):
+        """The channels_last variants, plus stock eager in NCHW (torch's default layout) for the record."""
+        variants = base_setup(n_sets)
+        nchw = train_step_setup(lambda: tuple(m.to(memory_format=torch.contiguous_format) for m in make_pair()),
+                                lambda: tuple(t.contiguous() for t in make_batch()), device, autocast, False)(n_sets)
+        variants["torch eager NCHW"] = nchw["torch eager"]
+        return variants
+
     flops = 3 * batch * _resnet_flops(getattr(resnet, arch)(stock=True), image)
     return Case("resnet", f"{arch} train step B{batch} {image}x{image} channels_last "
-                f"{'bf16 autocast' if autocast else 'fp32'}", device,
-                train_step_setup(make_pair, make_batch, device, autocast, True), flops=flops,
+                f"{'bf16 autocast' if autocast else 'fp32'}", device, setup, flops=flops,
                 baseline="torch eager", target=target, quick=False,
                 notes="issue 6: also ≥ 1.0× torch.compile")
 
