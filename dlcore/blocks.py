@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore.ops.batch_norm import batch_norm_act
+from dlcore.ops.conv_pool import conv2d_relu_maxpool2d
 from dlcore.ops.conv_relu import conv2d_relu
 
 
@@ -78,20 +79,25 @@ BatchNorm2dLeakyReLU = _batch_norm_class("BatchNorm2dLeakyReLU", nn.BatchNorm2d,
 
 # ---------------------------------------------------------------------------------------------------- folding
 class FoldedConv2d(nn.Conv2d):
-    """A convolution with batch norm folded in (inference only): y = [relu](conv(x, w') + b' + residual)."""
+    """A convolution with batch norm folded in (inference only): y = [relu](conv(x, w') + b' + residual), or with
+    `pool` (an nn.MaxPool2d, ReLU on) y = maxpool(relu(conv(x, w') + b')) — a ResNet stem, dlcore's
+    conv2d_relu_maxpool2d op."""
 
-    def __init__(self, *args, relu: bool = False, **kwargs):
+    def __init__(self, *args, relu: bool = False, pool: Optional[nn.MaxPool2d] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.relu = relu
+        self.pool = pool
 
     @classmethod
     @torch.no_grad()
-    def fold(cls, conv: nn.Conv2d, bn: Optional[nn.modules.batchnorm._BatchNorm], relu: bool) -> "FoldedConv2d":
+    def fold(cls, conv: nn.Conv2d, bn: Optional[nn.modules.batchnorm._BatchNorm], relu: bool,
+             pool: Optional[nn.MaxPool2d] = None) -> "FoldedConv2d":
         """w' = w·γρ, b' = β + (b − μ)·γρ with ρ = 1/√(σ²_running + ε), computed in float64."""
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("fuse_for_inference folds convolutions with padding_mode='zeros' and integer padding")
         folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, True, relu=relu, device=conv.weight.device, dtype=conv.weight.dtype)
+                     conv.dilation, conv.groups, True, relu=relu or pool is not None, pool=pool,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
         w = conv.weight.double()
         b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
                                                                           device=w.device)
@@ -108,6 +114,14 @@ class FoldedConv2d(nn.Conv2d):
         return folded.train(False)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pool is not None:
+            if residual is not None:
+                raise ValueError("a FoldedConv2d with a max pool takes no residual")
+            if _onednn_usable(self, x, None):  # oneDNN's conv + ReLU beats conv + our pool epilogue here (~1 ms)
+                return self.pool(self._onednn_forward(x, None))
+            p = self.pool
+            return conv2d_relu_maxpool2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                         self.groups, p.kernel_size, p.stride, p.padding, p.ceil_mode)
         if _onednn_usable(self, x, residual):
             return self._onednn_forward(x, residual)
         if self.relu:
@@ -277,7 +291,8 @@ class Bottleneck(_FusedBlock):
 @torch.no_grad()
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """Put `model` in eval mode and fold its batch norms, in place: every dlcore BasicBlock / Bottleneck becomes
-    fused convolutions (bias + residual + ReLU epilogue), and a ResNet stem (conv1, bn1, relu) one conv+ReLU.
+    fused convolutions (bias + residual + ReLU epilogue), and a ResNet stem (conv1, bn1, relu, maxpool) one
+    conv + ReLU + max-pool.
     A torchvision-style model is patched first. Returns the model (for training again, build a new one)."""
     patch(model)
     model.eval()
@@ -286,8 +301,13 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             module.fuse_()
     stem = _stem(model)
     if stem is not None and not isinstance(model.conv1, FoldedConv2d):
-        model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True)
+        pool = model.maxpool if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d) else None
+        if pool is not None and (pool.dilation not in (1, (1, 1)) or pool.return_indices):
+            pool = None
+        model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True, pool=pool)
         model.bn1, model.relu = nn.Identity(), nn.Identity()
+        if pool is not None:
+            model.maxpool = nn.Identity()
     return model
 
 

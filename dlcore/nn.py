@@ -10,6 +10,7 @@ from dlcore.blocks import (BasicBlock, BatchNorm1d, BatchNorm1dReLU, BatchNorm2d
 from dlcore.ops.additive_attention import BahdanauAttention  # noqa: F401  (re-exported)
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
+from dlcore.ops.conv_pool import conv2d_relu_maxpool2d
 from dlcore.ops.conv_relu import conv2d_relu
 from dlcore.ops.cross_entropy import cross_entropy
 from dlcore.ops.layer_norm import layer_norm
@@ -36,6 +37,39 @@ class Conv2dReLU(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dReLUMaxPool2d(Conv2dReLU):
+    """nn.Conv2d → ReLU → nn.MaxPool2d as one op (dlcore.functional.conv2d_relu_maxpool2d): nn.Conv2d's arguments,
+    parameters and state_dict keys, plus the pool's (pool_kernel_size, pool_stride=None → the kernel size,
+    pool_padding, ceil_mode)."""
+
+    def __init__(self, *args, pool_kernel_size=3, pool_stride=None, pool_padding=0, ceil_mode: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool_kernel_size, self.pool_stride = pool_kernel_size, pool_stride
+        self.pool_padding, self.ceil_mode = pool_padding, ceil_mode
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, relu: nn.Module | None = None,
+                     pool: nn.Module | None = None) -> "Conv2dReLUMaxPool2d":
+        """The fused layer holding `conv`'s parameters (shared, not copied) in place of (conv, relu, pool)."""
+        if not isinstance(pool, nn.MaxPool2d):
+            raise TypeError(f"expected nn.MaxPool2d after the ReLU, got {type(pool).__name__}")
+        if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+            raise ValueError("Conv2dReLUMaxPool2d fuses max pools with dilation 1 and no returned indices")
+        fused = super().from_modules(conv, relu)
+        fused.pool_kernel_size, fused.pool_stride = pool.kernel_size, pool.stride
+        fused.pool_padding, fused.ceil_mode = pool.padding, pool.ceil_mode
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_relu_maxpool2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                     self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
+                f", pool_padding={self.pool_padding}, ceil_mode={self.ceil_mode}")
 
 
 class MultiheadAttention(nn.MultiheadAttention):

@@ -33,6 +33,7 @@ void register_cross_entropy(py::module_& m);
 void register_additive_attention(py::module_& m);
 void register_batch_norm(py::module_& m);
 void register_nt_xent(py::module_& m);
+void register_pool_epilogue(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -55,4 +56,5 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_additive_attention(m);
   register_batch_norm(m);
   register_nt_xent(m);
+  register_pool_epilogue(m);
 }

@@ -1,0 +1,231 @@
+"""conv2d_relu_maxpool2d: y = maxpool(relu(conv2d(x, w) + b)), forward and backward (issue 3's fused op; the ResNet
+stem of issue 6 is the same op after BN folding).
+
+Max and ReLU commute and a per-channel bias is constant within a pooling window, so
+    y = relu(maxpool(z) + b),  z = conv2d(x, w) without its bias,
+and the epilogue works on the pooled tensor: one pass over z writes the pooled output and, per output, the byte
+offset of its window's argmax. Backward (g = dy·[y > 0]): db = Σ g, dz = g scattered to each window's argmax
+(overlapping windows add), then the convolution's backward. Saved for backward: x, w, the pooled y and the byte
+argmax — not the full-size activation (stock saves the conv output, the ReLU output and int64 pool indices).
+
+Launchers (every backend; geometry = (N, C, H, W, OH, OW, kH, kW, sH, sW, pH, pW) of the pool on z):
+  forward(x, weight, bias, conv, pool) -> (y, argmax uint8)
+  backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask) -> (dx, dw, db)
+Backends
+  reference  the same function in plain PyTorch (F.max_pool2d with indices), every float dtype; the oracle.
+  cpu        torch's convolution (oneDNN) + csrc/cpu/pool_epilogue.cpp (NCHW and channels_last, fp32/bf16/fp16).
+Triton/CUDA C++ (the implicit-GEMM convolution with this epilogue) are not written yet: CUDA tensors run the
+reference.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dlcore import _checks, _dispatch, _ext
+from dlcore.ops import batch_norm as channel_ops
+from dlcore.ops.conv_relu import _conv_grads, _pair
+
+FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
+for _name in (FORWARD, BACKWARD):
+    _dispatch.define_op(_name, gpu_order=())
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """torch's max_pool2d output length: the last window must start inside the input or its left padding."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _geometry(z_shape, pool) -> tuple:
+    kh, kw, sh, sw, ph, pw, ceil_mode = pool
+    n, c, h, w = z_shape
+    return (n, c, h, w, pool_output_size(h, kh, sh, ph, ceil_mode), pool_output_size(w, kw, sw, pw, ceil_mode),
+            kh, kw, sh, sw, ph, pw)
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def _window_offsets(indices: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """torch's flat argmax (h·W + w in the input plane) → the offset within the window (kh·kW + kw), as bytes."""
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
+    rows = torch.div(indices, w, rounding_mode="floor") - (torch.arange(oh, device=indices.device) * sh - ph)[:, None]
+    cols = indices % w - (torch.arange(ow, device=indices.device) * sw - pw)
+    return (rows * kw + cols).to(torch.uint8)
+
+
+@_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_forward(x, weight, bias, conv, pool):
+    z = F.conv2d(x, weight, None, *conv)
+    geometry = _geometry(z.shape, pool)
+    pooled, indices = F.max_pool2d(z, pool[:2], pool[2:4], pool[4:6], 1, pool[6], return_indices=True)
+    if bias is not None:
+        pooled = pooled + bias.to(pooled.dtype)[:, None, None]
+    return F.relu(pooled), _window_offsets(indices, geometry)
+
+
+@_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
+def reference_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
+    g = grad_y * (y > 0)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry = _geometry(_conv_shape(x, weight, conv), pool)
+    a = argmax.long()
+    rows = (torch.arange(oh, device=x.device) * sh - ph)[:, None] + torch.div(a, kw, rounding_mode="floor")
+    cols = (torch.arange(ow, device=x.device) * sw - pw) + a % kw
+    dz = torch.zeros((n, c, h * w), dtype=g.dtype, device=g.device)
+    dz.scatter_add_(2, (rows * w + cols).reshape(n, c, -1), g.reshape(n, c, -1))
+    db = g.sum((0, 2, 3)) if has_bias and mask[2] else None
+    return (*_conv_grads(dz.view(n, c, h, w), x, weight, *conv, mask), db)
+
+
+def _conv_shape(x, weight, conv) -> tuple:
+    stride, padding, dilation, _ = conv
+    return (x.shape[0], weight.shape[0],
+            *[(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+              for i in range(2)])
+
+
+# ---------------------------------------------------------------------------------------------------- cpu (C++)
+def _channels_last(t: torch.Tensor) -> bool:
+    return channel_ops.channel_dims(t)[2] == 1 and t.shape[1] > 1
+
+
+@_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=channel_ops.LOW, available=_ext.cpu_unavailable)
+def cpu_forward(x, weight, bias, conv, pool):
+    z = channel_ops.dense_like(F.conv2d(x, weight, None, *conv))
+    geometry = _geometry(z.shape, pool)
+    cl = _channels_last(z)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    shape = (geometry[0], geometry[1], geometry[4], geometry[5])
+    y = torch.empty(shape, dtype=z.dtype).contiguous(memory_format=fmt)
+    argmax = torch.empty(shape, dtype=torch.uint8).contiguous(memory_format=fmt)
+    b = None if bias is None else bias.float().contiguous()
+    _ext.cpu.maxpool_bias_relu_forward(z.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                                       argmax.data_ptr(), geometry, cl, _ext.DTYPE_CODE[z.dtype])
+    return y, argmax
+
+
+@_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=channel_ops.LOW, available=_ext.cpu_unavailable)
+def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
+    geometry = _geometry(_conv_shape(x, weight, conv), pool)
+    cl = _channels_last(y)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    grad_y, argmax = grad_y.contiguous(memory_format=fmt), argmax.contiguous(memory_format=fmt)
+    dz = torch.empty(geometry[:4], dtype=y.dtype).contiguous(memory_format=fmt)
+    db = torch.empty(geometry[1], dtype=torch.float32) if has_bias and mask[2] else None
+    _ext.cpu.maxpool_bias_relu_backward(grad_y.data_ptr(), y.contiguous(memory_format=fmt).data_ptr(),
+                                        argmax.data_ptr(), dz.data_ptr(), 0 if db is None else db.data_ptr(),
+                                        geometry, cl, _ext.DTYPE_CODE[y.dtype])
+    return (*_conv_grads(dz, x, weight, *conv, mask), None if db is None else db.to(weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dlcore::conv2d_relu_maxpool2d", mutates_args=())
+def conv2d_relu_maxpool2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                             pool_kernel: Sequence[int], pool_stride: Sequence[int], pool_padding: Sequence[int],
+                             ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    conv = (list(stride), list(padding), list(dilation), groups)
+    pool = (*pool_kernel, *pool_stride, *pool_padding, ceil_mode)
+    return _dispatch.select(FORWARD, x.device, x.dtype)[1](x, weight, bias, conv, pool)
+
+
+@conv2d_relu_maxpool2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride, pool_padding, ceil_mode):
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = F.max_pool2d(z, pool_kernel, pool_stride, pool_padding, 1, ceil_mode)
+    return y, torch.empty_like(y, dtype=torch.uint8)
+
+
+@torch.library.custom_op("dlcore::conv2d_relu_maxpool2d_backward", mutates_args=())
+def conv2d_relu_maxpool2d_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                                      argmax: torch.Tensor, has_bias: bool, stride: Sequence[int],
+                                      padding: Sequence[int], dilation: Sequence[int], groups: int,
+                                      pool_kernel: Sequence[int], pool_stride: Sequence[int],
+                                      pool_padding: Sequence[int], ceil_mode: bool,
+                                      mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    conv = (list(stride), list(padding), list(dilation), groups)
+    pool = (*pool_kernel, *pool_stride, *pool_padding, ceil_mode)
+    dx, dw, db = _dispatch.select(BACKWARD, x.device, x.dtype)[1](grad_y, x, weight, y, argmax, has_bias, conv, pool,
+                                                                  list(mask))
+    empty = x.new_empty(0)
+    return (empty if dx is None else dx), (empty if dw is None else dw), (empty if db is None else db)
+
+
+@conv2d_relu_maxpool2d_backward_op.register_fake
+def _(grad_y, x, weight, y, argmax, has_bias, stride, padding, dilation, groups, pool_kernel, pool_stride,
+      pool_padding, ceil_mode, mask):
+    return (torch.empty_like(x) if mask[0] else x.new_empty(0), torch.empty_like(weight) if mask[1] else
+            weight.new_empty(0), weight.new_empty(weight.shape[0]) if has_bias and mask[2] else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, *conf = inputs
+    y, argmax = output
+    ctx.save_for_backward(x, weight, y, argmax)
+    ctx.conf = (bias is not None, *[list(c) if isinstance(c, (list, tuple)) else c for c in conf])
+    ctx.mark_non_differentiable(argmax)
+
+
+def _backward(ctx, grad_y, _grad_argmax):
+    x, weight, y, argmax = ctx.saved_tensors
+    has_bias = ctx.conf[0]
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    dx, dw, db = conv2d_relu_maxpool2d_backward_op(grad_y, x, weight, y, argmax, *ctx.conf, mask)
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + (None,) * 8
+
+
+conv2d_relu_maxpool2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
+                          padding=0, dilation=1, groups: int = 1, pool_kernel_size=3, pool_stride=None,
+                          pool_padding=0, ceil_mode: bool = False) -> torch.Tensor:
+    """F.max_pool2d(F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups)), pool_kernel_size,
+    pool_stride, pool_padding, ceil_mode=ceil_mode) as one op. pool_stride None means the kernel size (torch's
+    rule). x: [N, C_in, H, W] or [C_in, H, W] (NCHW or channels_last; the output keeps the layout), floating point
+    (the CPU twin runs fp32/bf16/fp16, other dtypes and CUDA tensors the reference)."""
+    _checks.tensor("input", x)
+    _checks.tensor("weight", weight, like=x)
+    if bias is not None:
+        _checks.tensor("bias", bias, like=x)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kH, kW], got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _checks.shape("bias", bias, (weight.shape[0],))
+    if x.dim() == 3:
+        return conv2d_relu_maxpool2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                                     pool_kernel_size, pool_stride, pool_padding, ceil_mode).squeeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"input must be 3-D or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or x.shape[1] // groups != weight.shape[1]:
+        raise ValueError(f"groups={groups} does not fit input channels {x.shape[1]}, weight {tuple(weight.shape)}")
+    if isinstance(padding, str):
+        raise ValueError("string padding ('same'/'valid') is not supported yet; pass integers")
+    conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    kernel = _pair(pool_kernel_size)
+    pstride = kernel if pool_stride is None else _pair(pool_stride)
+    ppad = _pair(pool_padding)
+    if any(k < 1 for k in kernel) or any(s < 1 for s in pstride) or kernel[0] * kernel[1] > 256:
+        raise ValueError(f"pool_kernel_size must be positive with at most 256 elements and pool_stride positive, "
+                         f"got {tuple(kernel)} and {tuple(pstride)}")
+    if any(p < 0 or 2 * p > k for p, k in zip(ppad, kernel)):
+        raise ValueError(f"pool_padding should be at most half of pool_kernel_size, got {tuple(ppad)} for "
+                         f"{tuple(kernel)}")
+    z_hw = _conv_shape(x, weight, conv)[2:]
+    if any(s <= 0 for s in z_hw):
+        raise ValueError(f"the convolution's output would be empty ({tuple(z_hw)}) for input {tuple(x.shape)}")
+    out = [pool_output_size(z_hw[i], kernel[i], pstride[i], ppad[i], ceil_mode) for i in range(2)]
+    if any(o <= 0 for o in out):
+        raise ValueError(f"pool window {tuple(kernel)} is larger than the padded convolution output {tuple(z_hw)}")
+    if x.numel() == 0:
+        raise ValueError(f"input is empty (shape {tuple(x.shape)})")
+    y, _ = conv2d_relu_maxpool2d_op(x, weight, bias, *conv, kernel, pstride, ppad, bool(ceil_mode))
+    return y
+
+

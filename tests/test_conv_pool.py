@@ -1,0 +1,130 @@
+"""conv2d_relu_maxpool2d (dlcore/ops/conv_pool.py): every backend against float64 F.max_pool2d(F.relu(F.conv2d()))
+on fresh inputs — overlapping pools (AlexNet's 3×3/2), padding, ceil_mode, NCHW and channels_last, odd shapes —
+every gradient; ties and NaN as torch; gradcheck; opcheck; torch.compile; the module; bad input."""
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlcore
+from dlcore.functional import conv2d_relu_maxpool2d
+from dlcore.nn import Conv2dReLUMaxPool2d
+from dlcore.ops import conv_pool
+from dlcore.testing import backend_device_pairs
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
+# (N, C_in, H, W, C_out, k, stride, pad, groups, pool_k, pool_stride, pool_pad, ceil_mode)
+SHAPES = [(2, 3, 35, 29, 5, 11, 4, 2, 1, 3, 2, 0, False),     # AlexNet conv1-like, overlapping 3×3/2
+          (1, 4, 17, 17, 7, 3, 1, 1, 1, 3, 2, 1, True),       # ResNet-stem-like pool with padding, ceil_mode
+          (3, 6, 9, 12, 4, 3, 1, 1, 2, 2, None, 0, False),    # groups, non-overlapping 2×2
+          (1, 2, 8, 8, 129, 1, 1, 0, 1, (2, 3), (1, 2), (1, 0), True),
+          (2, 1, 5, 5, 3, 3, 1, 0, 1, 3, 1, 0, False)]        # a 3×3 output pooled to 1×1
+CASES = [(b, d, t) for t in (torch.float32, torch.float64) for b, d in backend_device_pairs(conv_pool.FORWARD, t)]
+
+
+def _stock(x, w, b, shape):
+    *_, k, s, p, g, pk, ps, pp, ceil = shape
+    return F.max_pool2d(F.relu(F.conv2d(x, w, b, s, p, 1, g)), pk, ps, pp, 1, ceil)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_float64_reference(backend, device, dtype, shape, channels_last):
+    n, cin, h, w, cout, k, s, p, g, pk, ps, pp, ceil = shape
+    gen = torch.Generator().manual_seed(SEED + n * h + cout)
+    x = torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64)
+    wt = torch.randn(cout, cin // g, k, k, generator=gen, dtype=torch.float64) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, generator=gen, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (x, wt, b)]
+    want = _stock(*ref, shape)
+    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    grads_want = torch.autograd.grad(want, ref, dy)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours = [x.to(device, dtype).contiguous(memory_format=fmt).requires_grad_(), wt.to(device, dtype).requires_grad_(),
+            b.to(device, dtype).requires_grad_()]
+    with dlcore.use_backend(backend):
+        y = conv2d_relu_maxpool2d(ours[0], ours[1], ours[2], s, p, 1, g, pk, ps, pp, ceil)
+        grads = torch.autograd.grad(y, ours, dy.to(device, dtype))
+    tol = 2e-4 if dtype == torch.float32 else 1e-10
+    assert y.shape == want.shape
+    assert (y.double().cpu() - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+    for got, ref_grad, name in zip(grads, grads_want, ("input", "weight", "bias")):
+        err = (got.double().cpu() - ref_grad).abs().max().item()
+        assert err <= tol * (1 + ref_grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(conv_pool.FORWARD, torch.float32))
+def test_ties_and_nan_follow_torch(backend, device):
+    """A constant input makes every window a tie (torch routes the gradient to the first maximum); a NaN wins."""
+    x = torch.ones(1, 1, 6, 6, requires_grad=True)
+    w = torch.ones(1, 1, 1, 1, requires_grad=True)
+    with dlcore.use_backend(backend):
+        y = conv2d_relu_maxpool2d(x, w, None, pool_kernel_size=3, pool_stride=2)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.max_pool2d(F.relu(F.conv2d(x2, w.detach())), 3, 2).sum(), x2)
+    torch.testing.assert_close(gx, want)
+    nan = torch.ones(1, 1, 6, 6)
+    nan[0, 0, 2, 2] = float("nan")
+    with dlcore.use_backend(backend):
+        y = conv2d_relu_maxpool2d(nan, w.detach(), None, pool_kernel_size=3, pool_stride=2)
+    assert torch.equal(y.isnan(), F.max_pool2d(nan, 3, 2).isnan())
+
+
+def test_saves_pooled_output_and_byte_argmax_only():
+    x, w = torch.randn(2, 3, 20, 20, requires_grad=True), torch.randn(8, 3, 3, 3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = conv2d_relu_maxpool2d(x, w, None, padding=1, pool_kernel_size=2)
+    assert sorted(tuple(t.shape) for t in saved if t.dim() == 4) == sorted([tuple(x.shape), tuple(w.shape),
+                                                                           tuple(y.shape), tuple(y.shape)])
+    assert any(t.dtype == torch.uint8 for t in saved)
+
+
+def test_gradcheck_opcheck_compile():
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 2, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: conv2d_relu_maxpool2d(*a, pool_kernel_size=2, pool_stride=1), (x, w, b))
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(conv_pool.conv2d_relu_maxpool2d_op, (x32, w32, b32, [1, 1], [0, 0], [1, 1], 1, [3, 3],
+                                                               [2, 2], [0, 0], False))
+    fn = torch.compile(lambda x, w, b: conv2d_relu_maxpool2d(x, w, b, pool_kernel_size=3, pool_stride=2).sum(),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(x32, w32, b32), F.max_pool2d(F.relu(F.conv2d(x32, w32, b32)), 3, 2).sum())
+
+
+def test_module_is_a_drop_in():
+    conv, pool = torch.nn.Conv2d(3, 8, 5, stride=2, padding=2), torch.nn.MaxPool2d(3, 2)
+    fused = Conv2dReLUMaxPool2d(3, 8, 5, stride=2, padding=2, pool_kernel_size=3, pool_stride=2)
+    assert fused.state_dict().keys() == conv.state_dict().keys()
+    fused.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 31, 17)
+    torch.testing.assert_close(fused(x), pool(F.relu(conv(x))))
+    shared = Conv2dReLUMaxPool2d.from_modules(conv, torch.nn.ReLU(), pool)
+    assert shared.weight is conv.weight
+    torch.testing.assert_close(shared(x), pool(F.relu(conv(x))))
+    with pytest.raises(TypeError, match="MaxPool2d"):
+        Conv2dReLUMaxPool2d.from_modules(conv, torch.nn.ReLU(), torch.nn.AvgPool2d(2))
+
+
+def test_bad_input():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="groups"):
+        conv2d_relu_maxpool2d(x, w, groups=3)
+    with pytest.raises(ValueError, match="input must be"):
+        conv2d_relu_maxpool2d(x[0, 0], w)
+    with pytest.raises(ValueError, match="larger than the padded"):
+        conv2d_relu_maxpool2d(x, w, pool_kernel_size=7)
+    with pytest.raises(ValueError, match="at most half"):
+        conv2d_relu_maxpool2d(x, w, padding=1, pool_kernel_size=2, pool_padding=2)
+    with pytest.raises(ValueError, match="convolution's output would be empty"):
+        conv2d_relu_maxpool2d(torch.randn(1, 4, 2, 2), w)
+    with pytest.raises(TypeError, match="weight is torch.float64"):
+        conv2d_relu_maxpool2d(x, w.double())
+    with pytest.raises(ValueError, match="empty"):
+        conv2d_relu_maxpool2d(torch.randn(0, 4, 8, 8), w)
