@@ -12,10 +12,7 @@ Bottleneck, so `dlcore.patch` recognises it as it would torchvision's).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, registry
+from dlcore.models._vision import ClassifierTrainConfig, classifier_arguments, classifier_run
 
 
 # ------------------------------------------------------------------------------------- stock twin (torchvision)
@@ -175,136 +173,21 @@ class WithLoss(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- training
 @dataclass
-class ResNetTrainConfig:
+class ResNetTrainConfig(ClassifierTrainConfig):
     """`dlcore train resnet`: a small-input ResNet classifier on offline images (digits or an ImageFolder path)."""
-    data: str = "digits"
     arch: str = "resnet18"
-    image_size: int = 16
-    channels: int = 1
-    epochs: int = 6
-    batch: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    augment: bool = True
-    seed: int = 0
-    stock: bool = False
     out: str = "runs/resnet"
-    resume: bool = False
-    progress: bool = True
 
 
-def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image shifted by up to ±pixels in each direction (zero fill): a tensor augmentation."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pixels,) * 4)
-    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pixels)
-    out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
-    return out.gather(3, cols)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    was = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
-    model.train(was)
-    return correct / len(y)
-
-
-def train(cfg: ResNetTrainConfig) -> dict:
-    """Train; writes accuracy.csv, accuracy.png, checkpoint.pt (resume=True continues) and summary.json to cfg.out.
-    Under torchrun each process trains a DistributedDataParallel replica on its share of every batch; rank 0
-    evaluates and writes."""
-    import dlcore.optim
-    from dlcore.models._training import Progress, plot_curves, warmup_cosine
-    from dlcore.models._vision import Checkpoint, Distributed, load_images
-
-    dist = Distributed()
-    data = load_images(cfg.data, cfg.image_size, seed=cfg.seed, channels=cfg.channels)
-    torch.manual_seed(cfg.seed)  # same weights on every rank
-    model = globals()[cfg.arch](num_classes=len(data.classes), stock=cfg.stock, in_channels=cfg.channels,
-                                small_input=True)
-    net = dist.wrap(model)
-    opt = (torch.optim.AdamW if cfg.stock else dlcore.optim.AdamW)(model.parameters(), lr=cfg.lr,
-                                                                  weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(data.train_y) + cfg.batch - 1) // cfg.batch
-    total = cfg.epochs * steps_per_epoch
-    schedule = warmup_cosine(opt, total, 0.15)
-    ckpt = Checkpoint(cfg.out, cfg.resume)
-    history, start = [], 0
-    state = ckpt.load()
-    if state is not None:
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        history, start = state["history"], state["epoch"]
-    progress = Progress(f"resnet ({cfg.arch})", cfg.progress and dist.rank == 0, total, start * steps_per_epoch)
-    t0 = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same order on every rank, resumable
-        order = torch.randperm(len(data.train_y), generator=gen)
-        model.train()
-        for k in range(steps_per_epoch):
-            idx = dist.shard(order[k * cfg.batch:(k + 1) * cfg.batch])
-            if len(idx) < 2:  # batch norm needs two values per channel
-                continue
-            x = data.train_x[idx]
-            if cfg.augment:
-                x = random_shift(x, max(1, cfg.image_size // 8), gen)
-            loss = F.cross_entropy(net(x), data.train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            progress.advance(epoch * steps_per_epoch + k + 1, f"loss {loss.item():.3f}")
-        if dist.rank == 0:
-            acc = accuracy(model, data.test_x, data.test_y)
-            history.append((epoch + 1, loss.item(), acc))
-            progress.note(f"epoch {epoch + 1}: train loss {loss.item():.3f}, test accuracy {acc:.4f}")
-            ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                       "history": history, "epoch": epoch + 1, "config": asdict(cfg)})
-    progress.close()
-    agree = dist.replicas_agree(model)
-    if dist.rank != 0:
-        return {"history": history, "replicas_agree": agree, "world_size": dist.world}
-    with open(os.path.join(cfg.out, "accuracy.csv"), "w") as f:
-        f.write("epoch,train_loss,test_accuracy\n" + "".join(f"{e},{l:.5f},{a:.5f}\n" for e, l, a in history))
-    if history:
-        plot_curves(os.path.join(cfg.out, "accuracy.png"), {"test accuracy": ([h[0] for h in history],
-                                                                              [h[2] for h in history])},
-                    "epoch", "accuracy", f"{cfg.arch} on {cfg.data}")
-    summary = {"history": history, "test_accuracy": history[-1][2] if history else None,
-               "seconds": time.perf_counter() - t0, "world_size": dist.world, "replicas_agree": agree,
-               "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, ResNetTrainConfig())
-
-
-def _train_run(args: argparse.Namespace) -> int:
-    from dlcore.models._training import dataclass_from_args
-
-    cfg = dataclass_from_args(ResNetTrainConfig, args)
+def build_for_training(cfg: ResNetTrainConfig, num_classes: int) -> ResNet:
     if cfg.arch not in ARCHS:
-        raise SystemExit(f"--arch must be one of {sorted(ARCHS)}")
-    summary = train(cfg)
-    if summary.get("test_accuracy") is None:  # a torchrun worker other than rank 0
-        return 0 if summary["replicas_agree"] else 1
-    print(f"{cfg.arch} test accuracy {summary['test_accuracy']:.4f} after {cfg.epochs} epochs "
-          f"({summary['seconds']:.0f} s); wrote {cfg.out}/accuracy.csv, accuracy.png, checkpoint.pt, summary.json")
-    return 0 if summary["test_accuracy"] >= 0.95 and summary["replicas_agree"] else 1
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {cfg.arch!r}")
+    return globals()[cfg.arch](num_classes=num_classes, stock=cfg.stock, in_channels=cfg.channels, small_input=True)
 
 
 registry.register("train", "resnet", help="a ResNet classifier on digits (or an ImageFolder path)",
-                  run=_train_run)(_train_arguments)
+                  run=classifier_run(ResNetTrainConfig, build_for_training, lambda cfg: cfg.arch))(
+    classifier_arguments(ResNetTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------------- profiling

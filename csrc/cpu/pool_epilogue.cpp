@@ -4,8 +4,8 @@
 // backward, one pass: g = dy·[y > 0],  db_c = Σ g,  dz[argmax of each window] += g  (overlapping windows that
 // share an argmax add up; dz is zeroed first). Pooling follows torch's max_pool2d: −∞ padding, output size
 // floor/ceil((H + 2p − k)/s) + 1 with the last window starting inside the input or its left padding, NaN wins.
-// Layouts: NCHW — one (n, c) plane per task; channels_last — one image per task, channels vectorised. Each task
-// owns the dz region it scatters into: no races.
+// Layout: channels_last ([N, H, W, C]; the launcher converts), one image per backward task, channels vectorised
+// in forward. Each backward task owns the dz region it scatters into: no races.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
@@ -27,38 +27,6 @@ struct Geometry {
 };
 
 inline bool better(float v, float best) { return v > best || (std::isnan(v) && !std::isnan(best)); }
-
-template <int DT>
-void forward_nchw(const typename Storage<DT>::T* z, const float* bias, typename Storage<DT>::T* y, uint8_t* arg,
-                  const Geometry& g) {
-  using St = Storage<DT>;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t n = 0; n < g.n; ++n)
-    for (int64_t c = 0; c < g.c; ++c) {
-      const auto* plane = z + (n * g.c + c) * g.h * g.w;
-      const int64_t out_base = (n * g.c + c) * g.oh * g.ow;
-      const float b = bias ? bias[c] : 0.f;
-      for (int64_t i = 0; i < g.oh; ++i)
-        for (int64_t j = 0; j < g.ow; ++j) {
-          const int64_t h0 = i * g.sh - g.ph, w0 = j * g.sw - g.pw;
-          float best = -INFINITY;
-          int best_k = 0;
-          for (int64_t a = 0; a < g.kh; ++a) {
-            const int64_t hh = h0 + a;
-            if (hh < 0 || hh >= g.h) continue;
-            for (int64_t e = 0; e < g.kw; ++e) {
-              const int64_t ww = w0 + e;
-              if (ww < 0 || ww >= g.w) continue;
-              const float v = St::load(plane[hh * g.w + ww]);
-              if (better(v, best)) best = v, best_k = int(a * g.kw + e);
-            }
-          }
-          const float out = best + b;
-          y[out_base + i * g.ow + j] = St::store(out > 0.f || std::isnan(out) ? out : 0.f);
-          arg[out_base + i * g.ow + j] = uint8_t(best_k);
-        }
-    }
-}
 
 // Channels in registers: 16 at a time (a vf of running maxima, a vi of argmax offsets) over the window, then bias,
 // ReLU and the stores; a scalar loop for the channel tail.
@@ -113,7 +81,7 @@ void forward_channels_last(const typename Storage<DT>::T* z, const float* bias, 
 // g = dy·[y > 0]; db (per-thread partials in double, combined in thread order); dz zeroed, then scattered into.
 template <int DT>
 void backward(const typename Storage<DT>::T* dy, const typename Storage<DT>::T* y, const uint8_t* arg,
-              typename Storage<DT>::T* dz, float* grad_bias, const Geometry& g, bool channels_last) {
+              typename Storage<DT>::T* dz, float* grad_bias, const Geometry& g) {
   using St = Storage<DT>;
   const int threads = omp_get_max_threads();
   std::vector<double> partial(static_cast<size_t>(threads * g.c), 0.0);
@@ -121,28 +89,7 @@ void backward(const typename Storage<DT>::T* dy, const typename Storage<DT>::T* 
 #pragma omp parallel num_threads(threads)
   {
     double* acc = partial.data() + size_t(omp_get_thread_num()) * size_t(g.c);
-    if (!channels_last) {
-#pragma omp for collapse(2) schedule(static)
-      for (int64_t n = 0; n < g.n; ++n)
-        for (int64_t c = 0; c < g.c; ++c) {
-          auto* plane = dz + (n * g.c + c) * g.h * g.w;
-          std::memset(static_cast<void*>(plane), 0, plane_bytes);
-          const int64_t base = (n * g.c + c) * g.oh * g.ow;
-          float sum = 0.f;
-          for (int64_t i = 0; i < g.oh; ++i)
-            for (int64_t j = 0; j < g.ow; ++j) {
-              const int64_t o = base + i * g.ow + j;
-              const float grad = St::load(y[o]) > 0.f ? St::load(dy[o]) : 0.f;
-              if (grad == 0.f) continue;
-              sum += grad;
-              const int k = arg[o];
-              const int64_t hh = i * g.sh - g.ph + k / g.kw, ww = j * g.sw - g.pw + k % g.kw;
-              auto& cell = plane[hh * g.w + ww];
-              cell = St::store(St::load(cell) + grad);
-            }
-          acc[c] += sum;
-        }
-    } else {
+    {
       std::vector<float> sums(static_cast<size_t>(g.c));
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < g.n; ++n) {
@@ -187,24 +134,21 @@ Geometry geometry(const py::tuple& t) {
 void register_pool_epilogue(py::module_& m) {
   m.def(
       "maxpool_bias_relu_forward",
-      [](int64_t z, int64_t bias, int64_t y, int64_t arg, py::tuple geom, bool channels_last, int dtype) {
+      [](int64_t z, int64_t bias, int64_t y, int64_t arg, py::tuple geom, int dtype) {
         const Geometry g = geometry(geom);
         py::gil_scoped_release nogil;
         dispatch_dtype(dtype, "z", [&](auto dt) {
           constexpr int DT = decltype(dt)::value;
           using T = typename Storage<DT>::T;
-          auto fn = channels_last ? forward_channels_last<DT> : forward_nchw<DT>;
-          fn(reinterpret_cast<const T*>(z), reinterpret_cast<const float*>(bias), reinterpret_cast<T*>(y),
+          forward_channels_last<DT>(reinterpret_cast<const T*>(z), reinterpret_cast<const float*>(bias), reinterpret_cast<T*>(y),
              reinterpret_cast<uint8_t*>(arg), g);
         });
       },
-      "y = relu(maxpool(z) + bias[c]), argmax offsets as bytes; geometry (N, C, H, W, OH, OW, kH, kW, sH, sW, pH, pW)",
-      py::arg("z"), py::arg("bias"), py::arg("y"), py::arg("argmax"), py::arg("geometry"), py::arg("channels_last"),
-      py::arg("dtype"));
+      "channels_last: y = relu(maxpool(z) + bias[c]), argmax offsets as bytes; geometry (N, C, H, W, OH, OW, kH, kW, sH, sW, pH, pW)",
+      py::arg("z"), py::arg("bias"), py::arg("y"), py::arg("argmax"), py::arg("geometry"), py::arg("dtype"));
   m.def(
       "maxpool_bias_relu_backward",
-      [](int64_t dy, int64_t y, int64_t arg, int64_t dz, int64_t grad_bias, py::tuple geom, bool channels_last,
-         int dtype) {
+      [](int64_t dy, int64_t y, int64_t arg, int64_t dz, int64_t grad_bias, py::tuple geom, int dtype) {
         const Geometry g = geometry(geom);
         py::gil_scoped_release nogil;
         dispatch_dtype(dtype, "dy", [&](auto dt) {
@@ -212,10 +156,10 @@ void register_pool_epilogue(py::module_& m) {
           using T = typename Storage<DT>::T;
           backward<DT>(reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(y),
                        reinterpret_cast<const uint8_t*>(arg), reinterpret_cast<T*>(dz),
-                       reinterpret_cast<float*>(grad_bias), g, channels_last);
+                       reinterpret_cast<float*>(grad_bias), g);
         });
       },
       "dz (zeroed, then dy*[y > 0] added at each window's argmax) and grad_bias[c] = sum of dy*[y > 0]",
       py::arg("dy"), py::arg("y"), py::arg("argmax"), py::arg("dz"), py::arg("grad_bias"), py::arg("geometry"),
-      py::arg("channels_last"), py::arg("dtype"));
+      py::arg("dtype"));
 }
