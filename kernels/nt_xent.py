@@ -3,8 +3,9 @@ positive of row i = row (i + N) mod M), flash-style: the M×M similarities exist
 
 v1 (shipped):
 - forward: one program per BM rows; the row block (BM × BD, whole width in registers) against column tiles of BN
-  rows: s = u_rows·u_colsᵀ/τ by tl.dot (tf32 on a GPU, exact fp32 in the interpreter; fp32 accumulate), the diagonal masked, online log-sum-exp (running max and
-  rescaled sum); the positive's similarity picked out of its tile. Saves lse [M] (O(M) extra memory).
+  rows: s = u_rows·u_colsᵀ/τ by tl.dot (tf32 on a GPU, exact fp32 in the interpreter; fp32 accumulate), the
+  diagonal masked, online log-sum-exp (running max and rescaled sum); the positive's similarity picked out of its
+  tile. Saves lse [M] (O(M) extra memory).
 - backward: one program per BM rows, the same sweep: W = exp(s − lse_row) + exp(s − lse_col) (row i's softmax plus
   row j's softmax at column i — s is symmetric), W_ii = 0, W_{i,p(i)} −= 2; du_rows += W·u_cols by tl.dot, scaled by
   g/(Mτ) at the end. Every du row is written by one program: no atomics.

@@ -226,7 +226,8 @@ def train(cfg: SimCLRTrainConfig) -> dict:
                                                                     [h[1] for h in history])},
                     "epoch", "loss", f"SimCLR ({cfg.arch}, width {cfg.width}) on {cfg.data}")
     summary = {"history": history, "probe_accuracy": probes, "probe_gain": probes["trained"] - probes["random"],
-               "probe_labels": int(len(subset)), "probe_accuracy_all_labels": probes_all, "seconds": time.perf_counter() - t0, "world_size": dist.world,
+               "probe_labels": int(len(subset)), "probe_accuracy_all_labels": probes_all,
+               "seconds": time.perf_counter() - t0, "world_size": dist.world,
                "replicas_agree": agree, "config": asdict(cfg)}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -4,9 +4,9 @@
 - ResNet inference: dlcore.fuse_for_inference(resnet) in channels_last against the stock twin eager (NCHW, the
   issue's baseline), eager channels_last and torch.compile'd — CPU ResNet-18 batch 8 fp32 (targets ≥ 1.5× eager,
   ≥ 1.05× compiled), GPU ResNet-50 batch 64 bf16 (≥ 1.5× eager);
-- ResNet training step (forward, cross-entropy, backward, AdamW step: dlcore.optim against torch.optim) in channels_last: dlcore blocks against
-  the stock twin, eager and torch.compile'd — CPU ResNet-18 batch 8 fp32 (≥ 1.2× eager, ≥ 1.0× compiled), GPU
-  ResNet-50 batch 64 under bf16 autocast (≥ 1.15× eager, ≥ 1.0× compiled).
+- ResNet training step (forward, cross-entropy, backward, AdamW step: dlcore.optim against torch.optim) in
+  channels_last: dlcore blocks against the stock twin, eager and torch.compile'd — CPU ResNet-18 batch 8 fp32
+  (≥ 1.2× eager, ≥ 1.0× compiled), GPU ResNet-50 batch 64 under bf16 autocast (≥ 1.15× eager, ≥ 1.0× compiled).
 FLOPs: 2·MACs of the convolutions and the classifier (forward), ×3 for a training step."""
 from __future__ import annotations
 

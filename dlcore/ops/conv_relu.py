@@ -5,7 +5,8 @@ The maxpool epilogue, a Triton implicit-GEMM convolution and CUDA C++ are still 
 Backends (each: torch's convolution — oneDNN on the CPU, cuDNN on a GPU — without its bias, then the epilogue)
   reference  F.relu(F.conv2d(x, w, b, ...) + residual); backward by the same formulas in plain PyTorch. Every dtype.
   cpu        epilogue = dlcore/ops/batch_norm.py's channel_affine_act (csrc/cpu/batch_norm.cpp): bias, residual and
-             ReLU in place, one pass; backward: one pass for dz = dy·[y > 0] and db = Σ dz (channel_act_backward_reduce),
+             ReLU in place, one pass; backward: one pass for dz = dy·[y > 0] and db = Σ dz
+             (channel_act_backward_reduce),
              then torch's convolution_backward for dx and dw. fp32/bf16/fp16, NCHW and channels_last.
   triton     the same two channel kernels from kernels/batch_norm.py (the interpreter on CPU tensors).
   cuda       the same two from csrc/cuda/batch_norm.cu (compiled for sm_90, not yet run on a GPU).
