@@ -9,7 +9,7 @@ from dlcore.blocks import (BasicBlock, BatchNorm1d, BatchNorm1dReLU, BatchNorm2d
                            BatchNorm2dReLU, Bottleneck, FoldedConv2d)  # (re-exported)
 from dlcore.ops.additive_attention import BahdanauAttention  # noqa: F401  (re-exported)
 from dlcore.ops.attention import scaled_dot_product_attention
-from dlcore.ops.bias_gelu import linear_gelu
+from dlcore.ops.bias_gelu import dropout, linear_act, linear_gelu
 from dlcore.ops.conv_pool import conv2d_relu_maxpool2d
 from dlcore.ops.conv_relu import conv2d_relu
 from dlcore.ops.cross_entropy import cross_entropy
@@ -150,6 +150,32 @@ class LinearGELU(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_gelu(x, self.weight, self.bias, self.approximate)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a counter-based (Philox) mask, regenerated in backward instead of stored; exactly the
+    identity in eval mode and at p = 0; reproducible under torch.manual_seed. (inplace is accepted and ignored.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+class LinearReLUDropout(nn.Linear):
+    """nn.Linear → ReLU → Dropout(p): the matmul, then one fused pass for bias + ReLU + Philox dropout (its
+    backward regenerates the mask). Same parameters and state_dict keys as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5, device=None,
+                 dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_act(x, self.weight, self.bias, "relu", self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", p={self.p}"
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

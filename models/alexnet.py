@@ -5,8 +5,10 @@ torchvision does).
 dlcore path (default): conv1, conv2 and conv5 with their ReLU and overlapping 3×3/2 max pools are each one
 dlcore.nn.Conv2dReLUMaxPool2d; conv3 and conv4 dlcore.nn.Conv2dReLU. The slots of the fused ReLUs and pools in the
 Sequential hold nn.Identity, so the indices — and the state_dict keys (features.0.weight, features.3.weight, …,
-classifier.1.weight) — are torchvision's. The classifier's dropout is torch's nn.Dropout in both twins (the fused
-Philox dropout of issue 3 is not written yet).
+classifier.1.weight) — are torchvision's. The classifier is dlcore.nn.Dropout, then Linear + ReLU + Dropout as one
+fused bias/ReLU/Philox-dropout pass after the matmul (dlcore.nn.LinearReLUDropout; the mask is regenerated in
+backward, never stored), then Linear + ReLU, then Linear. Dropout masks differ from the stock twin's (Philox vs
+torch's generator): the twins agree exactly in eval mode or with dropout=0.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from dlcore import registry
 from dlcore.models._vision import ClassifierTrainConfig, classifier_arguments, classifier_run
-from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d
+from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d, Dropout, LinearReLUDropout
 
 LAYOUTS = {"torchvision": (64, 192, 384, 256, 256), "paper": (96, 256, 384, 384, 256)}
 # (kernel, stride, padding, pooled after) of conv1..conv5
@@ -48,9 +50,14 @@ class AlexNet(nn.Module):
                 layers += [Conv2dReLU(cin, cout, k, s, p), nn.Identity()]
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(widths[-1] * 36, 4096), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
-                                        nn.Linear(4096, num_classes))
+        if stock:
+            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(widths[-1] * 36, 4096),
+                                            nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(4096, 4096),
+                                            nn.ReLU(inplace=True), nn.Linear(4096, num_classes))
+        else:  # Dropout; Linear + ReLU + Dropout fused; Linear + ReLU fused; Linear — torchvision's indices
+            self.classifier = nn.Sequential(Dropout(dropout), LinearReLUDropout(widths[-1] * 36, 4096, p=dropout),
+                                            nn.Identity(), nn.Identity(), LinearReLUDropout(4096, 4096, p=0.0),
+                                            nn.Identity(), nn.Linear(4096, num_classes))
         self.stock = stock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,24 +8,21 @@ import torch
 
 from dlcore.cli import main as cli
 from dlcore.models.alexnet import AlexNet, alexnet
-from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d
+from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d, LinearReLUDropout
 
 
 @pytest.mark.parametrize("layout", ["torchvision", "paper"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_twins_match_outputs_and_gradients(layout, channels_last):
-    torch.manual_seed(0)
-    ours = AlexNet(num_classes=10, layout=layout).double()
-    stock = AlexNet(num_classes=10, layout=layout, stock=True).double()
+    torch.manual_seed(0)  # dropout 0: the twins' dropout masks come from different generators (Philox vs torch's)
+    ours = AlexNet(num_classes=10, layout=layout, dropout=0.0).double()
+    stock = AlexNet(num_classes=10, layout=layout, dropout=0.0, stock=True).double()
     stock.load_state_dict(ours.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 3, 100, 100, dtype=torch.float64).contiguous(memory_format=fmt)
     for training in (True, False):
         ours.train(training), stock.train(training)
-        torch.manual_seed(1)  # the same dropout masks for both (torch's nn.Dropout in both twins)
-        a = ours(x)
-        torch.manual_seed(1)
-        b = stock(x)
+        a, b = ours(x), stock(x)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         for g, h in zip(torch.autograd.grad(a.square().sum(), list(ours.parameters())),
                         torch.autograd.grad(b.square().sum(), list(stock.parameters()))):
@@ -41,6 +38,12 @@ def test_torchvision_layout_and_keys():
                     "classifier.4.weight", "classifier.4.bias", "classifier.6.weight", "classifier.6.bias"]
     assert sum(p.numel() for p in model.parameters()) == 61_100_840  # torchvision's alexnet
     assert isinstance(model.features[0], Conv2dReLUMaxPool2d) and isinstance(model.features[6], Conv2dReLU)
+    assert isinstance(model.classifier[1], LinearReLUDropout) and model.classifier[1].p == 0.5
+    model.eval()
+    stock = alexnet(stock=True).eval()
+    stock.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), stock(x), rtol=1e-4, atol=1e-5)  # eval: dropout is the identity
     assert model.features[3].weight.shape == (192, 64, 5, 5)
     assert alexnet(layout="paper").features[0].weight.shape == (96, 3, 11, 11)
     with pytest.raises(ValueError, match="layout must be"):

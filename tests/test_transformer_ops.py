@@ -157,8 +157,8 @@ def test_bias_gelu_gradcheck_opcheck_and_bad_input():
     b = torch.randn(9, generator=gen, dtype=torch.float64, requires_grad=True)
     for approximate in ("none", "tanh"):
         assert torch.autograd.gradcheck(lambda a, c: bias_gelu(a, c, approximate), (x, b))
-    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), True, 0.0, 0))
-    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), False, 0.3, 123))
+    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), 1, 0.0, 0))
+    torch.library.opcheck(bias_gelu_mod.bias_gelu_op, (x.float().detach(), b.float().detach(), 2, 0.3, 123))
     with pytest.raises(ValueError, match="approximate"):
         bias_gelu(x, b, "fast")
     with pytest.raises(ValueError, match="bias"):
@@ -196,7 +196,7 @@ def test_bias_gelu_dropout_same_mask_on_every_backend(backend, device, dtype, ro
     low = run(dtype, device, stock) if dtype in LOW else want
     with dlcore.use_backend(backend):
         got = run(dtype, device, lambda xi, bi: bias_gelu_mod.bias_gelu_op(xi, bi.to(bias_gelu_mod.math_dtype(
-            xi.dtype)), True, p, seed))
+            xi.dtype)), 1, p, seed))
     assert bool((got[0].detach().cpu()[~keep] == 0).all()) and bool((got[1].detach().cpu()[~keep] == 0).all())
     for g, w64, s, name in zip(got, want, low, ("y", "dx", "db")):
         _check(g, w64, s, dtype, f"{backend} {name}")

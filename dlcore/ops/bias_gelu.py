@@ -1,19 +1,23 @@
-"""Fused bias + GELU, forward and backward (issue 5): y = gelu(x + b), the feed-forward block's activation.
+"""Fused bias + activation + dropout, forward and backward (issues 5 and 3): y = dropout(act(x + b)) with act ∈
+{GELU (erf), GELU (tanh), ReLU, identity} — the transformer's feed-forward activation, AlexNet's classifier
+(Linear + ReLU + Dropout) and plain dropout (no bias, identity).
 
-A transformer's first feed-forward matmul runs without its bias (x·Wᵀ); this op adds the bias and applies GELU in
-one pass, and its backward gives dx = dy·gelu'(x + b) and db = Σ_rows dx in one pass, recomputing gelu' from the
-saved pre-bias input rather than storing an activation.
+A feed-forward matmul runs without its bias (x·Wᵀ); this op adds the bias and applies the activation (and the
+dropout) in one pass, and its backward gives dx = dy·keep/(1−p)·act'(x + b) and db = Σ_rows dx in one pass,
+recomputing act' from the saved pre-bias input rather than storing an activation or a mask.
 
 Launcher signature shared by every backend (x: [rows, cols] contiguous; bias: None or [cols] in the math dtype —
-fp32, float64 for float64 inputs; approximate_tanh: GELU's tanh form, else the exact erf form; dropout_p, seed:
+fp32, float64 for float64 inputs; activation: a code of ACTIVATIONS (0 GELU erf, 1 GELU tanh, 2 ReLU, 3 identity);
+dropout_p, seed:
 dropout after the activation, element (row, col) kept iff Philox4x32-10(key = seed, counter = (col, row, 0, 0))[0]
 ≥ round(p·2³²) — dlcore.ops.attention.philox_keep — so every backend drops the same elements, and backward
 regenerates the mask instead of storing it):
-  forward(x, bias, approximate_tanh, dropout_p, seed) -> y                        (x's dtype)
-  backward(grad_y, x, bias, approximate_tanh, dropout_p, seed) -> (grad_x, grad_bias in the math dtype)
+  forward(x, bias, activation, dropout_p, seed) -> y                        (x's dtype)
+  backward(grad_y, x, bias, activation, dropout_p, seed) -> (grad_x, grad_bias in the math dtype)
 Formulas, u = x + b:  exact  gelu(u) = ½u(1 + erf(u/√2)),   gelu'(u) = Φ(u) + u·φ(u);
                       tanh   gelu(u) = ½u(1 + t), t = tanh(√(2/π)(u + 0.044715u³)),
-                             gelu'(u) = ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²).
+                             gelu'(u) = ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²);
+                      relu   max(u, 0), relu'(u) = [u > 0];   identity  u, 1.
 
 Backends
   reference  plain PyTorch in the math dtype (the test oracle; float64 gradcheck).
@@ -36,6 +40,9 @@ for _name in (FORWARD, BACKWARD):
     _dispatch.define_op(_name, gpu_order=("triton",))
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW = (torch.float32, torch.float16, torch.bfloat16)
+# activation codes, shared with csrc/cpu/bias_gelu.cpp and kernels/bias_gelu.py
+GELU, GELU_TANH, RELU, IDENTITY = 0, 1, 2, 3
+ACTIVATIONS = {"gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "identity": IDENTITY}
 _TANH_K = math.sqrt(2.0 / math.pi)
 
 
@@ -67,38 +74,44 @@ def _pre_activation(x, bias):
 
 
 @_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
-def reference_forward(x, bias, approximate_tanh, dropout_p=0.0, seed=0):
-    y = F.gelu(_pre_activation(x, bias), approximate="tanh" if approximate_tanh else "none")
+def reference_forward(x, bias, activation, dropout_p=0.0, seed=0):
+    u = _pre_activation(x, bias)
+    y = (F.gelu(u, approximate="tanh" if activation == GELU_TANH else "none") if activation in (GELU, GELU_TANH)
+         else u.relu() if activation == RELU else u)
     return _drop(y, dropout_p, seed).to(x.dtype)
 
 
 @_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
-def reference_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
+def reference_backward(grad_y, x, bias, activation, dropout_p=0.0, seed=0):
     u = _pre_activation(x, bias)
-    if approximate_tanh:
+    if activation == GELU_TANH:
         t = torch.tanh(_TANH_K * (u + 0.044715 * u ** 3))
         grad = 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * _TANH_K * (1 + 3 * 0.044715 * u * u)
-    else:
+    elif activation == GELU:
         grad = 0.5 * (1 + torch.erf(u / math.sqrt(2.0))) + u * torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    elif activation == RELU:
+        grad = (u > 0).to(u.dtype)
+    else:
+        grad = torch.ones_like(u)
     dx = _drop(grad_y.to(u.dtype), dropout_p, seed) * grad
     return dx.to(x.dtype), dx.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------- cpu (C++)
 @_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
-def cpu_forward(x, bias, approximate_tanh, dropout_p=0.0, seed=0):
+def cpu_forward(x, bias, activation, dropout_p=0.0, seed=0):
     y = torch.empty_like(x)
     _ext.cpu.bias_gelu_forward(x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), *x.shape,
-                               approximate_tanh, _ext.DTYPE_CODE[x.dtype], *_dropout_args(dropout_p, seed))
+                               activation, _ext.DTYPE_CODE[x.dtype], *_dropout_args(dropout_p, seed))
     return y
 
 
 @_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=LOW, available=_ext.cpu_unavailable)
-def cpu_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
+def cpu_backward(grad_y, x, bias, activation, dropout_p=0.0, seed=0):
     dx = torch.empty_like(x)
     db = torch.empty(x.shape[1], dtype=torch.float32)
     _ext.cpu.bias_gelu_backward(grad_y.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                dx.data_ptr(), db.data_ptr(), *x.shape, approximate_tanh, _ext.DTYPE_CODE[x.dtype],
+                                dx.data_ptr(), db.data_ptr(), *x.shape, activation, _ext.DTYPE_CODE[x.dtype],
                                 *_dropout_args(dropout_p, seed))
     return dx, db
 
@@ -106,50 +119,50 @@ def cpu_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
 # ---------------------------------------------------------------------------------------------------- triton
 @_dispatch.register(FORWARD, "triton", devices=("cpu", "cuda"), dtypes=LOW,
                     available=_ext.triton_unavailable("bias_gelu"))
-def triton_forward(x, bias, approximate_tanh, dropout_p=0.0, seed=0):
+def triton_forward(x, bias, activation, dropout_p=0.0, seed=0):
     from dlcore.kernels import bias_gelu
 
-    return bias_gelu.forward(x, bias, approximate_tanh, dropout_p, seed)
+    return bias_gelu.forward(x, bias, activation, dropout_p, seed)
 
 
 @_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=LOW,
                     available=_ext.triton_unavailable("bias_gelu"))
-def triton_backward(grad_y, x, bias, approximate_tanh, dropout_p=0.0, seed=0):
+def triton_backward(grad_y, x, bias, activation, dropout_p=0.0, seed=0):
     from dlcore.kernels import bias_gelu
 
-    return bias_gelu.backward(grad_y, x, bias, approximate_tanh, dropout_p, seed)
+    return bias_gelu.backward(grad_y, x, bias, activation, dropout_p, seed)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("dlcore::bias_gelu", mutates_args=())
-def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], approximate_tanh: bool, dropout_p: float,
+def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], activation: int, dropout_p: float,
                  seed: int) -> torch.Tensor:
     _, launch = _dispatch.select(FORWARD, x.device, x.dtype)
-    return launch(x, bias, approximate_tanh, dropout_p, seed)
+    return launch(x, bias, activation, dropout_p, seed)
 
 
 @bias_gelu_op.register_fake
-def _(x, bias, approximate_tanh, dropout_p, seed):
+def _(x, bias, activation, dropout_p, seed):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("dlcore::bias_gelu_backward", mutates_args=())
 def bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                          approximate_tanh: bool, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          activation: int, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, launch = _dispatch.select(BACKWARD, x.device, x.dtype)
-    dx, db = launch(grad_y.contiguous(), x, bias, approximate_tanh, dropout_p, seed)
+    dx, db = launch(grad_y.contiguous(), x, bias, activation, dropout_p, seed)
     return dx, db.to(math_dtype(x.dtype))
 
 
 @bias_gelu_backward_op.register_fake
-def _(grad_y, x, bias, approximate_tanh, dropout_p, seed):
+def _(grad_y, x, bias, activation, dropout_p, seed):
     return torch.empty_like(x), x.new_empty(x.shape[1], dtype=math_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, bias, approximate_tanh, dropout_p, seed = inputs
+    x, bias, activation, dropout_p, seed = inputs
     ctx.save_for_backward(x, bias)
-    ctx.conf = (approximate_tanh, dropout_p, seed)
+    ctx.conf = (activation, dropout_p, seed)
 
 
 def _backward(ctx, grad_y):
@@ -162,22 +175,26 @@ bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------- public
-def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none",
-              dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
-    """dropout(gelu(input + bias), dropout_p, training) as torch.nn.functional would compute it, in one pass.
+def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: str = "relu",
+             dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """dropout(act(input + bias), dropout_p, training) in one pass; act: "gelu", "gelu_tanh", "relu" or
+    "identity" (bias None + identity = plain dropout).
 
     input: [..., C] floating point; bias: [C] or None (any floating dtype; math in fp32, float64 for float64 input);
-    approximate: 'none' (erf) or 'tanh'; dropout_p: Philox-seeded from torch's generator (torch.manual_seed
-    reproduces it; the mask is regenerated in backward, never stored). Returns input's shape and dtype."""
+    dropout: Philox-seeded from torch's generator (torch.manual_seed reproduces it; the mask is regenerated in
+    backward, never stored; identity in eval mode and at p = 0). Returns input's shape and dtype."""
     _checks.tensor("input", input)
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     p = float(dropout_p) if training else 0.0
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
+    code = ACTIVATIONS[activation]
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension (the bias broadcasts over the last)")
+    if bias is None and code == IDENTITY and p == 0.0:
+        return input  # nothing to do: exactly the identity (as F.dropout in eval mode)
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
     cols = input.shape[-1]
     if bias is not None:
         _checks.tensor("bias", bias, like=input, same_dtype=False)
@@ -185,12 +202,36 @@ def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approxim
         bias = bias.to(math_dtype(input.dtype))
     x2 = input.reshape(-1, cols).contiguous()
     if x2.numel() == 0:
-        return reference_forward(x2, bias, approximate == "tanh").view(input.shape)
-    return bias_gelu_op(x2, bias, approximate == "tanh", p, seed).view(input.shape)
+        return reference_forward(x2, bias, code).view(input.shape)
+    return bias_gelu_op(x2, bias, code, p, seed).view(input.shape)
+
+
+def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none",
+              dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """dropout(gelu(input + bias), dropout_p, training) as torch.nn.functional would compute it, in one pass
+    (approximate: 'none' (erf) or 'tanh'); see bias_act."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return bias_act(input, bias, "gelu_tanh" if approximate == "tanh" else "gelu", dropout_p, training)
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    """F.dropout with a Philox mask regenerated in backward (never stored); exactly the identity when not training
+    or p = 0."""
+    return bias_act(input, None, "identity", p, training)
+
+
+def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation: str = "relu", dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """dropout(act(F.linear(input, weight, bias))): the matmul without its bias, then the fused bias + activation
+    (+ dropout)."""
+    return bias_act(F.linear(input, weight), bias, activation, dropout_p, training)
 
 
 def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 approximate: str = "none", dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """dropout(gelu(F.linear(input, weight, bias))): the matmul without its bias, then the fused bias + GELU
     (+ dropout)."""
-    return bias_gelu(F.linear(input, weight), bias, approximate, dropout_p, training)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return linear_act(input, weight, bias, "gelu_tanh" if approximate == "tanh" else "gelu", dropout_p, training)

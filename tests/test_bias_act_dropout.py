@@ -1,0 +1,91 @@
+"""bias_act with ReLU / identity and Philox dropout (dlcore/ops/bias_gelu.py), the dropout of issue 3: every
+backend against float64 with the mask philox_keep names, forward and backward; dlcore.nn.Dropout and
+LinearReLUDropout as drop-ins; identity in eval and at p = 0; reproducible under torch.manual_seed; bad input."""
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlcore
+from dlcore.functional import bias_act, dropout, linear_act
+from dlcore.nn import Dropout, LinearReLUDropout
+from dlcore.ops import bias_gelu as ops
+from dlcore.ops.attention import philox_keep
+from dlcore.testing import backend_device_pairs
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
+CASES = [(b, d, t) for t in (torch.float32, torch.bfloat16) for b, d in backend_device_pairs(ops.FORWARD, t)]
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize("rows,cols,p", [(1, 1, 0.0), (7, 129, 0.1), (65, 1030, 0.5), (3, 17, 1.0)])
+def test_matches_float64_with_the_philox_mask(backend, device, dtype, activation, rows, cols, p):
+    gen = torch.Generator().manual_seed(SEED + rows + cols)
+    x = (torch.randn(rows, cols, generator=gen, dtype=torch.float64) * 2).to(dtype).double()  # representable
+    b = torch.randn(cols, generator=gen, dtype=torch.float64)
+    gy = torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype).double()
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    keep = philox_keep(seed, 1, 1, rows, cols, p)[0, 0] if p > 0 else torch.ones(rows, cols, dtype=torch.bool)
+    scale = 0.0 if p == 1 else 1 / (1 - p)
+    code = ops.ACTIVATIONS[activation]
+
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    u = xr + br
+    want = (u.relu() if activation == "relu" else u) * keep * scale
+    grads_want = torch.autograd.grad(want, (xr, br), gy)
+    xi, bi = x.to(device, dtype).requires_grad_(), b.to(device, torch.float32).requires_grad_()
+    with dlcore.use_backend(backend):
+        got = ops.bias_gelu_op(xi, bi, code, p, seed)
+        gx, gb = torch.autograd.grad(got, (xi, bi), gy.to(device, dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert bool((got.detach().cpu()[~keep] == 0).all()) and bool((gx.cpu()[~keep] == 0).all())
+    assert (got.double().cpu() - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+    assert (gx.double().cpu() - grads_want[0]).abs().max().item() <= tol * (1 + grads_want[0].abs().max().item())
+    assert (gb.double().cpu() - grads_want[1]).abs().max().item() <= tol * (1 + gy.abs().sum(0).max().item())
+
+
+def test_dropout_rate_seeding_eval_and_p0():
+    x = torch.randn(512, 256, requires_grad=True)
+    torch.manual_seed(5)
+    a = dropout(x, 0.3)
+    torch.manual_seed(5)
+    b = dropout(x, 0.3)
+    assert torch.equal(a, b)
+    assert abs((a != 0).float().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(a[a != 0].detach(), (x / 0.7)[a != 0].detach())
+    (g,) = torch.autograd.grad(a.sum(), x)
+    assert torch.equal(g != 0, a != 0)  # backward regenerates the same mask
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x  # exactly the identity
+
+
+def test_modules_are_drop_ins():
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(20, 30)
+    fused = LinearReLUDropout(20, 30, p=0.25)
+    assert fused.state_dict().keys() == stock.state_dict().keys()
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(8, 20)
+    fused.eval()
+    torch.testing.assert_close(fused(x), F.relu(stock(x)))
+    fused.train()
+    y = fused(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], (F.relu(stock(x)) / 0.75)[kept])
+    drop = Dropout(0.5)
+    assert drop.eval()(x) is x
+    assert linear_act(x, stock.weight, stock.bias, "identity").shape == (8, 30)
+
+
+def test_bad_input():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        bias_act(x, None, "tanh")
+    with pytest.raises(ValueError, match="dropout_p"):
+        dropout(x, 1.5)
+    with pytest.raises(ValueError, match="dropout probability"):
+        LinearReLUDropout(4, 4, p=-0.1)
+    with pytest.raises(TypeError, match="input"):
+        dropout(torch.ones(3, dtype=torch.int64), 0.5)
