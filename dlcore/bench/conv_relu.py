@@ -55,8 +55,32 @@ def _setup(shape, pool, backward: bool, device: str):
     return setup
 
 
+def _classifier_case(device: str) -> Case:
+    """AlexNet's fc6 in training: Linear(9216 → 4096) + ReLU + Dropout(0.5), forward+backward, B16."""
+    from dlcore.bench.transformer import _case
+    from dlcore.functional import linear_act
+
+    batch, fin, fout = BATCH, 9216, 4096
+    w = torch.randn(fout, fin, device=device) * fin ** -0.5
+    w.requires_grad_()
+
+    def make_inputs():
+        return (torch.randn(batch, fin, device=device, requires_grad=True),
+                torch.randn(fout, device=device, requires_grad=True))
+
+    def ours(x, b):
+        return linear_act(x, w, b, "relu", 0.5)
+
+    def stock(x, b):
+        return F.dropout(F.relu(F.linear(x, w, b)), 0.5)
+
+    nbytes = 4 * (2 * fin * fout + 4 * batch * fout)  # the weight read twice and written once dominates
+    return _case("conv_relu", f"AlexNet fc6 Linear+ReLU+Dropout(0.5) fwd+bwd B{batch}", device, make_inputs, ours,
+                 stock, nbytes, flops=6.0 * batch * fin * fout, ops=("bias_gelu", "bias_gelu_backward"))
+
+
 def cases(device: str) -> list[Case]:
-    out = []
+    out = [_classifier_case(device)]
     for name, shape, pool in SHAPES:
         cin, h, cout, k, s, p = shape
         ho = (h + 2 * p - k) // s + 1
