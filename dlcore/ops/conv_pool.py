@@ -15,8 +15,10 @@ Backends
   reference  the same function in plain PyTorch (F.max_pool2d with indices), every float dtype; the oracle.
   cpu        torch's convolution (oneDNN) + csrc/cpu/pool_epilogue.cpp, computed channels-last whatever the
              input's layout (fastest for both; y comes back in the input's layout); fp32/bf16/fp16.
-Triton/CUDA C++ (the implicit-GEMM convolution with this epilogue) are not written yet: CUDA tensors run the
-reference.
+  triton     torch's convolution (cuDNN on a GPU) + kernels/conv_pool.py (the same epilogue; backward gathers
+             instead of scattering: deterministic, no atomics).
+A Triton / CUDA C++ implicit-GEMM convolution with this epilogue fused (the un-pooled activation never in global
+memory) is not written yet.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from dlcore.ops.conv_relu import _conv_grads, _pair
 
 FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
-    _dispatch.define_op(_name, gpu_order=())
+    _dispatch.define_op(_name, gpu_order=("triton",))
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -122,6 +124,31 @@ def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     db = torch.empty(geometry[1], dtype=torch.float32) if has_bias and mask[2] else None
     _ext.cpu.maxpool_bias_relu_backward(grad_y.data_ptr(), y.data_ptr(), argmax.data_ptr(), dz.data_ptr(),
                                         0 if db is None else db.data_ptr(), geometry, _ext.DTYPE_CODE[y.dtype])
+    dx, dw = _conv_grads(dz, x.contiguous(memory_format=CL), weight, *conv, mask)
+    if dx is not None and not _channels_last(x):
+        dx = dx.contiguous()
+    return dx, dw, None if db is None else db.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- triton
+@_dispatch.register(FORWARD, "triton", devices=("cpu", "cuda"), dtypes=channel_ops.LOW,
+                    available=_ext.triton_unavailable("conv_pool"))
+def triton_forward(x, weight, bias, conv, pool):
+    from dlcore.kernels import conv_pool as kernels
+
+    z = F.conv2d(x.contiguous(memory_format=CL), weight, None, *conv).contiguous(memory_format=CL)
+    y, argmax = kernels.forward(z, None if bias is None else bias.float().contiguous(), _geometry(z.shape, pool))
+    return (y, argmax) if _channels_last(x) else (y.contiguous(), argmax.contiguous())
+
+
+@_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=channel_ops.LOW,
+                    available=_ext.triton_unavailable("conv_pool"))
+def triton_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
+    from dlcore.kernels import conv_pool as kernels
+
+    geometry = _geometry(_conv_shape(x, weight, conv), pool)
+    grad_y, y, argmax = (t.contiguous(memory_format=CL) for t in (grad_y, y, argmax))
+    dz, db = kernels.backward(grad_y, y, argmax, geometry, has_bias and mask[2])
     dx, dw = _conv_grads(dz, x.contiguous(memory_format=CL), weight, *conv, mask)
     if dx is not None and not _channels_last(x):
         dx = dx.contiguous()

@@ -1,0 +1,155 @@
+"""Triton pool epilogue of conv2d_relu_maxpool2d: the `triton` backend of dlcore/ops/conv_pool.py (the convolution
+itself is torch's — cuDNN on a GPU — a Triton implicit-GEMM convolution with this epilogue is still to come).
+
+z is the bias-free convolution output in channels_last ([N, H, W, C] in memory); pooled outputs [N, OH, OW, C].
+v1 (shipped):
+- forward: a program per (BP output positions × BC channels) tile; the KH×KW window unrolled (constexpr), −∞
+  outside the input, strict > keeps the first maximum (NaN wins, as torch), then y = relu(max + b) and the window
+  offset of the argmax as a byte.
+- backward without atomics (deterministic): a program per (BP input positions × BC channels) tile gathers, for each
+  input position, g = dy·[y > 0] from the at most ⌈KH/SH⌉·⌈KW/SW⌉ windows that contain it and whose argmax it is;
+  a second kernel sums g per channel into per-program partials for the bias gradient (the launcher adds them).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, sum_combine
+
+
+@dual_kernel
+def pool_forward_kernel(Z, BIAS, Y, ARG, n_out, C, H, W, OH, OW, SH, SW, PH, PW, HAS_BIAS: tl.constexpr,
+                        KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    p = tl.program_id(0) * BP + tl.arange(0, BP)  # output position (n, i, j) flattened
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    pmask, cmask = p < n_out, c < C
+    j = p % OW
+    i = (p // OW) % OH
+    n = p // (OW * OH)
+    best = tl.full([BP, BC], -float("inf"), tl.float32)
+    best_k = tl.full([BP, BC], 0, tl.int32)
+    for a in tl.static_range(KH):
+        for e in tl.static_range(KW):
+            h = i * SH - PH + a
+            w = j * SW - PW + e
+            inside = pmask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            off = ((n.to(tl.int64) * H + h) * W + w) * C
+            v = tl.load(Z + off[:, None] + c[None, :], mask=inside[:, None] & cmask[None, :],
+                        other=-float("inf")).to(tl.float32)
+            take = (v > best) | ((v != v) & (best == best))
+            best = tl.where(take, v, best)
+            best_k = tl.where(take, a * KW + e, best_k)
+    if HAS_BIAS:
+        best += tl.load(BIAS + c, mask=cmask, other=0.0)[None, :]
+    y = tl.where((best > 0) | (best != best), best, 0.0)
+    out = p.to(tl.int64)[:, None] * C + c[None, :]
+    mask = pmask[:, None] & cmask[None, :]
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
+
+
+@dual_kernel
+def pool_backward_kernel(DY, Y, ARG, DZ, n_in, C, H, W, OH, OW, SH, SW, PH, PW, KH: tl.constexpr,
+                         KW: tl.constexpr, SPAN_H: tl.constexpr, SPAN_W: tl.constexpr, BP: tl.constexpr,
+                         BC: tl.constexpr):
+    q = tl.program_id(0) * BP + tl.arange(0, BP)  # input position (n, h, w) flattened
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    qmask, cmask = q < n_in, c < C
+    w = q % W
+    h = (q // W) % H
+    n = q // (W * H)
+    acc = tl.full([BP, BC], 0.0, tl.float32)
+    i_last = (h + PH) // SH  # the last window row containing h; the earlier ones are i_last - t
+    j_last = (w + PW) // SW
+    for t in tl.static_range(SPAN_H):
+        for u in tl.static_range(SPAN_W):
+            i = i_last - t
+            j = j_last - u
+            a = h - (i * SH - PH)  # h's row inside window i
+            e = w - (j * SW - PW)
+            valid = qmask & (i >= 0) & (i < OH) & (j >= 0) & (j < OW) & (a < KH) & (e < KW)
+            off = ((n.to(tl.int64) * OH + i) * OW + j) * C
+            m = valid[:, None] & cmask[None, :]
+            k = tl.load(ARG + off[:, None] + c[None, :], mask=m, other=255).to(tl.int32)
+            yv = tl.load(Y + off[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+            g = tl.load(DY + off[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+            hit = m & (k == (a * KW + e)[:, None]) & (yv > 0)
+            acc += tl.where(hit, g, 0.0)
+    out = q.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(DZ + out, acc.to(DZ.dtype.element_ty), mask=qmask[:, None] & cmask[None, :])
+
+
+@dual_kernel
+def bias_grad_kernel(DY, Y, PDB, n_out, C, per_program, BP: tl.constexpr, BC: tl.constexpr):
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = c < C
+    acc = tl.full([BC], 0.0, tl.float32)
+    start = tl.program_id(0) * per_program
+    end = tl.minimum(start + per_program, n_out)
+    for first in range(start, end, BP):
+        p = first + tl.arange(0, BP)
+        m = (p < end)[:, None] & cmask[None, :]
+        off = p.to(tl.int64)[:, None] * C + c[None, :]
+        g = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+        yv = tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+        acc += tl.reduce(tl.where(yv > 0, g, 0.0), 0, sum_combine)
+    tl.store(PDB + tl.program_id(0) * C + c, acc, mask=cmask)
+
+
+def _tiles(channels: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BP, BC, num_warps): 2K-element tiles with 8 warps on a GPU (4 warps spill in backward: int64 offsets per
+    window), 64K in the interpreter (its cost is per program)."""
+    bc = min(triton.next_power_of_2(channels), 64)
+    return (2048 if on_gpu else 65536) // bc, bc, 8 if on_gpu else 4
+
+
+def forward(z, bias, geometry):
+    """z: channels_last [N, C, H, W]; returns (y, argmax uint8), both channels_last [N, C, OH, OW]."""
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
+    y = torch.empty((n, c, oh, ow), dtype=z.dtype, device=z.device).contiguous(memory_format=torch.channels_last)
+    arg = torch.empty_like(y, dtype=torch.uint8)
+    bp, bc, warps = _tiles(c, z.is_cuda)
+    pool_forward_kernel.launch((triton.cdiv(n * oh * ow, bp), triton.cdiv(c, bc)), z.device, z,
+                               z if bias is None else bias, y, arg, n * oh * ow, c, h, w, oh, ow, sh, sw, ph, pw,
+                               HAS_BIAS=bias is not None, KH=kh, KW=kw, BP=bp, BC=bc, num_warps=warps)
+    return y, arg
+
+
+def backward(grad_y, y, arg, geometry, want_bias: bool):
+    """(dz channels_last [N, C, H, W] in y's dtype, db fp32 [C] or None); inputs channels_last."""
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
+    dz = torch.empty((n, c, h, w), dtype=y.dtype, device=y.device).contiguous(memory_format=torch.channels_last)
+    bp, bc, warps = _tiles(c, y.is_cuda)
+    pool_backward_kernel.launch((triton.cdiv(n * h * w, bp), triton.cdiv(c, bc)), y.device, grad_y, y, arg, dz,
+                                n * h * w, c, h, w, oh, ow, sh, sw, ph, pw, KH=kh, KW=kw,
+                                SPAN_H=triton.cdiv(kh, sh), SPAN_W=triton.cdiv(kw, sw), BP=bp, BC=bc,
+                                num_warps=warps)
+    if not want_bias:
+        return dz, None
+    n_out = n * oh * ow
+    programs = min(triton.cdiv(n_out, bp), 64 if y.is_cuda else 2)
+    per_program = triton.cdiv(triton.cdiv(n_out, programs), bp) * bp
+    programs = triton.cdiv(n_out, per_program)
+    partial = torch.empty((programs, c), dtype=torch.float32, device=y.device)
+    bias_grad_kernel.launch((programs, triton.cdiv(c, bc)), y.device, grad_y, y, partial, n_out, c, per_program,
+                            BP=bp, BC=bc, num_warps=warps)
+    return dz, partial.sum(0)
+
+
+def _aot_configs():
+    """bf16, AlexNet's overlapping 3×3/2 pool over 64/192/256 channels."""
+    bp, bc, warps = _tiles(64, True)
+    ptrs = {n: "*bf16" for n in ("Z", "Y", "DY", "DZ")}
+    ptrs.update(BIAS="*fp32", ARG="*u8", PDB="*fp32")
+    configs = []
+    for kernel, constexprs in ((pool_forward_kernel, dict(HAS_BIAS=True, KH=3, KW=3, BP=bp, BC=bc)),
+                               (pool_backward_kernel, dict(KH=3, KW=3, SPAN_H=2, SPAN_W=2, BP=bp, BC=bc)),
+                               (bias_grad_kernel, dict(BP=bp, BC=bc))):
+        configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
+                                 label=f"{kernel.__name__} 3x3/2 {bp}x{bc} w{warps}"))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
