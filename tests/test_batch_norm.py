@@ -149,8 +149,10 @@ def test_bad_input():
     w = torch.ones(3)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         batch_norm_act(torch.randn(1, 3, 1, 1), None, None, w, None, True)
-    with pytest.raises(ValueError, match="weight must have shape"):
+    with pytest.raises(ValueError, match=r"input has 3 channels \(dim 1\) but weight has shape \(4,\)"):
         batch_norm_act(x, None, None, torch.ones(4), None, True)
+    with pytest.raises(ValueError, match="input has 3 channels"):  # a module built for another channel count
+        blocks.BatchNorm2dReLU(4).eval()(x)
     with pytest.raises(ValueError, match="residual must have shape"):
         batch_norm_act(x, None, None, w, None, True, residual=torch.randn(2, 3, 4, 5))
     with pytest.raises(TypeError, match="residual is torch.float64"):

@@ -355,7 +355,9 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor], ru
                     ("running_var", running_var)):
         if t is not None:
             _checks.tensor(name, t, like=input, same_dtype=False)
-            _checks.shape(name, t, (c,))
+            if tuple(t.shape) != (c,):
+                raise ValueError(f"input has {c} channels (dim 1) but {name} has shape {tuple(t.shape)}; "
+                                 f"expected ({c},)")
     if residual is not None:
         _checks.tensor("residual", residual, like=input)
         _checks.shape("residual", residual, input.shape)
