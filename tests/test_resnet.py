@@ -122,18 +122,17 @@ def test_bad_input():
 
 def test_compiles_fullgraph_in_training_with_running_stats():
     """torch.compile(fullgraph=True) of the dlcore ResNet: one graph (the fused ops are custom ops), the same loss,
-    gradients and running statistics as the eager stock twin."""
+    gradients and running statistics as the eager stock twin. In float64, where rounding cannot move a ReLU kink
+    (in fp32 the compiled graph's own rounding does, see the twin test above)."""
     torch.manual_seed(SEED)
-    ours = resnet.resnet18(num_classes=10, small_input=True, in_channels=1)
+    ours = resnet.resnet18(num_classes=10, small_input=True, in_channels=1).double()
     stock = resnet.twin_of(ours)
-    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    x, y = torch.randn(8, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (8,))
     loss = F.cross_entropy(torch.compile(ours, fullgraph=True)(x), y)
     loss_stock = F.cross_entropy(stock(x), y)
     loss.backward(), loss_stock.backward()
-    torch.testing.assert_close(loss, loss_stock, rtol=1e-5, atol=1e-5)
-    # fp32 gradients through ReLU kinks: compared in aggregate (see the twin test above for why)
-    errors = sorted(((a.grad - b.grad).abs().max() / (1e-12 + b.grad.abs().max())).item()
-                    for a, b in zip(ours.parameters(), stock.parameters()))
-    assert errors[len(errors) // 2] <= 1e-3 and errors[-1] <= 0.2
+    torch.testing.assert_close(loss, loss_stock, rtol=1e-10, atol=1e-10)
+    for a, b in zip(ours.parameters(), stock.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
     for k, v in stock.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-10, atol=1e-12)

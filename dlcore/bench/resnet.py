@@ -1,6 +1,7 @@
 """Benchmark cases for issue 6 (fused residual blocks):
 - batch_norm_act forward+backward (training statistics, residual add, ReLU) at a ResNet layer1 activation, NCHW and
   channels_last, and BN + LeakyReLU at a DCGAN discriminator activation, against F.batch_norm → add → activation;
+- NT-Xent (SimCLR's loss) forward+backward against the full-matrix textbook form;
 - ResNet inference: dlcore.fuse_for_inference(resnet) in channels_last against the stock twin eager (NCHW, the
   issue's baseline), eager channels_last and torch.compile'd — CPU ResNet-18 batch 8 fp32 (targets ≥ 1.5× eager,
   ≥ 1.05× compiled), GPU ResNet-50 batch 64 bf16 (≥ 1.5× eager);
@@ -64,6 +65,22 @@ def _bn_case(device, name, shape, channels_last, activation, residual):
                 baseline="torch eager", target=1.0,
                 ops=("batch_norm_stats", "channel_affine_act", "channel_act_backward_reduce",
                      "channel_act_backward_apply"))
+
+
+def _nt_xent_case(device, n, d):
+    """SimCLR's loss, forward+backward, against the textbook form (full 2N×2N similarity matrix + cross-entropy)."""
+    from dlcore.bench.transformer import _case
+    from dlcore.functional import nt_xent_loss
+    from dlcore.models.simclr import stock_nt_xent
+
+    def make_inputs():
+        return tuple(torch.randn(n, d, device=device, requires_grad=True) for _ in range(2))
+
+    m = 2 * n
+    nbytes = 4 * (3 * m * d + 2 * m)  # z read twice (forward, backward), dz written, the LSE
+    return _case("nt_xent", f"NT-Xent 2N={m} d{d} fwd+bwd", device, make_inputs,
+                 lambda a, b: nt_xent_loss(a, b, 0.5), lambda a, b: stock_nt_xent(a, b, 0.5), nbytes,
+                 flops=3 * 2.0 * m * m * d, ops=("nt_xent", "nt_xent_backward"))
 
 
 def _resnet_flops(model, image: int) -> float:
@@ -148,6 +165,7 @@ def _training_case(device, arch, batch, image, autocast, target):
 def cases(device: str) -> list[Case]:
     out = [_bn_case(device, "BN+add+ReLU [8,64,56,56]", (8, 64, 56, 56), cl, "relu", True) for cl in (False, True)]
     out.append(_bn_case(device, "BN+LeakyReLU(0.2) [64,256,8,8]", (64, 256, 8, 8), False, "leaky_relu", False))
+    out += [_nt_xent_case(device, n, 128) for n in ((256, 1024) if device == "cpu" else (1024, 4096))]
     if device == "cpu":
         out += [_inference_case(device, "resnet18", 8, 224, torch.float32, 1.5),
                 _training_case(device, "resnet18", 8, 224, False, 1.2)]
