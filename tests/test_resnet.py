@@ -53,7 +53,9 @@ def test_twins_match_outputs_gradients_and_running_stats(arch, channels_last):
         # either model) also shifts the batch statistics after it, moving gradients by up to ~15% (seen for the
         # stock fp32 model against float64 as often as for dlcore's).
         errors = [(m.train(training)(x.float()).double() - exact[0]).abs().max().item() for m in (ours32, stock32)]
-        assert errors[0] <= 2 * errors[1] + 1e-5 * (1 + exact[0].abs().max().item())
+        # floor 1e-3 relative: in training mode a pre-activation rounded across a ReLU kink also shifts the batch
+        # statistics after it (continuous in the output, but more than 2× a lucky stock run); a fault is O(1)
+        assert errors[0] <= max(2 * errors[1], 1e-3) * (1 + exact[0].abs().max().item())
     for k, v in stock.state_dict().items():  # running statistics moved identically
         assert (ours.state_dict()[k] - v).abs().max().item() <= 1e-9, k
 
