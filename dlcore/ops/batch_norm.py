@@ -173,23 +173,25 @@ def merge_partials(pcount, pmean, pm2, positions: int):
     return mean, m2 / positions
 
 
-def _triton(name: str, kernel_fn: str):
-    """kernels/batch_norm.py's launcher `kernel_fn` (same signature), imported at the first call."""
+def _triton_stats(x, dims):
+    from dlcore.kernels import batch_norm
+
+    return merge_partials(*batch_norm.stats_partials(x, dims), dims[0] * dims[2])
+
+
+def _triton(kernel_fn: str):
+    """kernels/batch_norm.py's launcher `kernel_fn` (same signature as the op's), imported at the first call."""
     def launch(*args):
         from dlcore.kernels import batch_norm
 
-        if name == STATS:
-            x, dims = args
-            return merge_partials(*batch_norm.stats_partials(x, dims), dims[0] * dims[2])
         return getattr(batch_norm, kernel_fn)(*args)
-
-    _dispatch.register(name, "triton", devices=("cpu", "cuda"), dtypes=LOW,
-                       available=_ext.triton_unavailable("batch_norm"))(launch)
+    return launch
 
 
-for _name, _fn in ((STATS, "stats_partials"), (AFFINE, "apply"), (REDUCE, "backward_reduce"),
-                   (APPLY, "backward_apply")):
-    _triton(_name, _fn)
+for _name, _launch in ((STATS, _triton_stats), (AFFINE, _triton("apply")), (REDUCE, _triton("backward_reduce")),
+                       (APPLY, _triton("backward_apply"))):
+    _dispatch.register(_name, "triton", devices=("cpu", "cuda"), dtypes=LOW,
+                       available=_ext.triton_unavailable("batch_norm"))(_launch)
 
 
 # ---------------------------------------------------------------------------------------------------- cuda (C++)
