@@ -1,5 +1,5 @@
-"""Seq2Seq with attention (Bahdanau et al. 2014; Luong et al. 2015) on dlcore: a bidirectional GRU encoder and a
-GRU decoder with either
+"""Seq2Seq with attention (Bahdanau et al. 2014; Luong et al. 2015) on dlcore: a bidirectional GRU or LSTM encoder
+(Sutskever et al. used LSTMs, Bahdanau et al. GRUs; `rnn=`) and a decoder cell of the same kind with either
 - "bahdanau": additive attention through dlcore's fused kernel (dlcore.ops.additive_attention: tanh, v-projection,
   masked softmax and context in one pass; U·h computed once per sentence), the context from the previous state
   feeding the GRU input, or
@@ -7,6 +7,8 @@ GRU decoder with either
   padded source), the attentional state tanh(W_c[c; s]) feeding the output layer;
 and the output layer + loss as dlcore's fused linear + cross-entropy. Greedy and beam-search decoding.
 The stock twin (`stock=True`) is plain torch with the same modules and state_dict keys.
+A decoder state is one tensor: h [B, H] for a GRU, [h, c] [B, 2H] for an LSTM (c starts at 0), so decoding and
+beam search handle both alike.
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ class Seq2SeqConfig:
     hidden: int = 128
     attn_dim: int = 128
     attention: str = "bahdanau"  # or "luong"
+    rnn: str = "gru"  # or "lstm"
 
     def __post_init__(self):
+        if self.rnn not in ("gru", "lstm"):
+            raise ValueError(f"rnn must be 'gru' or 'lstm', got {self.rnn!r}")
         if self.attention not in ("bahdanau", "luong"):
             raise ValueError(f"attention must be 'bahdanau' or 'luong', got {self.attention!r}")
         if 2 * self.hidden > 256 and self.attention == "luong":
@@ -54,16 +59,27 @@ class Seq2Seq(nn.Module):
         h2 = 2 * cfg.hidden
         self.src_embed = nn.Embedding(cfg.src_vocab, cfg.emb)
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.emb)
-        self.encoder = nn.GRU(cfg.emb, cfg.hidden, batch_first=True, bidirectional=True)
+        rnn, cell = (nn.GRU, nn.GRUCell) if cfg.rnn == "gru" else (nn.LSTM, nn.LSTMCell)
+        self.encoder = rnn(cfg.emb, cfg.hidden, batch_first=True, bidirectional=True)
         self.bridge = nn.Linear(h2, cfg.hidden)
         if cfg.attention == "bahdanau":
             self.attn = BahdanauAttention(cfg.hidden, h2, cfg.attn_dim, stock=stock)
-            self.cell = nn.GRUCell(cfg.emb + h2, cfg.hidden)
+            self.cell = cell(cfg.emb + h2, cfg.hidden)
         else:
             self.query = nn.Linear(cfg.hidden, h2, bias=False)  # Luong's "general" score sᵀ W h as a dot product
             self.combine = nn.Linear(h2 + cfg.hidden, cfg.hidden)
-            self.cell = nn.GRUCell(cfg.emb, cfg.hidden)
+            self.cell = cell(cfg.emb, cfg.hidden)
         self.out = nn.Linear(cfg.hidden + (h2 if cfg.attention == "bahdanau" else 0), cfg.tgt_vocab)
+
+    def _hidden(self, state: torch.Tensor) -> torch.Tensor:
+        """h of a decoder state (the whole state for a GRU, its first half for an LSTM's [h, c])."""
+        return state if self.cfg.rnn == "gru" else state[:, :self.cfg.hidden]
+
+    def _advance(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        if self.cfg.rnn == "gru":
+            return self.cell(x, state)
+        h, c = self.cell(x, (state[:, :self.cfg.hidden], state[:, self.cfg.hidden:]))
+        return torch.cat([h, c], -1)
 
     def _check(self, ids: torch.Tensor, vocab: int, name: str) -> None:
         if ids.dim() != 2 or ids.is_floating_point():
@@ -79,8 +95,11 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"src_lengths must be [{src.shape[0]}] integers in [1, {src.shape[1]}]")
         packed = pack_padded_sequence(self.src_embed(src), src_lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, last = self.encoder(packed)
+        last = last if self.cfg.rnn == "gru" else last[0]  # an LSTM's (h_n, c_n): its h_n
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
         state = torch.tanh(self.bridge(torch.cat([last[0], last[1]], -1)))
+        if self.cfg.rnn == "lstm":
+            state = torch.cat([state, torch.zeros_like(state)], -1)  # c₀ = 0
         keys = self.attn.project_keys(memory) if self.cfg.attention == "bahdanau" else None
         return memory, keys, state
 
@@ -99,12 +118,13 @@ class Seq2Seq(nn.Module):
         """One decoder step: (features for the output layer [B, F], new state)."""
         e = self.tgt_embed(token)
         if self.cfg.attention == "bahdanau":
-            context, _ = self.attn(state, memory, src_lengths, keys_proj=keys)
-            state = self.cell(torch.cat([e, context], -1), state)
-            return torch.cat([state, context], -1), state
-        state = self.cell(e, state)
-        context = self._context_luong(state[:, None], memory, src_lengths)[:, 0]
-        return torch.tanh(self.combine(torch.cat([context, state], -1))), state
+            context, _ = self.attn(self._hidden(state), memory, src_lengths, keys_proj=keys)
+            state = self._advance(torch.cat([e, context], -1), state)
+            return torch.cat([self._hidden(state), context], -1), state
+        state = self._advance(e, state)
+        h = self._hidden(state)
+        context = self._context_luong(h[:, None], memory, src_lengths)[:, 0]
+        return torch.tanh(self.combine(torch.cat([context, h], -1))), state
 
     def forward(self, src, src_lengths, tgt_in, labels):
         self._check(tgt_in, self.cfg.tgt_vocab, "tgt_in")
@@ -114,8 +134,8 @@ class Seq2Seq(nn.Module):
         if self.cfg.attention == "luong":  # attention does not feed the recurrence: all states first, one attention
             states = []
             for e in self.tgt_embed(tgt_in).unbind(1):
-                state = self.cell(e, state)
-                states.append(state)
+                state = self._advance(e, state)
+                states.append(self._hidden(state))
             states = torch.stack(states, 1)
             feats = torch.tanh(self.combine(torch.cat([self._context_luong(states, memory, src_lengths), states], -1)))
         else:
@@ -189,6 +209,7 @@ class Seq2SeqTrainConfig:
     """`dlcore train seq2seq`: numbers (digits) to English words, as `dlcore train transformer` (trained on
     n mod 7 ≠ 0, scored by exact match on held-out n mod 7 = 0, greedy and beam search)."""
     attention: str = "bahdanau"
+    rnn: str = "gru"
     emb: int = 64
     hidden: int = 128
     batch: int = 64
@@ -212,7 +233,8 @@ def train(cfg: Seq2SeqTrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = Seq2Seq(Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, cfg.emb, cfg.hidden, cfg.hidden, cfg.attention), cfg.stock)
+    model = Seq2Seq(Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, cfg.emb, cfg.hidden, cfg.hidden, cfg.attention, cfg.rnn),
+                    cfg.stock)
     opt = (torch.optim.Adam if cfg.stock else dlcore.optim.Adam)(model.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1 - s / cfg.steps))
     eval_numbers = held_out_numbers(cfg.eval_size)
@@ -276,13 +298,13 @@ registry.register("train", "seq2seq", help="GRU encoder-decoder with Bahdanau or
 
 
 def profile(attention: str = "bahdanau", hidden: int = 128, batch: int = 64, steps: int = 3, autocast: bool = False,
-            device: Optional[str] = None) -> list[dict]:
+            device: Optional[str] = None, rnn: str = "gru") -> list[dict]:
     """Training tokens/s (source + target tokens) and peak memory on numbers → words batches, dlcore vs stock."""
     from dlcore.models._training import profile_training
     from dlcore.models.transformer import SRC_VOCAB, TGT_VOCAB, numbers_batch
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, hidden=hidden, attn_dim=hidden, attention=attention)
+    cfg = Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, hidden=hidden, attn_dim=hidden, attention=attention, rnn=rnn)
     torch.manual_seed(0)
     ours, twin = Seq2Seq(cfg).to(dev), Seq2Seq(cfg, stock=True).to(dev)
     twin.load_state_dict(ours.state_dict())
@@ -295,6 +317,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     from dlcore.models._training import add_profile_arguments
 
     p.add_argument("--attention", choices=["bahdanau", "luong"], default="bahdanau")
+    p.add_argument("--rnn", choices=["gru", "lstm"], default="gru")
     p.add_argument("--hidden", type=int, default=128)
     add_profile_arguments(p, batch=64, compile_option=False)
 
@@ -302,8 +325,9 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 def _profile_run(args: argparse.Namespace) -> int:
     from dlcore.models._training import print_profile
 
-    rows = profile(args.attention, args.hidden, args.batch, args.steps, args.autocast, args.device)
-    print_profile(f"Seq2Seq ({args.attention}, hidden {args.hidden}) on numbers → words, batch {args.batch}, "
+    rows = profile(args.attention, args.hidden, args.batch, args.steps, args.autocast, args.device, args.rnn)
+    print_profile(f"Seq2Seq ({args.rnn.upper()}, {args.attention}, hidden {args.hidden}) on numbers → words, batch "
+                  f"{args.batch}, "
                   f"{'bf16 autocast' if args.autocast else 'fp32'} (tokens = source + target)", rows)
     return 0
 

@@ -86,9 +86,10 @@ from dlcore.models.transformer import BOS, EOS, SRC_VOCAB, TGT_VOCAB, numbers_ba
 
 
 @pytest.mark.parametrize("attention", ["bahdanau", "luong"])
+@pytest.mark.parametrize("rnn", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_seq2seq_matches_twin(attention, dtype, tol):
-    cfg = Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, emb=16, hidden=24, attn_dim=20, attention=attention)
+def test_seq2seq_matches_twin(attention, rnn, dtype, tol):
+    cfg = Seq2SeqConfig(SRC_VOCAB, TGT_VOCAB, emb=16, hidden=24, attn_dim=20, attention=attention, rnn=rnn)
     torch.manual_seed(SEED)
     ours, twin = Seq2Seq(cfg).to(dtype), Seq2Seq(cfg, stock=True).to(dtype)
     twin.load_state_dict(ours.state_dict())
@@ -116,6 +117,8 @@ def test_seq2seq_bad_input_and_training_runs(tmp_path):
         model(src, torch.tensor([3, 1]), tgt_in, labels)
     with pytest.raises(ValueError, match="attention"):
         Seq2SeqConfig(3, 3, attention="dot")
+    with pytest.raises(ValueError, match="rnn must be"):
+        Seq2SeqConfig(3, 3, rnn="rnn")
     s = train(Seq2SeqTrainConfig(emb=8, hidden=16, batch=8, steps=6, eval_every=6, eval_size=4, beam=2,
                                  out=str(tmp_path), progress=False))
     assert len(s["history"]) == 1 and s["beam_exact_match"] is not None and (tmp_path / "model.pt").exists()
