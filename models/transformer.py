@@ -66,11 +66,22 @@ class Attention(nn.Module):
         self.heads, self.dropout, self.stock = heads, dropout, stock
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_lengths: torch.Tensor, causal: bool):
+    def _split(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, n, d] → [B, heads, n, d/heads]."""
+        b, n, d = y.shape
+        return y.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [B, heads, S, d/heads] of `memory`: what a decoding cache keeps."""
+        return self._split(self.k_proj(memory)), self._split(self.v_proj(memory))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_lengths: torch.Tensor, causal: bool,
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """Attention of x's queries over memory (or over precomputed `kv` = keys_values(memory))."""
         b, t, d = x.shape
-        s = memory.shape[1]
-        split = lambda y, n: y.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q_proj(x), t), split(self.k_proj(memory), s), split(self.v_proj(memory), s)
+        q = self._split(self.q_proj(x))
+        k, v = kv if kv is not None else self.keys_values(memory)
+        s = k.shape[2]
         p = self.dropout if self.training else 0.0
         if self.stock:
             keep = (torch.arange(s, device=x.device) < key_lengths[:, None])[:, None, None, :]
@@ -124,6 +135,19 @@ class DecoderLayer(_Sublayers):
         y = self._add_norm(self.norm2, y, self.cross_attn(y, memory, src_lengths, causal=False))
         return self._add_norm(self.norm3, y, self._ffn(y))
 
+    def step(self, y, cache: dict, src_lengths):
+        """One new position y [B, 1, d] with this layer's cache: {"cross": keys_values(memory)} and the self-attention
+        keys/values of the positions before (appended to here). Post-LN and causal masking leave earlier positions'
+        outputs unchanged, so the cached values are exact."""
+        k, v = self.self_attn.keys_values(y)
+        if "self" in cache:
+            k, v = torch.cat([cache["self"][0], k], 2), torch.cat([cache["self"][1], v], 2)
+        cache["self"] = (k, v)
+        every = torch.full((y.shape[0],), k.shape[2], dtype=torch.long, device=y.device)
+        y = self._add_norm(self.norm1, y, self.self_attn(y, None, every, causal=False, kv=(k, v)))
+        y = self._add_norm(self.norm2, y, self.cross_attn(y, None, src_lengths, causal=False, kv=cache["cross"]))
+        return self._add_norm(self.norm3, y, self._ffn(y))
+
 
 class Transformer(nn.Module):
     """forward(src [B, S], src_lengths [B], tgt_in [B, T], tgt_lengths [B], labels [B, T] (-100 = padding))
@@ -153,6 +177,12 @@ class Transformer(nn.Module):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise IndexError(f"{name} holds {bad}, out of range for a vocabulary of {table.num_embeddings}")
         return self.drop(table(ids) * math.sqrt(self.cfg.d_model) + self.positions[: ids.shape[1]])
+
+    def _embed_at(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """Target embeddings of one new token per sentence ids [B] at `position` → [B, 1, d] (decoding)."""
+        if position >= self.cfg.max_len:
+            raise ValueError(f"decoding past the positional limit max_len={self.cfg.max_len}")
+        return self.drop(self.tgt_embed(ids)[:, None] * math.sqrt(self.cfg.d_model) + self.positions[position])
 
     @staticmethod
     def _lengths(lengths: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
@@ -188,14 +218,23 @@ class Transformer(nn.Module):
         return linear_cross_entropy(y, self.generator.weight, labels, label_smoothing=self.cfg.label_smoothing)
 
     @torch.no_grad()
-    def greedy_decode(self, src, src_lengths, bos: int, eos: int, max_len: int) -> torch.Tensor:
-        """[B, ≤ max_len] token ids after BOS, up to and including EOS (then EOS-padded)."""
+    def greedy_decode(self, src, src_lengths, bos: int, eos: int, max_len: int, use_cache: bool = True) -> torch.Tensor:
+        """[B, ≤ max_len] token ids after BOS, up to and including EOS (then EOS-padded). use_cache: each step runs
+        the decoder on the new token only, with per-layer caches of the self-attention keys/values and of the
+        memory's cross-attention keys/values (computed once); False re-decodes the whole prefix each step."""
         memory = self.encode(src, src_lengths)
         out = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        caches = [{"cross": layer.cross_attn.keys_values(memory)} for layer in self.decoder]
         for _ in range(max_len):
-            lengths = torch.full((src.shape[0],), out.shape[1], device=src.device)
-            nxt = self.generator(self.decode(out, lengths, memory, src_lengths)[:, -1]).argmax(-1)
+            if use_cache:
+                y = self._embed_at(out[:, -1], out.shape[1] - 1)
+                for layer, cache in zip(self.decoder, caches):
+                    y = layer.step(y, cache, src_lengths)
+                nxt = self.generator(y[:, 0]).argmax(-1)
+            else:
+                lengths = torch.full((src.shape[0],), out.shape[1], device=src.device)
+                nxt = self.generator(self.decode(out, lengths, memory, src_lengths)[:, -1]).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             out = torch.cat([out, nxt[:, None]], 1)
             done |= nxt == eos

@@ -54,6 +54,24 @@ def test_padding_is_invisible_and_greedy_decoding():
     assert torch.equal(torch.where(shifted, EOS, out), torch.where(shifted, EOS, seq[:, 1:]))
 
 
+@pytest.mark.parametrize("stock", [False, True])
+def test_kv_cache_decoding_equals_full_prefix_decoding(stock):
+    """The cached decoder step gives the full re-decode's last-position output (float64, to rounding) and the same
+    greedy tokens."""
+    model = _twins(torch.float64)[1 if stock else 0].eval()
+    src, src_len, tgt_in, tgt_len, _ = numbers_batch(torch.tensor([7, 123456, 40, 999999]))
+    memory = model.encode(src, src_len)
+    caches = [{"cross": layer.cross_attn.keys_values(memory)} for layer in model.decoder]
+    for t in range(tgt_in.shape[1]):
+        y = model._embed_at(tgt_in[:, t], t)
+        for layer, cache in zip(model.decoder, caches):
+            y = layer.step(y, cache, src_len)
+        full = model.decode(tgt_in[:, :t + 1], torch.full((4,), t + 1), memory, src_len)[:, -1]
+        assert max_error(y[:, 0], full) < 1e-10
+    with_cache = model.greedy_decode(src, src_len, BOS, EOS, 15)
+    assert torch.equal(with_cache, model.greedy_decode(src, src_len, BOS, EOS, 15, use_cache=False))
+
+
 def test_numbers_to_words_data():
     assert number_to_words(4817) == "four thousand eight hundred seventeen"
     assert number_to_words(700070) == "seven hundred thousand seventy"
