@@ -155,6 +155,16 @@ def select(op_name: str, device: torch.device, dtype: Optional[torch.dtype] = No
     raise BackendUnavailableError(f"dlcore op {op_name!r}: no backend can run on {device_type} with dtype {dtype}")
 
 
+def select_within(op_name: str, t: torch.Tensor, triton_limit: int) -> Callable:
+    """select()'s launcher for tensor t [rows, cols], except that when the default choice is triton and cols exceeds
+    the Triton kernel's limit the reference runs instead; triton asked for by name still runs (and its own error
+    says why)."""
+    backend, launch = select(op_name, t.device, t.dtype)
+    if backend == "triton" and t.shape[1] > triton_limit and requested_backend() is None:
+        return get_op(op_name).impls["reference"].fn
+    return launch
+
+
 def backend_table() -> dict[str, dict[str, Optional[str]]]:
     """For each op and backend: None if it can run on this machine's devices, else the reason it cannot."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

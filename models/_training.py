@@ -65,6 +65,21 @@ def add_profile_arguments(parser: argparse.ArgumentParser, batch: int, compile_o
     parser.add_argument("--device", choices=["cpu", "cuda"])
 
 
+def dataclass_arguments(config_cls):
+    """`add_arguments` for registry.register: one --flag per field of the dataclass config_cls (its defaults)."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_dataclass_arguments(parser, config_cls())
+    return add
+
+
+def write_summary(out: str, summary: dict) -> None:
+    """out/summary.json (values JSON cannot hold are written as their str)."""
+    import json
+
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+
+
 def dataclass_from_args(cls, args: argparse.Namespace):
     names = {f.name for f in fields(cls)}
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names})

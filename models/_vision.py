@@ -102,18 +102,27 @@ class Distributed:
 
 
 class Checkpoint:
-    """out/checkpoint.pt: whatever state dict the trainer hands over, plus the epoch; load() returns it or None."""
+    """out/checkpoint.pt holding the state_dict of each named object (models, optimizers, schedules), the history,
+    the number of epochs done and the config. restore() loads them back when resuming and one exists."""
 
-    def __init__(self, out: str, resume: bool):
+    def __init__(self, out: str, resume: bool, **objects):
         os.makedirs(out, exist_ok=True)
-        self.path, self.resume = os.path.join(out, "checkpoint.pt"), resume
+        self.path, self.resume, self.objects = os.path.join(out, "checkpoint.pt"), resume, objects
 
-    def load(self) -> Optional[dict]:
-        if self.resume and os.path.exists(self.path):
-            return torch.load(self.path, weights_only=False)
-        return None
+    def restore(self) -> tuple[list, int]:
+        """(history, epochs done): ([], 0) for a fresh run."""
+        if not (self.resume and os.path.exists(self.path)):
+            return [], 0
+        state = torch.load(self.path, weights_only=False)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        return state["history"], state["epoch"]
 
-    def save(self, state: dict) -> None:
+    def save(self, history: list, epoch: int, config) -> None:
+        from dataclasses import asdict
+
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        state.update(history=history, epoch=epoch, config=asdict(config))
         tmp = self.path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # a crash mid-write never destroys the previous checkpoint
@@ -191,12 +200,11 @@ def train_classifier(cfg: ClassifierTrainConfig, build, label: str) -> dict:
     cosine; writes accuracy.csv, accuracy.png, checkpoint.pt (resume=True continues) and summary.json to cfg.out.
     Under torchrun each process trains a DistributedDataParallel replica on its share of every batch; rank 0
     evaluates and writes."""
-    import json
     import time
     from dataclasses import asdict
 
     import dlcore.optim
-    from dlcore.models._training import Progress, plot_curves, warmup_cosine
+    from dlcore.models._training import Progress, plot_curves, warmup_cosine, write_summary
 
     dist = Distributed()
     data = load_images(cfg.data, cfg.image_size, seed=cfg.seed, channels=cfg.channels)
@@ -208,13 +216,8 @@ def train_classifier(cfg: ClassifierTrainConfig, build, label: str) -> dict:
     steps_per_epoch = (len(data.train_y) + cfg.batch - 1) // cfg.batch
     total = cfg.epochs * steps_per_epoch
     schedule = warmup_cosine(opt, total, 0.15)
-    ckpt = Checkpoint(cfg.out, cfg.resume)
-    history, start = [], 0
-    state = ckpt.load()
-    if state is not None:
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        history, start = state["history"], state["epoch"]
+    ckpt = Checkpoint(cfg.out, cfg.resume, model=model, optimizer=opt, schedule=schedule)
+    history, start = ckpt.restore()
     progress = Progress(label, cfg.progress and dist.rank == 0, total, start * steps_per_epoch)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
@@ -239,8 +242,7 @@ def train_classifier(cfg: ClassifierTrainConfig, build, label: str) -> dict:
             acc = accuracy(model, data.test_x, data.test_y)
             history.append((epoch + 1, loss.item(), acc))
             progress.note(f"epoch {epoch + 1}: train loss {loss.item():.3f}, test accuracy {acc:.4f}")
-            ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                       "history": history, "epoch": epoch + 1, "config": asdict(cfg)})
+            ckpt.save(history, epoch + 1, cfg)
     progress.close()
     agree = dist.replicas_agree(model)
     if dist.rank != 0:
@@ -254,18 +256,8 @@ def train_classifier(cfg: ClassifierTrainConfig, build, label: str) -> dict:
     summary = {"history": history, "test_accuracy": history[-1][2] if history else None,
                "seconds": time.perf_counter() - t0, "world_size": dist.world, "replicas_agree": agree,
                "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def classifier_arguments(config_cls):
-    """`add_arguments` for registry.register: one flag per field of config_cls."""
-    def add(parser) -> None:
-        from dlcore.models._training import add_dataclass_arguments
-
-        add_dataclass_arguments(parser, config_cls())
-    return add
 
 
 def classifier_run(config_cls, build, label_of, target: float = 0.95):

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from dlcore import registry
-from dlcore.models._vision import ClassifierTrainConfig, classifier_arguments, classifier_run
+from dlcore.models._training import dataclass_arguments
+from dlcore.models._vision import ClassifierTrainConfig, classifier_run
 from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d, Dropout, LinearReLUDropout
 
 LAYOUTS = {"torchvision": (64, 192, 384, 256, 256), "paper": (96, 256, 384, 384, 256)}
@@ -88,7 +89,7 @@ def build_for_training(cfg: AlexNetTrainConfig, num_classes: int) -> AlexNet:
 
 registry.register("train", "alexnet", help="AlexNet on digits upscaled to 64×64 (or an ImageFolder path)",
                   run=classifier_run(AlexNetTrainConfig, build_for_training, lambda cfg: f"alexnet ({cfg.layout})"))(
-    classifier_arguments(AlexNetTrainConfig))
+    dataclass_arguments(AlexNetTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------------- profiling

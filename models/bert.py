@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import registry
+from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
 from dlcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
@@ -389,15 +390,8 @@ def train(cfg: BertTrainConfig) -> dict:
         1, min(20, cfg.pretrain_steps))
     summary = {"pretrain_loss_first20": first, "pretrain_loss_last20": last, "accuracy": accuracy,
                "majority_baseline": majority, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, BertTrainConfig())
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -452,6 +446,6 @@ def _profile_run(args: argparse.Namespace) -> int:
 
 
 registry.register("train", "bert", help="byte-level BERT: MLM+NSP pre-training on the shipped text, then "
-                  "fine-tuning on a generated classification task", run=_train_run)(_train_arguments)
+                  "fine-tuning on a generated classification task", run=_train_run)(dataclass_arguments(BertTrainConfig))
 registry.register("profile", "bert", help="BERT fine-tuning tokens/s and peak memory on padded batches, dlcore vs "
                   "stock", run=_profile_run)(_profile_arguments)

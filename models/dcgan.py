@@ -10,7 +10,6 @@ example's layout.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, registry
+from dlcore.models._training import dataclass_arguments, write_summary
 
 
 def _levels(image_size: int) -> int:
@@ -142,13 +142,8 @@ def train(cfg: DCGANTrainConfig) -> dict:
     opt_g = adam(gen_net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = adam(disc_net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     fixed_noise = torch.randn(64, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    ckpt = Checkpoint(cfg.out, cfg.resume)
-    history, start = [], 0
-    state = ckpt.load()
-    if state is not None:
-        gen_net.load_state_dict(state["generator"]), disc_net.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
-        history, start = state["history"], state["epoch"]
+    ckpt = Checkpoint(cfg.out, cfg.resume, generator=gen_net, discriminator=disc_net, opt_g=opt_g, opt_d=opt_d)
+    history, start = ckpt.restore()
     steps_per_epoch = len(images) // cfg.batch
     progress = Progress("dcgan", cfg.progress and dist.rank == 0, cfg.epochs * steps_per_epoch,
                         start * steps_per_epoch)
@@ -187,9 +182,7 @@ def train(cfg: DCGANTrainConfig) -> dict:
             if save_grid(path, samples.clamp(0, 1), title=f"DCGAN epoch {epoch + 1}"):
                 grids.append(path)
             progress.note(f"epoch {epoch + 1}: D loss {history[-1][1]:.3f}, G loss {history[-1][2]:.3f}")
-            ckpt.save({"generator": gen_net.state_dict(), "discriminator": disc_net.state_dict(),
-                       "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "history": history,
-                       "epoch": epoch + 1, "config": asdict(cfg)})
+            ckpt.save(history, epoch + 1, cfg)
     progress.close()
     agree = dist.replicas_agree(gen_net) and dist.replicas_agree(disc_net)
     if dist.rank != 0:
@@ -203,15 +196,8 @@ def train(cfg: DCGANTrainConfig) -> dict:
                     "epoch", "BCE loss", f"DCGAN on {cfg.data}")
     summary = {"history": history, "grids": grids, "seconds": time.perf_counter() - t0, "world_size": dist.world,
                "replicas_agree": agree, "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, DCGANTrainConfig())
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -230,7 +216,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 registry.register("train", "dcgan", help="DCGAN on digits (or an ImageFolder path); a PNG grid per epoch",
-                  run=_train_run)(_train_arguments)
+                  run=_train_run)(dataclass_arguments(DCGANTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------------- profiling

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import registry
+from dlcore.models._training import write_summary
 from dlcore.models._training import Progress, add_dataclass_arguments, dataclass_from_args
 
 
@@ -269,8 +270,7 @@ def train(cfg: DQNConfig) -> dict:
                "last_eval": evals[-1] if evals else None, "episodes": len(episode_returns),
                "gradient_steps": gradient_steps, "seconds": round(time.perf_counter() - t0, 1),
                "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    write_summary(cfg.out, summary)
     return summary
 
 

@@ -16,7 +16,6 @@ stored transposed and which carry causal-mask buffers.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import registry
+from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
 from dlcore.ops.cross_entropy import linear_cross_entropy
@@ -367,15 +367,8 @@ def train(cfg: GPTTrainConfig) -> dict:
                     "step", "cross-entropy (nats/byte)", f"byte-level GPT on {os.path.basename(cfg.text)}")
     summary = {"history": history, "sample": text, "seconds": time.perf_counter() - t0, "world_size": world,
                "replicas_agree": agree, "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, GPTTrainConfig())
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -391,8 +384,7 @@ def _train_run(args: argparse.Namespace) -> int:
     return 0 if last[2] < first[2] and summary["replicas_agree"] else 1
 
 
-registry.register("train", "gpt", help="byte-level GPT on the shipped Shakespeare text", run=_train_run)(
-    _train_arguments)
+registry.register("train", "gpt", help="byte-level GPT on the shipped Shakespeare text", run=_train_run)(dataclass_arguments(GPTTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------------- profiling

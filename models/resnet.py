@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, registry
-from dlcore.models._vision import ClassifierTrainConfig, classifier_arguments, classifier_run
+from dlcore.models._training import dataclass_arguments
+from dlcore.models._vision import ClassifierTrainConfig, classifier_run
 
 
 # ------------------------------------------------------------------------------------- stock twin (torchvision)
@@ -187,7 +188,7 @@ def build_for_training(cfg: ResNetTrainConfig, num_classes: int) -> ResNet:
 
 registry.register("train", "resnet", help="a ResNet classifier on digits (or an ImageFolder path)",
                   run=classifier_run(ResNetTrainConfig, build_for_training, lambda cfg: cfg.arch))(
-    classifier_arguments(ResNetTrainConfig))
+    dataclass_arguments(ResNetTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------------- profiling

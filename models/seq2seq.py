@@ -13,7 +13,6 @@ beam search handle both alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dlcore import registry
+from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.ops.additive_attention import BahdanauAttention
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.cross_entropy import linear_cross_entropy
@@ -271,15 +271,8 @@ def train(cfg: Seq2SeqTrainConfig) -> dict:
                 "step", "exact match", f"numbers → words, Seq2Seq ({cfg.attention}, dlcore)")
     summary = {"history": history, "exact_match": history[-1][2], "beam_exact_match": beam_acc,
                "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, Seq2SeqTrainConfig())
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -294,7 +287,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 registry.register("train", "seq2seq", help="GRU encoder-decoder with Bahdanau or Luong attention: numbers to words",
-                  run=_train_run)(_train_arguments)
+                  run=_train_run)(dataclass_arguments(Seq2SeqTrainConfig))
 
 
 def profile(attention: str = "bahdanau", hidden: int = 128, batch: int = 64, steps: int = 3, autocast: bool = False,

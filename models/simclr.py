@@ -12,7 +12,6 @@ affine_grid + grid_sample), brightness/contrast jitter and Gaussian noise.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, registry
+from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.models import resnet
 from dlcore.ops.nt_xent import nt_xent_loss
 
@@ -180,13 +180,8 @@ def train(cfg: SimCLRTrainConfig) -> dict:
     steps_per_epoch = max(1, len(data.train_y) // cfg.batch)
     total = cfg.epochs * steps_per_epoch
     schedule = warmup_cosine(opt, total, 0.1)
-    ckpt = Checkpoint(cfg.out, cfg.resume)
-    history, start = [], 0
-    state = ckpt.load()
-    if state is not None:
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        history, start = state["history"], state["epoch"]
+    ckpt = Checkpoint(cfg.out, cfg.resume, model=model, optimizer=opt, schedule=schedule)
+    history, start = ckpt.restore()
     progress = Progress("simclr", cfg.progress and dist.rank == 0, total, start * steps_per_epoch)
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -205,8 +200,7 @@ def train(cfg: SimCLRTrainConfig) -> dict:
         if dist.rank == 0:
             history.append((epoch + 1, total_loss / steps_per_epoch))
             progress.note(f"epoch {epoch + 1}: NT-Xent {history[-1][1]:.4f}")
-            ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                       "history": history, "epoch": epoch + 1, "config": asdict(cfg)})
+            ckpt.save(history, epoch + 1, cfg)
     progress.close()
     agree = dist.replicas_agree(model)
     if dist.rank != 0:
@@ -229,15 +223,8 @@ def train(cfg: SimCLRTrainConfig) -> dict:
                "probe_labels": int(len(subset)), "probe_accuracy_all_labels": probes_all,
                "seconds": time.perf_counter() - t0, "world_size": dist.world,
                "replicas_agree": agree, "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, SimCLRTrainConfig())
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -256,7 +243,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 registry.register("train", "simclr", help="SimCLR pre-training on digits (or an ImageFolder path) + linear probe",
-                  run=_train_run)(_train_arguments)
+                  run=_train_run)(dataclass_arguments(SimCLRTrainConfig))
 
 
 # ---------------------------------------------------------------------------------------------------- profiling

@@ -11,7 +11,6 @@ The stock twin (`stock=True`) is plain torch.nn/F with the same modules and stat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import registry
+from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.cross_entropy import linear_cross_entropy
 from dlcore.ops.layer_norm import layer_norm
@@ -396,15 +396,8 @@ def train(cfg: TransformerTrainConfig) -> dict:
     shown = dict(zip(map(str, examples), decode_words(model.greedy_decode(src, src_len, BOS, EOS, 80))))
     summary = {"history": history, "exact_match": history[-1][2], "examples": shown,
                "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.out, summary)
     return summary
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from dlcore.models._training import add_dataclass_arguments
-
-    add_dataclass_arguments(p, TransformerTrainConfig())
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -418,7 +411,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 registry.register("train", "transformer", help="encoder-decoder Transformer: numbers to English words",
-                  run=_train_run)(_train_arguments)
+                  run=_train_run)(dataclass_arguments(TransformerTrainConfig))
 
 
 def profile(config: str = "small", batch: int = 64, steps: int = 3, autocast: bool = False,

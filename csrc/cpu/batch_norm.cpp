@@ -16,39 +16,14 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/dtype.h"
+#include "common/channel_act.h"
 
 namespace py = pybind11;
 using namespace dlcore;
 
 namespace {
 
-enum Activation { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
 constexpr int64_t kChunkRows = 64;  // channels_last rows per cache-resident chunk
-
-template <int ACT>
-inline float activate(float z, float slope) {
-  if (ACT == kRelu) return z > 0.f ? z : 0.f;
-  if (ACT == kLeakyRelu) return z > 0.f ? z : z * slope;
-  return z;
-}
-
-template <int ACT>
-inline float activation_grad(float dy, float y, float slope) {
-  if (ACT == kRelu) return y > 0.f ? dy : 0.f;
-  if (ACT == kLeakyRelu) return y > 0.f ? dy : dy * slope;
-  return dy;
-}
-
-template <class F>
-void dispatch_activation(int code, F&& f) {
-  switch (code) {
-    case kIdentity: f(IntC<kIdentity>{}); break;
-    case kRelu: f(IntC<kRelu>{}); break;
-    case kLeakyRelu: f(IntC<kLeakyRelu>{}); break;
-    default: throw std::invalid_argument("dlcore: unknown activation code");
-  }
-}
 
 // Per-thread, per-channel accumulators in double, combined in thread order (deterministic for a thread count).
 struct ChannelPartials {
@@ -158,7 +133,7 @@ void apply(const void* x_, const void* r_, const float* scale, const float* shif
         for (int64_t i = 0; i < inner; ++i) {
           float z = s * St::load(x[base + i]) + b;
           if (HAS_R) z += St::load(r[base + i]);
-          y[base + i] = St::store(activate<ACT>(z, slope));
+          y[base + i] = St::store(channel_activate<ACT>(z, slope));
         }
       }
     return;
@@ -170,7 +145,7 @@ void apply(const void* x_, const void* r_, const float* scale, const float* shif
     for (int64_t c = 0; c < channels; ++c) {
       float z = (HAS_SCALE ? scale[c] : 1.f) * St::load(x[base + c]) + (HAS_SHIFT ? shift[c] : 0.f);
       if (HAS_R) z += St::load(r[base + c]);
-      y[base + c] = St::store(activate<ACT>(z, slope));
+      y[base + c] = St::store(channel_activate<ACT>(z, slope));
     }
   }
 }
@@ -197,7 +172,7 @@ void backward_reduce(const void* dy_, const void* y_, const void* x_, const floa
           float s1 = 0.f, s2 = 0.f;
 #pragma omp simd reduction(+ : s1, s2)
           for (int64_t i = base; i < base + inner; ++i) {
-            const float g = activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
+            const float g = channel_activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
             if (HAS_DZ) dz[i] = St::store(g);
             s1 += g;
             if (HAS_X) s2 += g * (St::load(x[i]) - m);
@@ -219,7 +194,7 @@ void backward_reduce(const void* dy_, const void* y_, const void* x_, const floa
 #pragma omp simd
           for (int64_t c = 0; c < channels; ++c) {
             const int64_t i = base + c;
-            const float g = activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
+            const float g = channel_activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
             if (HAS_DZ) dz[i] = St::store(g);
             s1[c] += g;
             if (HAS_X) s2[c] += g * (St::load(x[i]) - mean[c]);
@@ -260,7 +235,7 @@ void backward_apply(const void* dy_, const void* y_, const void* x_, const float
         const float ac = a[c], bc = HAS_BK ? b[c] : 0.f, kc = HAS_BK ? k[c] : 0.f;
 #pragma omp simd
         for (int64_t i = base; i < base + inner; ++i) {
-          const float g = activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
+          const float g = channel_activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
           dx[i] = St::store(HAS_BK ? ac * g + bc * St::load(x[i]) + kc : ac * g);
         }
       }
@@ -272,7 +247,7 @@ void backward_apply(const void* dy_, const void* y_, const void* x_, const float
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t i = base + c;
-      const float g = activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
+      const float g = channel_activation_grad<ACT>(St::load(dy[i]), ACT ? St::load(y[i]) : 0.f, slope);
       dx[i] = St::store(HAS_BK ? a[c] * g + b[c] * St::load(x[i]) + k[c] : a[c] * g);
     }
   }
@@ -302,7 +277,7 @@ void register_batch_norm(py::module_& m) {
          int64_t inner, int act, float slope, int dtype) {
         py::gil_scoped_release nogil;
         dispatch_dtype(dtype, "x", [&](auto dt) {
-          dispatch_activation(act, [&](auto ac) {
+          dispatch_channel_activation(act, [&](auto ac) {
             dispatch_bool(r != 0, [&](auto hr) {
               dispatch_bool(scale != 0, [&](auto hs) {
                 dispatch_bool(shift != 0, [&](auto hb) {
@@ -324,7 +299,7 @@ void register_batch_norm(py::module_& m) {
          int64_t outer, int64_t channels, int64_t inner, int act, float slope, int dtype) {
         py::gil_scoped_release nogil;
         dispatch_dtype(dtype, "x", [&](auto dt) {
-          dispatch_activation(act, [&](auto ac) {
+          dispatch_channel_activation(act, [&](auto ac) {
             dispatch_bool(x != 0, [&](auto hx) {
               dispatch_bool(dz != 0, [&](auto hdz) {
                 backward_reduce<decltype(dt)::value, decltype(ac)::value, decltype(hx)::value, decltype(hdz)::value>(
@@ -345,7 +320,7 @@ void register_batch_norm(py::module_& m) {
          int64_t channels, int64_t inner, int act, float slope, int dtype) {
         py::gil_scoped_release nogil;
         dispatch_dtype(dtype, "x", [&](auto dt) {
-          dispatch_activation(act, [&](auto ac) {
+          dispatch_channel_activation(act, [&](auto ac) {
             dispatch_bool(b != 0, [&](auto hbk) {
               backward_apply<decltype(dt)::value, decltype(ac)::value, decltype(hbk)::value>(
                   ptr<void>(dy), ptr<void>(y), ptr<void>(x), ptr<float>(a), ptr<float>(b), ptr<float>(k),

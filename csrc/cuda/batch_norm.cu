@@ -12,7 +12,7 @@
 
 #include <algorithm>
 
-#include "common/dtype.h"
+#include "common/channel_act.h"
 #include "cuda/check.h"
 
 namespace py = pybind11;
@@ -21,20 +21,6 @@ using namespace dlcore;
 namespace {
 
 constexpr int kThreads = 256;
-
-template <int ACT>
-__device__ __forceinline__ float activate(float z, float slope) {
-  if (ACT == 1) return z > 0.f ? z : 0.f;
-  if (ACT == 2) return z > 0.f ? z : z * slope;
-  return z;
-}
-
-template <int ACT>
-__device__ __forceinline__ float activation_grad(float dy, float y, float slope) {
-  if (ACT == 1) return y > 0.f ? dy : 0.f;
-  if (ACT == 2) return y > 0.f ? dy : dy * slope;
-  return dy;
-}
 
 __device__ __forceinline__ int64_t offset(int64_t p, int64_t c, int64_t channels, int64_t inner) {
   return (p / inner) * channels * inner + c * inner + p % inner;
@@ -102,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 1
     for (int64_t p = first + threadIdx.y; p < last; p += rows) {
       const int64_t e = offset(p, c, channels, inner);
-      const float g = activation_grad<ACT>(Storage<DT>::load(dy[e]), ACT ? Storage<DT>::load(y[e]) : 0.f, slope);
+      const float g = channel_activation_grad<ACT>(Storage<DT>::load(dy[e]), ACT ? Storage<DT>::load(y[e]) : 0.f, slope);
       if (dz) dz[e] = Storage<DT>::store(g);
       s1 += g;
       if (x) s2 += g * (Storage<DT>::load(x[e]) - m);
@@ -134,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
     if (scale) z *= scale[c];
     if (shift) z += shift[c];
     if (r) z += Storage<DT>::load(r[e]);
-    y[e] = Storage<DT>::store(activate<ACT>(z, slope));
+    y[e] = Storage<DT>::store(channel_activate<ACT>(z, slope));
   }
 }
 
@@ -147,20 +133,10 @@ __global__ void __launch_bounds__(kThreads)
                           float slope) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (e / inner) % channels;
-    const float g = activation_grad<ACT>(Storage<DT>::load(dy[e]), ACT ? Storage<DT>::load(y[e]) : 0.f, slope);
+    const float g = channel_activation_grad<ACT>(Storage<DT>::load(dy[e]), ACT ? Storage<DT>::load(y[e]) : 0.f, slope);
     float v = a[c] * g;
     if (b) v += b[c] * Storage<DT>::load(x[e]) + k[c];
     dx[e] = Storage<DT>::store(v);
-  }
-}
-
-template <class F>
-void dispatch_activation(int code, F&& f) {
-  switch (code) {
-    case 0: f(IntC<0>{}); break;
-    case 1: f(IntC<1>{}); break;
-    case 2: f(IntC<2>{}); break;
-    default: throw std::invalid_argument("dlcore: unknown activation code");
   }
 }
 
@@ -211,7 +187,7 @@ void register_batch_norm(py::module_& m) {
         dispatch_dtype(dtype, "x", [&](auto dt) {
           constexpr int DT = decltype(dt)::value;
           using T = typename Storage<DT>::T;
-          dispatch_activation(act, [&](auto ac) {
+          dispatch_channel_activation(act, [&](auto ac) {
             apply_kernel<DT, decltype(ac)::value><<<elementwise_blocks(n), kThreads, 0, as_stream(stream)>>>(
                 ptr<const T>(x), ptr<const T>(r), ptr<const float>(scale), ptr<const float>(shift), ptr<T>(y), n,
                 channels, inner, slope);
@@ -228,7 +204,7 @@ void register_batch_norm(py::module_& m) {
         dispatch_dtype(dtype, "x", [&](auto dt) {
           constexpr int DT = decltype(dt)::value;
           using T = typename Storage<DT>::T;
-          dispatch_activation(act, [&](auto ac) {
+          dispatch_channel_activation(act, [&](auto ac) {
             backward_reduce_kernel<DT, decltype(ac)::value><<<s.grid, s.block, 0, as_stream(stream)>>>(
                 ptr<const T>(dy), ptr<const T>(y), ptr<const T>(x), ptr<const float>(mean), ptr<T>(dz),
                 ptr<float>(ps1), ptr<float>(ps2), outer * inner, channels, inner, s.per_split, slope);
@@ -245,7 +221,7 @@ void register_batch_norm(py::module_& m) {
         dispatch_dtype(dtype, "x", [&](auto dt) {
           constexpr int DT = decltype(dt)::value;
           using T = typename Storage<DT>::T;
-          dispatch_activation(act, [&](auto ac) {
+          dispatch_channel_activation(act, [&](auto ac) {
             backward_apply_kernel<DT, decltype(ac)::value><<<elementwise_blocks(n), kThreads, 0, as_stream(stream)>>>(
                 ptr<const T>(dy), ptr<const T>(y), ptr<const T>(x), ptr<const float>(a), ptr<const float>(b),
                 ptr<const float>(k), ptr<T>(dx), n, channels, inner, slope);

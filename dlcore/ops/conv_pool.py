@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dlcore import _checks, _dispatch, _ext
+from dlcore import _dispatch, _ext
 from dlcore.ops import batch_norm as channel_ops
-from dlcore.ops.conv_relu import _conv_grads, _pair
+from dlcore.ops.conv_relu import _conv_grads, _pair, check_conv_args, check_groups, conv_output_shape
 
 FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
@@ -75,7 +75,7 @@ def reference_forward(x, weight, bias, conv, pool):
 @_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
 def reference_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     g = grad_y * (y > 0)
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry = _geometry(_conv_shape(x, weight, conv), pool)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry = _geometry(conv_output_shape(x, weight, conv), pool)
     a = argmax.long()
     rows = (torch.arange(oh, device=x.device) * sh - ph)[:, None] + torch.div(a, kw, rounding_mode="floor")
     cols = (torch.arange(ow, device=x.device) * sw - pw) + a % kw
@@ -83,13 +83,6 @@ def reference_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask)
     dz.scatter_add_(2, (rows * w + cols).reshape(n, c, -1), g.reshape(n, c, -1))
     db = g.sum((0, 2, 3)) if has_bias and mask[2] else None
     return (*_conv_grads(dz.view(n, c, h, w), x, weight, *conv, mask), db)
-
-
-def _conv_shape(x, weight, conv) -> tuple:
-    stride, padding, dilation, _ = conv
-    return (x.shape[0], weight.shape[0],
-            *[(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-              for i in range(2)])
 
 
 # ---------------------------------------------------------------------------------------------------- cpu (C++)
@@ -118,7 +111,7 @@ def cpu_forward(x, weight, bias, conv, pool):
 
 @_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=channel_ops.LOW, available=_ext.cpu_unavailable)
 def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
-    geometry = _geometry(_conv_shape(x, weight, conv), pool)
+    geometry = _geometry(conv_output_shape(x, weight, conv), pool)
     grad_y, y, argmax = (t.contiguous(memory_format=CL) for t in (grad_y, y, argmax))
     dz = torch.empty(geometry[:4], dtype=y.dtype).contiguous(memory_format=CL)
     db = torch.empty(geometry[1], dtype=torch.float32) if has_bias and mask[2] else None
@@ -146,7 +139,7 @@ def triton_forward(x, weight, bias, conv, pool):
 def triton_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     from dlcore.kernels import conv_pool as kernels
 
-    geometry = _geometry(_conv_shape(x, weight, conv), pool)
+    geometry = _geometry(conv_output_shape(x, weight, conv), pool)
     grad_y, y, argmax = (t.contiguous(memory_format=CL) for t in (grad_y, y, argmax))
     dz, db = kernels.backward(grad_y, y, argmax, geometry, has_bias and mask[2])
     dx, dw = _conv_grads(dz, x.contiguous(memory_format=CL), weight, *conv, mask)
@@ -222,23 +215,11 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     pool_stride, pool_padding, ceil_mode=ceil_mode) as one op. pool_stride None means the kernel size (torch's
     rule). x: [N, C_in, H, W] or [C_in, H, W] (NCHW or channels_last; the output keeps the layout), floating point
     (the CPU twin runs fp32/bf16/fp16, other dtypes and CUDA tensors the reference)."""
-    _checks.tensor("input", x)
-    _checks.tensor("weight", weight, like=x)
-    if bias is not None:
-        _checks.tensor("bias", bias, like=x)
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kH, kW], got shape {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.shape("bias", bias, (weight.shape[0],))
+    check_conv_args(x, weight, bias, {}, padding)
     if x.dim() == 3:
         return conv2d_relu_maxpool2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                                      pool_kernel_size, pool_stride, pool_padding, ceil_mode).squeeze(0)
-    if x.dim() != 4:
-        raise ValueError(f"input must be 3-D or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or x.shape[1] // groups != weight.shape[1]:
-        raise ValueError(f"groups={groups} does not fit input channels {x.shape[1]}, weight {tuple(weight.shape)}")
-    if isinstance(padding, str):
-        raise ValueError("string padding ('same'/'valid') is not supported yet; pass integers")
+    check_groups(x, weight, groups)
     conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     kernel = _pair(pool_kernel_size)
     pstride = kernel if pool_stride is None else _pair(pool_stride)
@@ -249,7 +230,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if any(p < 0 or 2 * p > k for p, k in zip(ppad, kernel)):
         raise ValueError(f"pool_padding should be at most half of pool_kernel_size, got {tuple(ppad)} for "
                          f"{tuple(kernel)}")
-    z_hw = _conv_shape(x, weight, conv)[2:]
+    z_hw = conv_output_shape(x, weight, conv)[2:]
     if any(s <= 0 for s in z_hw):
         raise ValueError(f"the convolution's output would be empty ({tuple(z_hw)}) for input {tuple(x.shape)}")
     out = [pool_output_size(z_hw[i], kernel[i], pstride[i], ppad[i], ceil_mode) for i in range(2)]

@@ -36,6 +36,36 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
+def conv_output_shape(x, weight, conv) -> tuple:
+    """[N, C_out, H', W'] of conv2d(x, weight) with conv = (stride, padding, dilation, groups) as pairs."""
+    stride, padding, dilation, _ = conv
+    return (x.shape[0], weight.shape[0],
+            *[(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+              for i in range(2)])
+
+
+def check_conv_args(x, weight, bias, extra: dict, padding) -> None:
+    """The checks every fused conv op makes of its convolution's arguments (x may be 3-D: the caller unsqueezes);
+    `extra`: other tensors that must match x's device and dtype ({name: tensor or None})."""
+    _checks.tensor("input", x)
+    for name, t in (("weight", weight), ("bias", bias), *extra.items()):
+        if t is not None:
+            _checks.tensor(name, t, like=x)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kH, kW], got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _checks.shape("bias", bias, (weight.shape[0],))
+    if x.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if isinstance(padding, str):
+        raise ValueError("string padding ('same'/'valid') is not supported yet; pass integers")
+
+
+def check_groups(x, weight, groups: int) -> None:
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or x.shape[1] // groups != weight.shape[1]:
+        raise ValueError(f"groups={groups} does not fit input channels {x.shape[1]}, weight {tuple(weight.shape)}")
+
+
 # ---------------------------------------------------------------------------------------------------- reference
 @_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
 def reference_forward(x, weight, bias, residual, stride, padding, dilation, groups):
@@ -146,26 +176,12 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     followed by an add and relu. x: [N, C_in, H, W] or [C_in, H, W] (NCHW or channels_last), weight:
     [C_out, C_in/groups, kH, kW], bias: [C_out] or None, residual: None or the output's shape; floating dtypes
     (the CPU twin runs fp32/bf16/fp16, float64 the reference)."""
-    _checks.tensor("input", x)
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            _checks.tensor(name, t, like=x)
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kH, kW], got shape {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.shape("bias", bias, (weight.shape[0],))
+    check_conv_args(x, weight, bias, {"residual": residual}, padding)
     if x.dim() == 3:
         r = None if residual is None else residual.unsqueeze(0)
         return conv2d_relu(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, residual=r).squeeze(0)
-    if x.dim() != 4:
-        raise ValueError(f"input must be 3-D or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or x.shape[1] // groups != weight.shape[1]:
-        raise ValueError(f"groups={groups} does not fit input channels {x.shape[1]}, weight {tuple(weight.shape)}")
-    if isinstance(padding, str):
-        raise ValueError("string padding ('same'/'valid') is not supported yet; pass integers")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    check_groups(x, weight, groups)
+    conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     if residual is not None:
-        out_hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-                  for i in range(2)]
-        _checks.shape("residual", residual, (x.shape[0], weight.shape[0], *out_hw))
-    return conv2d_relu_op(x, weight, bias, residual, stride, padding, dilation, int(groups))
+        _checks.shape("residual", residual, conv_output_shape(x, weight, conv))
+    return conv2d_relu_op(x, weight, bias, residual, *conv)

@@ -118,20 +118,11 @@ def triton_backward(grad_y, grad_h, h, weight, mean, rstd):
 TRITON_MAX_COLS = 4096  # kernels/layer_norm.py MAX_COLS (not imported: triton may be missing)
 
 
-def _launcher(name: str, x: torch.Tensor):
-    """The dispatch choice, except that rows wider than the Triton kernel's limit run the reference unless a
-    backend was asked for by name (then the kernel's own error says why)."""
-    backend, launch = _dispatch.select(name, x.device, x.dtype)
-    if backend == "triton" and x.shape[1] > TRITON_MAX_COLS and _dispatch.requested_backend() is None:
-        return _dispatch.get_op(name).impls["reference"].fn
-    return launch
-
-
 @torch.library.custom_op("dlcore::layer_norm", mutates_args=())
 def layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor]:
-    y, h, mean, rstd = _launcher(FORWARD, x)(x, residual, weight, bias, eps)
+    y, h, mean, rstd = _dispatch.select_within(FORWARD, x, TRITON_MAX_COLS)(x, residual, weight, bias, eps)
     return y, (x.new_empty(0) if h is None else h), mean, rstd  # custom ops return tensors, never None
 
 
@@ -146,7 +137,8 @@ def _(x, residual, weight, bias, eps):
 def layer_norm_backward_op(grad_y: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
                            weight: Optional[torch.Tensor], mean: torch.Tensor,
                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _launcher(BACKWARD, h)(grad_y.contiguous(), None if grad_h is None else grad_h.contiguous(), h, weight, mean, rstd)
+    launch = _dispatch.select_within(BACKWARD, h, TRITON_MAX_COLS)
+    dx, dw, db = launch(grad_y.contiguous(), None if grad_h is None else grad_h.contiguous(), h, weight, mean, rstd)
     return dx, dw.to(mean.dtype), db.to(mean.dtype)
 
 

@@ -91,20 +91,11 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 TRITON_MAX_DIM = 256  # kernels/nt_xent.py MAX_DIM (not imported: triton may be missing)
 
 
-def _launcher(name: str, u: torch.Tensor):
-    """The dispatch choice, except that embeddings wider than the Triton kernel's limit run the reference unless
-    triton was asked for by name (then the kernel's own error says why)."""
-    backend, launch = _dispatch.select(name, u.device, u.dtype)
-    if backend == "triton" and u.shape[1] > TRITON_MAX_DIM and _dispatch.requested_backend() is None:
-        return _dispatch.get_op(name).impls["reference"].fn
-    return launch
-
-
 @torch.library.custom_op("dlcore::nt_xent", mutates_args=())
 def nt_xent_op(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss scalar in the math dtype, lse [M])."""
     u = F.normalize(z.to(_math_dtype(z.dtype)), dim=1).contiguous()
-    lse, pos = _launcher(FORWARD, u)(u, temperature)
+    lse, pos = _dispatch.select_within(FORWARD, u, TRITON_MAX_DIM)(u, temperature)
     return (lse - pos).mean(), lse
 
 
@@ -120,7 +111,7 @@ def nt_xent_backward_op(grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, 
     norm = zm.norm(dim=1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
     u = (zm / norm).contiguous()
     scale = float(grad) / (z.shape[0] * temperature)
-    du = _launcher(BACKWARD, u)(u, lse, temperature, scale)
+    du = _dispatch.select_within(BACKWARD, u, TRITON_MAX_DIM)(u, lse, temperature, scale)
     dz = (du - u * (u * du).sum(1, keepdim=True)) / norm  # through u = z/‖z‖
     return dz.to(z.dtype)
 
