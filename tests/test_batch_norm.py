@@ -50,6 +50,9 @@ def test_fp32_matches_float64_reference(backend, device, shape, channels_last, a
     gen = torch.Generator().manual_seed(SEED + sum(shape) + ACTS.index(act))
     x, w, b, r, rm, rv = _inputs(shape, channels_last, gen, residual)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if act != "identity":  # no upstream gradient within 1e-3 of the kink, where fp32 rounding may pick either side
+        z = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5) + (r if residual else 0)
+        dy = torch.where(z.abs() < 1e-3, 0.0, dy)
     leaves = [t.clone().requires_grad_() for t in (x, w, b) + ((r,) if residual else ())]
     stats = [rm.clone(), rv.clone()]
     y_ref = _reference(leaves[0], *stats, leaves[1], leaves[2], training, leaves[3] if residual else None, act)

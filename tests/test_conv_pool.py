@@ -41,6 +41,7 @@ def test_matches_float64_reference(backend, device, dtype, shape, channels_last)
     ref = [t.clone().requires_grad_() for t in (x, wt, b)]
     want = _stock(*ref, shape)
     dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    dy = torch.where(want.detach() < 1e-3, 0.0, dy)  # none at or near the ReLU kink (fp32 rounding may flip it)
     grads_want = torch.autograd.grad(want, ref, dy)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     ours = [x.to(device, dtype).contiguous(memory_format=fmt).requires_grad_(), wt.to(device, dtype).requires_grad_(),

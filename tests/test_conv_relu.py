@@ -40,6 +40,8 @@ def test_forward_backward_match_float64(backend, device, dtype, shape, channels_
     z_ref = F.conv2d(*ref_inputs[:2], ref_inputs[2] if bias else None, s, p, d, g)
     y_ref = F.relu(z_ref + ref_inputs[-1] if residual else z_ref)
     grad = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    pre = z_ref + ref_inputs[-1] if residual else z_ref  # no upstream gradient near the ReLU kink (fp32 may flip it)
+    grad = torch.where(pre.detach().abs() < 1e-3, 0.0, grad)
     refs = torch.autograd.grad(y_ref, ref_inputs, grad)
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
