@@ -80,6 +80,7 @@ def define_op(name: str, gpu_order: Iterable[str] = ("cuda", "triton")) -> Op:
     """Declare an op; its GPU preference is the measured one when dlcore/gpu_order.json names it."""
     op = _OPS.setdefault(name, Op(name))
     op.gpu_order = tuple(_measured_gpu_order().get(name, gpu_order))
+    _SELECTED.clear()
     return op
 
 
@@ -91,6 +92,7 @@ def register(op: str, backend: str, *, devices: Iterable[str], dtypes: Iterable[
 
     def deco(fn):
         _OPS.setdefault(op, Op(op)).impls[backend] = Impl(fn, frozenset(devices), frozenset(dtypes), available)
+        _SELECTED.clear()
         return fn
 
     return deco
@@ -133,10 +135,24 @@ def get_op(name: str) -> Op:
         raise KeyError(f"dlcore has no op {name!r}; known ops: {sorted(_OPS)}") from None
 
 
+# (op, device type, dtype, use_backend name, DLCORE_BACKEND) -> (backend, launcher): a successful choice is reused,
+# since the ops with microsecond targets (replay sampling) cannot pay for the search on every call. Failures are
+# not cached, so their errors are raised afresh; define_op/register clear it.
+_SELECTED: dict[tuple, tuple[str, Callable]] = {}
+
+
 def select(op_name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> tuple[str, Callable]:
     """Return (backend name, launcher) for a call of `op_name` on tensors of `device` and `dtype`."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op_name, device_type, dtype, _requested.get(), os.environ.get(ENV_VAR))
+    choice = _SELECTED.get(key)
+    if choice is None:
+        choice = _SELECTED[key] = _select(op_name, device_type, dtype)
+    return choice
+
+
+def _select(op_name: str, device_type: str, dtype: Optional[torch.dtype]) -> tuple[str, Callable]:
     op = get_op(op_name)
-    device_type = torch.device(device).type
     wanted = requested_backend()
     if wanted is not None:
         impl = op.impls.get(wanted)

@@ -12,7 +12,8 @@ call from Python, validation included, because the targets are a few microsecond
       from its children; status 1: a priority is negative or not finite, 2: an index is outside [0, limit);
       nothing is written unless status is 0
 Descents and ancestor updates run level by level across the whole batch, so the cache misses of one level are
-independent loads the CPU overlaps (one descent at a time waits for each miss in turn). Ancestors are recomputed
+independent loads the CPU overlaps (one descent at a time waits for each miss in turn); levels with no more nodes
+than the batch has updates are recomputed whole, in memory order. Ancestors are recomputed
 rather than adjusted by deltas: after any number of updates the root is the tree-ordered float64 sum of the
 leaves (relative error ≤ log2(size)·2⁻⁵³), no drift.
 """
@@ -35,6 +36,15 @@ try:
 except ImportError as exc:  # reported by `dlcore info`, never faked
     numba = None
     _numba_error = f"numba is not installed: {exc}"
+
+
+def as_vector(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """x as a contiguous 1-D tensor of dtype on device; a tensor that already is one is returned as it is (the
+    replay ops are a few microseconds, and each conversion call costs one)."""
+    if (type(x) is torch.Tensor and x.dtype == dtype and x.device == device and x.dim() == 1
+            and x.is_contiguous()):
+        return x
+    return torch.as_tensor(x).reshape(-1).to(device, dtype).contiguous()
 
 
 def tree_size(capacity: int) -> int:
@@ -205,13 +215,18 @@ if numba is not None:
             tree[size + index[k]] = v
             min_tree[size + index[k]] = v
             node[k] = (size + index[k]) // 2
-        width = size // 2
-        while width >= 1:  # every touched ancestor, one level per pass
+        width = size // 2  # nodes [width, 2·width) form the level being recomputed
+        while width > n:  # every touched ancestor, one level per pass
             for k in range(n):
                 j = node[k]
                 tree[j] = tree[2 * j] + tree[2 * j + 1]
                 min_tree[j] = min(min_tree[2 * j], min_tree[2 * j + 1])
                 node[k] = j // 2
+            width //= 2
+        while width >= 1:  # levels no wider than the batch: all of it, in order (same sums, fewer, no scatter)
+            for j in range(width, 2 * width):
+                tree[j] = tree[2 * j] + tree[2 * j + 1]
+                min_tree[j] = min(min_tree[2 * j], min_tree[2 * j + 1])
             width //= 2
         return 0, top
 
@@ -262,8 +277,8 @@ class SumTree:
     def update(self, index, priority, eps: float = 0.0, alpha: float = 1.0, limit: int | None = None) -> float:
         """Leaves `index` ← (priority + eps)^alpha. Raises on a negative or non-finite priority or an index outside
         [0, limit) (default: capacity), before writing anything. Returns max(priority + eps)."""
-        index = torch.as_tensor(index).reshape(-1).to(torch.int64).contiguous()
-        priority = torch.as_tensor(priority).reshape(-1).to(torch.float64).contiguous()
+        index = as_vector(index, torch.int64, self.device)
+        priority = as_vector(priority, torch.float64, self.device)
         if index.numel() != priority.numel():
             raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
         limit = self.capacity if limit is None else int(limit)
@@ -278,6 +293,6 @@ class SumTree:
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
         weight (p / p_min)^-β."""
-        offsets = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1).to(self.device).contiguous()
+        offsets = as_vector(offsets, torch.float64, self.device)
         _, launch = _dispatch.select(SAMPLE_OP, self.device, torch.float64)
         return launch(self.sum, self.min, offsets, beta)
