@@ -55,7 +55,7 @@ def sum_tree_update_kernel(tree, min_tree, index, value, n, size, depth, BLOCK: 
         leaf = size + tl.load(index + k, mask=mask, other=0)
         v = tl.load(value + k, mask=mask, other=0.0)
         tl.store(tree + leaf, v, mask=mask)
-        tl.store(min_tree + leaf, v, mask=mask)
+        tl.store(min_tree + leaf, tl.where(v > 0.0, v, float("inf")), mask=mask)  # a 0 leaf is never drawn
     tl.debug_barrier()
     for level in range(depth):
         for start in range(0, n, BLOCK):

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
                   const double* __restrict__ value, int n, int64_t size) {
   for (int k = threadIdx.x; k < n; k += blockDim.x) {
     tree[size + index[k]] = value[k];
-    min_tree[size + index[k]] = value[k];
+    min_tree[size + index[k]] = value[k] > 0.0 ? value[k] : INFINITY;  // a 0 leaf is never drawn
   }
   __syncthreads();
   for (int shift = 1; (size >> shift) >= 1; ++shift) {  // one tree level per pass

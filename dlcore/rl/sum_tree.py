@@ -1,7 +1,9 @@
 """Sum-tree (and min-tree) for proportional prioritized replay: the ops behind dlcore.rl.PrioritizedReplayBuffer.
 
 Layout: capacity rounded up to a power of two `size`; one float64 array of 2·size, the root at [1], node k's
-children at [2k] and [2k+1], leaf i at [size + i]. Unwritten leaves hold 0 (sum tree) and +inf (min tree).
+children at [2k] and [2k+1], leaf i at [size + i]. Unwritten leaves hold 0 (sum tree) and +inf (min tree); so does
+a leaf written with 0 (priority 0 with eps 0 and alpha 1): it can never be drawn, so it does not count in p_min.
+The frame-stack buffer uses that to take a slot out of sampling.
 
 Two ops behind the dispatch point, each with a numba CPU kernel (`cpu`) and a plain-PyTorch reference; each is one
 call from Python, validation included, because the targets are a few microseconds:
@@ -83,7 +85,7 @@ def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
     value = (priority + eps).pow(alpha)
     for i, v in zip(index.tolist(), value.tolist()):  # in order: the last write of a duplicate wins
         tree[size + i] = v
-        min_tree[size + i] = v
+        min_tree[size + i] = v if v > 0 else float("inf")
     width = size
     while width > 1:  # rebuild level by level from the leaves up
         tree[width // 2:width] = tree[width:2 * width].view(-1, 2).sum(1)
@@ -213,7 +215,7 @@ if numba is not None:
         for k in range(n):
             v = (priority[k] + eps) ** alpha
             tree[size + index[k]] = v
-            min_tree[size + index[k]] = v
+            min_tree[size + index[k]] = v if v > 0.0 else np.inf
             node[k] = (size + index[k]) // 2
         width = size // 2  # nodes [width, 2·width) form the level being recomputed
         while width > n:  # every touched ancestor, one level per pass

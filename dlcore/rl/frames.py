@@ -1,0 +1,251 @@
+"""Replay for stacked-frame observations (Atari) that keeps each frame once: `FrameStackReplayBuffer` (uniform) and
+`PrioritizedFrameStackReplayBuffer` (proportional, on the sum-tree).
+
+A DQN on Atari sees the last `stack` frames (4×84×84). Storing obs and next_obs of every transition keeps each frame
+eight times (56 GB for 1M transitions); here a slot holds one frame, and stacks are assembled when sampled (1M
+transitions of 84×84 uint8 frames: about 7 GB).
+
+Slots, one per environment step, in stream order:
+    frame[t]       newest frame of obs_t            action[t], reward[t], terminated[t]
+    ended[t]       the episode ended at this step (terminated or truncated)
+    episode_start[t]  slot of the episode's first frame
+When an episode ends, one more slot holds the newest frame of its last next_obs (it is never drawn itself), so a
+time-limit truncation still bootstraps from the true next observation.
+
+Sampling slot t, with m = min(n_step, steps from t to the episode's end):
+    obs       frames t-stack+1 .. t; those before the episode's first frame are padding: "reset" repeats the first
+              frame (as gymnasium's FrameStackObservation pads), "zero" is zeros
+    reward    Σ_{k<m} γᵏ r[t+k]          next_obs   the stack at slot t+m
+    terminated  terminated[t+m-1]       discount   γᵐ  (the factor in front of max Q(next_obs) in the target)
+A slot can be drawn once its n-step window is written (the n slots after it, or its episode's end), and until the
+ring overwrites a frame its stacks read. One stream of steps per buffer (vectorised environments: one buffer each).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from dlcore.rl import gather as _gather_op
+from dlcore.rl.buffers import PrioritizedReplayBuffer, ReplayBuffer
+from dlcore.rl.sum_tree import as_vector
+
+PADDINGS = ("reset", "zero")
+
+
+class FrameStackReplayBuffer(ReplayBuffer):
+    """Uniform replay over stacked frames, each frame stored once (see the module docstring).
+
+    Args:
+        capacity: slots (one per environment step, plus one per finished episode).
+        frame_shape: shape of one frame, e.g. (84, 84).
+        stack: frames per observation.
+        n_step: steps per return; `sample` returns the n-step reward, "discount" = γᵐ and the stack m steps on.
+        gamma: discount factor of the n-step return.
+        padding: "reset" (repeat the episode's first frame) or "zero", for stacks reaching before an episode.
+        frame_dtype: dtype of the stored frames (uint8 for Atari).
+        device, seed: as for ReplayBuffer.
+
+    `add(obs, action, reward, next_obs, terminated, truncated)` takes one step (obs/next_obs either stacks
+    [stack, *frame_shape] whose newest frame is last, or single frames); `sample(batch_size)` returns obs, action,
+    reward, next_obs, terminated (float32), discount, index.
+    """
+
+    def __init__(self, capacity: int, frame_shape=(84, 84), stack: int = 4, n_step: int = 1, gamma: float = 0.99,
+                 padding: str = "reset", frame_dtype: torch.dtype = torch.uint8,
+                 device: Union[str, torch.device] = "cpu", seed: Optional[int] = None, **prioritized):
+        if int(stack) < 1:
+            raise ValueError(f"stack must be at least 1, got {stack}")
+        if int(n_step) < 1:
+            raise ValueError(f"n_step must be at least 1, got {n_step}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if int(capacity) < 2 * (stack + n_step) + 2:
+            raise ValueError(f"capacity must be at least 2·(stack + n_step) + 2 = {2 * (stack + n_step) + 2}, "
+                             f"got {capacity}")
+        self.frame_shape, self.stack, self.n_step = tuple(int(d) for d in frame_shape), int(stack), int(n_step)
+        self.gamma, self.padding = float(gamma), padding
+        fields = {"frame": (self.frame_shape, frame_dtype), "action": ((), torch.int64),
+                  "reward": ((), torch.float32), "terminated": ((), torch.bool), "ended": ((), torch.bool),
+                  "episode_start": ((), torch.int64), "sampleable": ((), torch.bool)}
+        super().__init__(capacity, fields, device, seed, **prioritized)
+        self._episode: Optional[int] = None  # slot of the open episode's first frame; None between episodes
+        self._steps = 0                      # transitions of the open episode written so far
+        self._count = 0                      # slots that can be drawn
+
+    def __len__(self) -> int:
+        """Slots that can be drawn now."""
+        return self._count
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def _newest_frame(self, x, name: str) -> torch.Tensor:
+        t = torch.as_tensor(x, device=self.device)
+        if tuple(t.shape) == (self.stack, *self.frame_shape):
+            t = t[-1]
+        elif tuple(t.shape) != self.frame_shape:
+            raise ValueError(f"{name} must have shape {(self.stack, *self.frame_shape)} (a stack, newest frame "
+                             f"last) or {self.frame_shape} (one frame), got {tuple(t.shape)}")
+        dtype = self._storage["frame"].dtype
+        if t.dtype != dtype:
+            raise TypeError(f"{name} is {t.dtype}; the buffer stores {dtype} frames")
+        return t
+
+    def _set_sampleable(self, slots: list[int], flag: bool) -> None:
+        if not slots:
+            return
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        store = self._storage["sampleable"]
+        self._count += (int((~store[index]).sum()) if flag else -int(store[index].sum()))
+        store[index] = flag
+
+    def _write_slot(self, frame, action, reward, terminated: bool, ended: bool) -> int:
+        slot = self._pos
+        if self._size == self.capacity:  # the ring takes the oldest slot: nothing may read its frame any more
+            lost = [slot]
+            for k in range(1, self.stack):  # the next slots' stacks reach back into it, unless they start an episode
+                s = (slot + k) % self.capacity
+                if int(self._storage["episode_start"][s]) == s:
+                    break
+                lost.append(s)
+            self._set_sampleable([s for s in lost if bool(self._storage["sampleable"][s])], False)
+        one = lambda value, dtype: torch.tensor([value], dtype=dtype, device=self.device)  # noqa: E731
+        ReplayBuffer._write(self, {"frame": frame.unsqueeze(0), "action": one(int(action), torch.int64),
+                                   "reward": one(float(reward), torch.float32),
+                                   "terminated": one(bool(terminated), torch.bool), "ended": one(ended, torch.bool),
+                                   "episode_start": one(self._episode, torch.int64),
+                                   "sampleable": one(False, torch.bool)}, 1)
+        return slot
+
+    def add(self, obs, action, reward, next_obs, terminated, truncated=False) -> int:
+        """Store one environment step; returns its slot. `next_obs` is read only when the episode ends here."""
+        with self._lock:
+            frame = self._newest_frame(obs, "obs")
+            ended = bool(terminated) or bool(truncated)
+            end_frame = self._newest_frame(next_obs, "next_obs") if ended else None
+            if self._episode is None:
+                self._episode, self._steps = self._pos, 0
+            if self._steps + self.stack + self.n_step + 2 >= self.capacity:
+                raise ValueError(f"an episode of {self._steps + 1} steps does not fit in a buffer of capacity "
+                                 f"{self.capacity}; use a larger capacity")
+            slot = self._write_slot(frame, action, reward, bool(terminated), ended)
+            self._steps += 1
+            if self._steps > self.n_step:  # its n-step window is complete: the step n before it can be drawn
+                self._set_sampleable([(slot - self.n_step) % self.capacity], True)
+            if ended:
+                end = self._write_slot(end_frame, 0, 0.0, False, True)
+                last = min(self.n_step, self._steps)  # the windows that reach the episode's end
+                self._set_sampleable([(end - k) % self.capacity for k in range(1, last + 1)], True)
+                self._episode = None
+            return slot
+
+    def extend(self, **transitions):
+        raise TypeError(f"{type(self).__name__} stores one step at a time, in stream order: use add(obs, action, "
+                        "reward, next_obs, terminated, truncated)")
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _check_batch_size(self, batch_size: int) -> None:
+        if self._count == 0:
+            raise RuntimeError("no transition can be sampled yet (each needs its n-step window written)")
+        if not 1 <= batch_size <= self._count:
+            raise ValueError(f"batch_size must be in [1, {self._count}] (transitions that can be drawn), "
+                             f"got {batch_size}")
+
+    def _stack_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame slots [..., stack] of the stacks ending at `slots`, and where they are padding."""
+        since_start = (slots - self._storage["episode_start"][slots]) % self.capacity
+        back = torch.arange(self.stack - 1, -1, -1, device=self.device)
+        pad = back > since_start.unsqueeze(-1)
+        # padding reads the episode's first frame ("reset"); "zero" clears it after the gather
+        frames = (slots.unsqueeze(-1) - torch.minimum(back, since_start.unsqueeze(-1))) % self.capacity
+        return frames, pad
+
+    def _gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        st, cap = self._storage, self.capacity
+        idx = index.to(self.device)
+        k = torch.arange(self.n_step, device=self.device)
+        window = (idx.unsqueeze(1) + k) % cap                       # [B, n] the steps of each n-step return
+        ended = st["ended"][window].long()
+        inside = (ended.cumsum(1) - ended) == 0                     # up to and including the first end
+        m = inside.sum(1)
+        powers = self.gamma ** k.to(torch.float64)
+        reward = (st["reward"][window].double() * powers * inside).sum(1)
+        frames, pad = self._stack_slots(torch.stack([idx, (idx + m) % cap]))  # [2, B, stack]
+        (stacks,) = _gather_op.gather_rows([st["frame"]], frames.reshape(-1), self._size)
+        stacks = stacks.view(2, idx.numel(), self.stack, *self.frame_shape)
+        if self.padding == "zero" and bool(pad.any()):
+            stacks[pad] = 0
+        return {"obs": stacks[0], "action": st["action"][idx], "reward": reward.float(), "next_obs": stacks[1],
+                "terminated": st["terminated"][(idx + m - 1) % cap].float(),
+                "discount": (self.gamma ** m.double()).float(), "index": index}
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """`batch_size` slots drawn uniformly (with replacement) among those that can be drawn."""
+        with self._lock:
+            self._check_batch_size(batch_size)
+            ok = self._storage["sampleable"][:self._size]
+            if 2 * self._count >= self._size:  # mostly drawable: draw, keep the drawable, draw again for the rest
+                index = torch.empty(0, dtype=torch.int64)
+                while index.numel() < batch_size:
+                    draw = torch.randint(0, self._size, (batch_size,), generator=self._gen)
+                    index = torch.cat([index, draw[ok[draw.to(self.device)].cpu()]])
+                index = index[:batch_size]
+            else:
+                choices = torch.nonzero(ok).squeeze(1).cpu()
+                index = choices[torch.randint(0, choices.numel(), (batch_size,), generator=self._gen)]
+            return self._gather(index)
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        with self._lock:
+            state = super().state_dict()
+            state.update(episode=self._episode, episode_steps=self._steps, count=self._count,
+                         layout={"frame_shape": self.frame_shape, "stack": self.stack, "n_step": self.n_step,
+                                 "gamma": self.gamma, "padding": self.padding})
+            return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            layout = {"frame_shape": self.frame_shape, "stack": self.stack, "n_step": self.n_step,
+                      "gamma": self.gamma, "padding": self.padding}
+            if state.get("layout") != layout:
+                raise ValueError(f"state was saved with {state.get('layout')}, this buffer has {layout}")
+            super().load_state_dict(state)
+            self._episode, self._steps, self._count = state["episode"], state["episode_steps"], state["count"]
+
+
+class PrioritizedFrameStackReplayBuffer(FrameStackReplayBuffer, PrioritizedReplayBuffer):
+    """Proportional prioritized replay over stacked frames: FrameStackReplayBuffer's storage and sampling, with
+    PrioritizedReplayBuffer's priorities (alpha, beta, beta_final, beta_steps, eps keyword arguments). A slot gets
+    the largest priority seen so far when it becomes drawable and a 0 leaf (never drawn) when it stops being so.
+    `sample` adds "weight"."""
+
+    def _set_sampleable(self, slots: list[int], flag: bool) -> None:
+        super()._set_sampleable(slots, flag)
+        if slots:
+            index = torch.tensor(slots, dtype=torch.int64)
+            if flag:
+                self._tree.update(index, torch.full((len(slots),), self._max_priority, dtype=torch.float64),
+                                  alpha=self.alpha)
+            else:  # a 0 leaf: out of the sum and of the min
+                self._tree.update(index, torch.zeros(len(slots), dtype=torch.float64), eps=0.0, alpha=1.0)
+
+    def sample(self, batch_size: int, beta: Optional[float] = None) -> dict[str, torch.Tensor]:
+        return PrioritizedReplayBuffer.sample(self, batch_size, beta)
+
+    def update_priorities(self, index, priority) -> None:
+        """As PrioritizedReplayBuffer's, except that slots which stopped being drawable since they were sampled
+        (overwritten) keep their 0 leaf."""
+        with self._lock:
+            index = as_vector(index, torch.int64, self.device)
+            priority = as_vector(priority, torch.float64, self.device)
+            if index.numel() != priority.numel():
+                raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
+            if not bool(((priority >= 0) & (priority < float("inf"))).all()):
+                raise ValueError("priorities must be finite and non-negative (pass |TD error|)")
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._size):
+                raise IndexError(f"index out of range [0, {self._size}): min {int(index.min())}, "
+                                 f"max {int(index.max())}")
+            keep = self._storage["sampleable"][index]
+            super().update_priorities(index[keep], priority[keep])
