@@ -7,10 +7,14 @@ Networks
                                                    a dlcore.nn.Conv2dReLU
 The stock twin (`stock=True`) is plain torch.nn with the same state_dict keys.
 
-Training (`dlcore train dqn`, or `train(DQNConfig(...))`): ε-greedy with a linear schedule, a target network
-copied every `target_update` steps, Huber loss, optional Double DQN (the online net picks the next action, the
-target net values it), uniform or proportional prioritized replay (importance weights scale each sample's loss;
-|δ| becomes the new priority). Greedy evaluation every `eval_every` steps; "solved" is a greedy mean return at or
+Training (`dlcore train dqn`, or `train(DQNConfig.for_env(name, ...))`): ε-greedy with a linear schedule, a target
+network copied every `target_update` gradient steps, Huber loss, optional Double DQN (the online net picks the next
+action, the target net values it), uniform or proportional prioritized replay (importance weights scale each
+sample's loss; |δ| becomes the new priority).
+Vector observations (CartPole-v1): QMLP and ReplayBuffer / PrioritizedReplayBuffer. Atari (`ALE/...`, ale-py):
+gymnasium's AtariPreprocessing (84×84 grey, frame skip 4, up to 30 no-ops) and FrameStackObservation(4), the Nature
+QConvNet, and dlcore.rl's frame-stack buffers (each frame stored once, n-step returns); `DQNConfig.for_env` takes
+the Atari settings of ATARI_DEFAULTS (Nature-paper scale, 100k buffer) unless told otherwise. Greedy evaluation every `eval_every` steps; "solved" is a greedy mean return at or
 above `solve_return` over `solve_episodes` episodes (CartPole-v1: 475 over 100), and training stops there.
 Writes returns.csv, returns.png, checkpoint.pt (resume with --resume) and summary.json to --out.
 """
@@ -23,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -33,7 +37,7 @@ from torch import nn
 
 from dlcore import registry
 from dlcore.models._training import write_summary
-from dlcore.models._training import Progress, add_dataclass_arguments, dataclass_from_args
+from dlcore.models._training import Progress, add_dataclass_arguments
 
 
 # ---------------------------------------------------------------------------------------------------- networks
@@ -118,10 +122,27 @@ class DQNConfig:
     eval_episodes: int = 10         # a quick greedy check; the full `solve_episodes` run only when it passes
     solve_return: float = 475.0
     solve_episodes: int = 100
+    n_step: int = 1                 # n-step returns (frame-stack buffers, i.e. Atari)
+    layout: str = "nature"          # QConvNet layout for image observations: "nature" or "2013"
+    device: str = "cpu"             # where the networks and the replay storage live
     out: str = "runs/dqn"
     resume: bool = False
     checkpoint_every: int = 10_000
     progress: bool = True
+
+    @classmethod
+    def for_env(cls, env: str = "CartPole-v1", **overrides) -> "DQNConfig":
+        """The defaults for `env` (ATARI_DEFAULTS for ALE/ environments), then `overrides`."""
+        base = dict(ATARI_DEFAULTS) if env.startswith("ALE/") else {}
+        return cls(**{**base, **overrides, "env": env})
+
+
+# Atari (Mnih et al. 2015 scale, with a 100k buffer and 3-step prioritized replay to fit a few hours of one GPU):
+# a run of `steps` reaches Pong's +18 in roughly 1–2M steps.
+ATARI_DEFAULTS = dict(steps=2_000_000, buffer=100_000, prioritized=True, n_step=3, batch=32, lr=1e-4,
+                      learning_starts=20_000, train_every=4, gradient_steps=1, target_update=2_000,
+                      eps_final=0.01, eps_fraction=0.05, eval_every=100_000, eval_episodes=3, solve_return=18.0,
+                      solve_episodes=10, checkpoint_every=100_000)
 
 
 def _make_env(name: str):
@@ -129,7 +150,18 @@ def _make_env(name: str):
         import gymnasium as gym
     except ImportError as exc:
         raise RuntimeError("dlcore train dqn needs gymnasium (pip install gymnasium)") from exc
-    return gym.make(name)
+    if not name.startswith("ALE/"):
+        return gym.make(name)
+    try:
+        import ale_py
+    except ImportError as exc:
+        raise RuntimeError(f"{name} needs ale-py, which ships the Atari ROMs (pip install ale-py opencv-python-headless)"
+                           ) from exc
+    gym.register_envs(ale_py)
+    # frame skipping is AtariPreprocessing's (max over the last two frames), so the raw env must not skip
+    env = gym.make(name, frameskip=1, repeat_action_probability=0.0)
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, grayscale_obs=True)
+    return gym.wrappers.FrameStackObservation(env, 4)
 
 
 def epsilon(cfg: DQNConfig, step: int) -> float:
@@ -139,26 +171,30 @@ def epsilon(cfg: DQNConfig, step: int) -> float:
 
 def td_targets(q_net, target_net, batch, gamma: float, double: bool) -> torch.Tensor:
     """y = r + γ (1 − terminated) Q_target(s', a*), a* = argmax_a Q_online(s', a) (Double DQN) or
-    argmax_a Q_target(s', a) (DQN)."""
+    argmax_a Q_target(s', a) (DQN); with n-step returns the batch's "discount" (γᵐ) stands for γ."""
     with torch.no_grad():
         next_q = target_net(batch["next_obs"])
         best = (q_net(batch["next_obs"]) if double else next_q).argmax(1, keepdim=True)
-        return batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q.gather(1, best).squeeze(1)
+        discount = batch.get("discount", gamma)
+        return batch["reward"] + discount * (1.0 - batch["terminated"]) * next_q.gather(1, best).squeeze(1)
 
 
-def greedy_action(q_net, obs) -> int:
+def greedy_action(q_net, obs, device="cpu") -> int:
+    x = torch.as_tensor(obs, device=device)
+    if x.dtype != torch.uint8:  # frames stay uint8 (the conv net scales them); vectors go in as float32
+        x = x.float()
     with torch.no_grad():
-        return int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
+        return int(q_net(x[None]).argmax())
 
 
-def greedy_returns(q_net, env_name: str, episodes: int, seed: int) -> list[float]:
+def greedy_returns(q_net, env_name: str, episodes: int, seed: int, device="cpu") -> list[float]:
     env = _make_env(env_name)
     returns = []
     for e in range(episodes):
         obs, _ = env.reset(seed=seed + e)
         total, done = 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_net, obs))
+            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_net, obs, device))
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
@@ -169,27 +205,16 @@ def greedy_returns(q_net, env_name: str, episodes: int, seed: int) -> list[float
 def train(cfg: DQNConfig) -> dict:
     """Train until solved or `cfg.steps`; returns the summary also written to <out>/summary.json."""
     import dlcore
-    from dlcore.rl import PrioritizedReplayBuffer, ReplayBuffer
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     env = _make_env(cfg.env)
-    if len(env.observation_space.shape) != 1:
-        raise ValueError(f"{cfg.env} has image observations; this trainer takes vector observations "
-                         "(the convolutional Q-networks need dlcore.nn.Conv2dReLU, issue 3)")
-    obs_dim, n_actions = env.observation_space.shape[0], int(env.action_space.n)
+    shape, n_actions = tuple(env.observation_space.shape), int(env.action_space.n)
     os.makedirs(cfg.out, exist_ok=True)
-    q_net = QMLP(obs_dim, n_actions, cfg.hidden)
+    q_net, buffer, frames = _network_and_buffer(cfg, shape, n_actions)
     target_net = copy.deepcopy(q_net).requires_grad_(False)
     optimizer = dlcore.optim.Adam(q_net.parameters(), lr=cfg.lr)
-    fields = {"obs": ((obs_dim,), torch.float32), "action": ((), torch.int64), "reward": ((), torch.float32),
-              "next_obs": ((obs_dim,), torch.float32), "terminated": ((), torch.float32)}
-    if cfg.prioritized:
-        buffer = PrioritizedReplayBuffer(cfg.buffer, fields, seed=cfg.seed, alpha=cfg.alpha, beta=cfg.beta,
-                                         beta_steps=max(1, (cfg.steps - cfg.learning_starts) // cfg.train_every
-                                                        * cfg.gradient_steps))
-    else:
-        buffer = ReplayBuffer(cfg.buffer, fields, seed=cfg.seed)
+    device = cfg.device
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     start, episode_returns, evals, gradient_steps = 0, [], [], 0
@@ -216,11 +241,14 @@ def train(cfg: DQNConfig) -> dict:
         if rng.random() < epsilon(cfg, step):
             action = int(rng.integers(n_actions))
         else:
-            action = greedy_action(q_net, obs)
+            action = greedy_action(q_net, obs, device)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         # a time-limit truncation is not a terminal state: its target still bootstraps from next_obs
-        buffer.add(obs=torch.as_tensor(obs), action=action, reward=float(reward), next_obs=torch.as_tensor(next_obs),
-                   terminated=float(terminated))
+        if frames:
+            buffer.add(obs, action, float(reward), next_obs, terminated=terminated, truncated=truncated)
+        else:
+            buffer.add(obs=torch.as_tensor(obs), action=action, reward=float(reward),
+                       next_obs=torch.as_tensor(next_obs), terminated=float(terminated))
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:
@@ -244,10 +272,11 @@ def train(cfg: DQNConfig) -> dict:
                 if gradient_steps % cfg.target_update == 0:
                     target_net.load_state_dict(q_net.state_dict())
         if (step + 1) % cfg.eval_every == 0:
-            quick = greedy_returns(q_net, cfg.env, cfg.eval_episodes, seed=10_000 + step)
+            quick = greedy_returns(q_net, cfg.env, cfg.eval_episodes, seed=10_000 + step, device=device)
             mean = float(np.mean(quick))
             if mean >= cfg.solve_return:  # the full test only when the quick one passes
-                mean = float(np.mean(greedy_returns(q_net, cfg.env, cfg.solve_episodes, seed=20_000 + step)))
+                mean = float(np.mean(greedy_returns(q_net, cfg.env, cfg.solve_episodes, seed=20_000 + step,
+                                                    device=device)))
             evals.append({"step": step + 1, "greedy_mean": mean, "seconds": time.perf_counter() - t0})
             progress.note(f"step {step + 1}: greedy mean {mean:.1f}")
             if mean >= cfg.solve_return and cfg.solve_episodes:
@@ -272,6 +301,34 @@ def train(cfg: DQNConfig) -> dict:
                "config": asdict(cfg)}
     write_summary(cfg.out, summary)
     return summary
+
+
+def _network_and_buffer(cfg: DQNConfig, shape: tuple, n_actions: int):
+    """(Q-network, replay buffer, whether the buffer stores frames) for observations of `shape`: vectors [d] get
+    QMLP and a transition buffer, stacked frames [stack, H, W] the conv net and a frame-stack buffer."""
+    from dlcore.rl import (FrameStackReplayBuffer, PrioritizedFrameStackReplayBuffer, PrioritizedReplayBuffer,
+                           ReplayBuffer)
+
+    prioritized = dict(alpha=cfg.alpha, beta=cfg.beta,
+                       beta_steps=max(1, (cfg.steps - cfg.learning_starts) // cfg.train_every * cfg.gradient_steps))
+    if len(shape) == 3 and shape[1] == shape[2]:
+        q_net = QConvNet(n_actions, in_channels=shape[0], layout=cfg.layout, frame_size=shape[1]).to(cfg.device)
+        cls = PrioritizedFrameStackReplayBuffer if cfg.prioritized else FrameStackReplayBuffer
+        buffer = cls(cfg.buffer, frame_shape=shape[1:], stack=shape[0], n_step=cfg.n_step, gamma=cfg.gamma,
+                     device=cfg.device, seed=cfg.seed, **(prioritized if cfg.prioritized else {}))
+        return q_net, buffer, True
+    if len(shape) != 1:
+        raise ValueError(f"{cfg.env} has observations of shape {shape}; this trainer takes vectors [d] or stacked "
+                         "square frames [stack, H, H] (e.g. AtariPreprocessing + FrameStackObservation)")
+    if cfg.n_step != 1:
+        raise ValueError("n_step > 1 is supported with frame observations (the frame-stack buffers) only")
+    fields = {"obs": (shape, torch.float32), "action": ((), torch.int64), "reward": ((), torch.float32),
+              "next_obs": (shape, torch.float32), "terminated": ((), torch.float32)}
+    q_net = QMLP(shape[0], n_actions, cfg.hidden).to(cfg.device)
+    if cfg.prioritized:
+        return q_net, PrioritizedReplayBuffer(cfg.buffer, fields, device=cfg.device, seed=cfg.seed,
+                                              **prioritized), False
+    return q_net, ReplayBuffer(cfg.buffer, fields, device=cfg.device, seed=cfg.seed), False
 
 
 def _write_returns(out: str, episode_returns: list, evals: list, cfg: DQNConfig) -> None:
@@ -301,10 +358,16 @@ def _write_returns(out: str, episode_returns: list, evals: list, cfg: DQNConfig)
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, DQNConfig())
+    # flags left out take the environment's defaults (DQNConfig.for_env): None marks them as not given
+    p.set_defaults(**{f.name: None for f in fields(DQNConfig)})
+    p.epilog = ("Defaults shown are CartPole's; ALE/ environments start from models.dqn.ATARI_DEFAULTS. "
+                "Full Pong run: dlcore train dqn --env ALE/Pong-v5 --device cuda --out runs/pong")
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = dataclass_from_args(DQNConfig, args)
+    names = {f.name for f in fields(DQNConfig)}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names and v is not None}
+    cfg = DQNConfig.for_env(**given)
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("solved", "solved_at_step", "last_eval", "seconds")}, default=str))
     print(f"wrote {cfg.out}/returns.csv, returns.png, checkpoint.pt, q_net.pt, summary.json")

@@ -75,16 +75,43 @@ def test_train_checkpoint_resume(tmp_path, prioritized):
         == dqn.DQNConfig().buffer
 
 
-def test_image_envs_are_refused_with_a_reason(monkeypatch):
+def test_observations_neither_vectors_nor_frame_stacks_are_refused(monkeypatch):
     class Box:
-        shape = (4, 84, 84)
+        shape = (84, 84)
+
+    class Space:
+        n = 6
 
     class Env:
-        observation_space, action_space = Box(), None
+        observation_space, action_space = Box(), Space()
 
     monkeypatch.setattr(dqn, "_make_env", lambda name: Env())
-    with pytest.raises(ValueError, match="image observations"):
-        dqn.train(dqn.DQNConfig(env="ALE/Pong-v5", progress=False))
+    with pytest.raises(ValueError, match=r"observations of shape \(84, 84\)"):
+        dqn.train(dqn.DQNConfig(env="Odd-v0", progress=False, out="/tmp/dlcore-dqn-odd"))
+
+
+def test_atari_defaults_apply_unless_overridden():
+    cfg = dqn.DQNConfig.for_env("ALE/Pong-v5", lr=3e-4)
+    assert cfg.prioritized and cfg.n_step == 3 and cfg.buffer == 100_000 and cfg.lr == 3e-4
+    assert dqn.DQNConfig.for_env("CartPole-v1") == dqn.DQNConfig()
+
+
+def test_pong_smoke_run_with_prioritized_frame_replay_and_resume(tmp_path):
+    """ALE/Pong-v5 through gymnasium's Atari preprocessing and frame stacking, the Nature conv net, the
+    prioritized frame-stack buffer with 3-step returns: a short run, a checkpoint, a resumed run."""
+    pytest.importorskip("ale_py")
+    pytest.importorskip("cv2")
+    out = str(tmp_path / "pong")
+    argv = ["train", "dqn", "--env", "ALE/Pong-v5", "--steps", "240", "--buffer", "2000", "--learning-starts",
+            "100", "--train-every", "40", "--gradient-steps", "2", "--batch", "8", "--eval-every", "1000000",
+            "--solve-episodes", "0", "--checkpoint-every", "120", "--out", out, "--no-progress"]
+    assert cli.main(argv) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["gradient_steps"] == 8 and summary["config"]["n_step"] == 3 and summary["config"]["prioritized"]
+    buffer = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["buffer"]
+    assert buffer["storage"]["frame"].shape == (2000, 84, 84) and buffer["count"] > 200
+    assert cli.main(argv[:5] + ["300"] + argv[6:] + ["--resume"]) == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["gradient_steps"] == 10
 
 
 def test_registry_finds_dqn():
