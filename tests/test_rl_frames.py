@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import dlcore
+
 from dlcore.rl import FrameStackReplayBuffer, PrioritizedFrameStackReplayBuffer
 
 FRAME = (3, 5)
@@ -55,9 +57,15 @@ def _check(batch, expected):
         assert math.isclose(float(batch["discount"][b]), want["discount"], rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])  # the plan op: torch ops / the numba kernel
 @pytest.mark.parametrize("cls", [FrameStackReplayBuffer, PrioritizedFrameStackReplayBuffer])
 @pytest.mark.parametrize("stack,n,padding", [(4, 1, "reset"), (4, 3, "zero"), (1, 2, "reset"), (3, 5, "reset")])
-def test_samples_match_the_full_stacks_and_n_step_returns(cls, stack, n, padding):
+def test_samples_match_the_full_stacks_and_n_step_returns(cls, stack, n, padding, backend):
+    with dlcore.use_backend(backend):
+        _samples_match(cls, stack, n, padding)
+
+
+def _samples_match(cls, stack, n, padding):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     gamma = 0.9
     buf = cls(61, frame_shape=FRAME, stack=stack, n_step=n, gamma=gamma, padding=padding, seed=1)

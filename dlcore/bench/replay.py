@@ -61,6 +61,40 @@ def _setup_update(n_sets: int):
     return {DLCORE: dlcore_update, "torch index_put": stock}
 
 
+ATARI_CAPACITY, ATARI_BATCH, STACK, FRAME = 200_000, 32, 4, (84, 84)  # 1.4 GB of frames: far past the LLC
+ATARI_BYTES = 2 * (2 * ATARI_BATCH * STACK * FRAME[0] * FRAME[1])  # obs + next_obs stacks, read + written
+
+
+def _atari_setup(device: str):
+    def setup(n_sets: int):
+        from dlcore.rl import FrameStackReplayBuffer
+        from dlcore.rl import frames as frames_op
+
+        gen = torch.Generator().manual_seed(0)
+        pool = torch.randint(0, 256, (64, *FRAME), generator=gen, dtype=torch.uint8)
+        buf = FrameStackReplayBuffer(ATARI_CAPACITY, frame_shape=FRAME, stack=STACK, n_step=3, device=device,
+                                     seed=0)
+        lengths = torch.randint(500, 3000, (ATARI_CAPACITY // 500,), generator=gen).tolist()
+        step, episode = 0, 0
+        while step < ATARI_CAPACITY - 1:
+            for t in range(min(lengths[episode], ATARI_CAPACITY - 1 - step)):
+                frame = pool[step % 64].to(device)
+                buf.add(frame, t % 6, 0.0, frame, terminated=t == lengths[episode] - 1)
+                step += 1
+            episode += 1
+        st = buf._storage
+
+        def stock():  # the same storage, assembled with torch ops: the reference plan and index_select
+            index = torch.randint(0, buf._size - 8, (ATARI_BATCH,), generator=gen)
+            frames, *_ = frames_op.reference_plan(index.to(device), st["ended"], st["reward"], st["terminated"],
+                                                  st["episode_start"], STACK, 3, 0.99)
+            return st["frame"].index_select(0, frames.reshape(-1))
+
+        return {DLCORE: lambda: buf.sample(ATARI_BATCH), "torch indexing": stock}
+
+    return setup
+
+
 def cases(device: str) -> list[Case]:
     if device != "cpu":
         return [Case("replay", "prioritized sample 4096 of 10M + gather", device,
@@ -71,4 +105,7 @@ def cases(device: str) -> list[Case]:
              baseline="torch multinomial", max_ms=0.030),
         Case("replay", "priority update 256 of 1M", device, _setup_update, baseline="torch index_put",
              max_ms=0.008),
+        Case("replay", f"Atari stacks: sample {ATARI_BATCH} (obs + next_obs, 4×84×84) of 200k frames", device,
+             _atari_setup(device), bytes=ATARI_BYTES, baseline="torch indexing", bandwidth_target=0.5,
+             quick=False),
     ]
