@@ -249,6 +249,25 @@ def test_backends_sample_the_same_leaves_and_weights():
         assert torch.allclose(weight[same], ref_weight[same], rtol=1e-12), backend
 
 
+@pytest.mark.parametrize("row_shape,dtype", [((4,), torch.float32), ((), torch.int64), ((3, 67), torch.uint8)])
+def test_sample_gather_equals_sample_then_rows(row_shape, dtype):
+    """The fused op (triton: one kernel, descent and row copies; cpu: numba descent + C++ gather) against sample()
+    followed by index_select, on every backend; rows of 201 bytes span several of the kernel's 64-byte pieces."""
+    gen = torch.Generator().manual_seed(SEED)
+    tree = SumTree(1000)
+    tree.update(torch.arange(0, 1000, 3), torch.rand(334, generator=gen, dtype=torch.float64) + 1e-3)
+    sources = [(torch.rand((1000, *row_shape), generator=gen) * 100).to(dtype),
+               torch.randn(1000, 2, generator=gen, dtype=torch.float64)]
+    offsets = torch.rand(77, generator=gen, dtype=torch.float64)
+    for backend in BACKENDS:
+        with dlcore.use_backend(backend):
+            index, weight = tree.sample(offsets, 0.4)
+            fused_index, fused_weight, rows = tree.sample_gather(offsets, 0.4, sources)
+        assert torch.equal(fused_index, index) and torch.equal(fused_weight, weight), backend
+        for source, got in zip(sources, rows):
+            assert got.dtype == source.dtype and torch.equal(got, source.index_select(0, index)), backend
+
+
 @pytest.mark.gpu
 def test_gpu_buffer_matches_cpu_buffer():
     bufs = [PrioritizedReplayBuffer(5000, device=d, seed=SEED) for d in ("cpu", "cuda")]
@@ -280,9 +299,13 @@ def test_gpu_tree_kernels_match_the_reference(backend):
     want_index, want_weight = ref.sample(offsets, 0.5)
     with dlcore.use_backend(backend):
         index, weight = gpu.sample(offsets, 0.5)
+        source = torch.randn(3000, 5, device="cuda")
+        fused_index, fused_weight, (rows,) = gpu.sample_gather(offsets, 0.5, [source])
     same = index.cpu() == want_index
     assert same.float().mean() > 0.99
     assert torch.allclose(weight.cpu()[same], want_weight[same], rtol=1e-12)
+    assert torch.equal(fused_index, index) and torch.equal(fused_weight, weight)
+    assert torch.equal(rows, source.index_select(0, index))
 
 
 def test_n_step_returns_stop_at_episode_ends():

@@ -99,7 +99,7 @@ def cases(device: str) -> list[Case]:
     if device != "cpu":
         return [Case("replay", "prioritized sample 4096 of 10M + gather", device,
                      _sample_setup(GPU_N, GPU_BATCH, device), baseline="torch multinomial", max_ms=0.100,
-                     ops=("sum_tree_sample",))]
+                     ops=("sum_tree_sample_gather",))]
     return [
         Case("replay", "prioritized sample 256 of 1M + gather", device, _sample_setup(N, BATCH, device),
              baseline="torch multinomial", max_ms=0.030),

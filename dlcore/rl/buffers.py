@@ -168,6 +168,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     New transitions get the largest priority seen so far. `sample` returns "index" and "weight" with the fields.
     """
 
+    _gathers_fields = True  # a sample is the stored fields' rows (the frame-stack buffers assemble theirs instead)
+
     def __init__(self, capacity: int, fields: Optional[FieldSpec] = None, device: Union[str, torch.device] = "cpu",
                  seed: Optional[int] = None, alpha: float = 0.6, beta: float = 0.4, beta_final: float = 1.0,
                  beta_steps: Optional[int] = None, eps: float = 1e-6):
@@ -202,9 +204,14 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             beta = self.beta if beta is None else float(beta)
             offsets = torch.rand(batch_size, generator=self._gen, dtype=torch.float64)
             # w_i = (N·P(i))^-β / max_j (N·P(j))^-β = (p_i / p_min)^-β: the max weight belongs to the min priority
-            index, weight = self._tree.sample(offsets, beta)
+            if self._gathers_fields:  # the draw and the gather of every field in one call (one launch on a GPU)
+                index, weight, rows = self._tree.sample_gather(offsets, beta, list(self._storage.values()))
+                out = dict(zip(self._storage, rows))
+                out["index"] = index
+            else:
+                index, weight = self._tree.sample(offsets, beta)
+                out = self._gather(index)
             self._samples_drawn += 1
-            out = self._gather(index)
             out["weight"] = weight.to(self.device, torch.float32)
             return out
 

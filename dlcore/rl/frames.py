@@ -281,6 +281,8 @@ class PrioritizedFrameStackReplayBuffer(FrameStackReplayBuffer, PrioritizedRepla
     the largest priority seen so far when it becomes drawable and a 0 leaf (never drawn) when it stops being so.
     `sample` adds "weight"."""
 
+    _gathers_fields = False
+
     def _set_sampleable(self, slots: list[int], flag: bool) -> None:
         super()._set_sampleable(slots, flag)
         if slots:

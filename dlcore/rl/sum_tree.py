@@ -5,10 +5,13 @@ children at [2k] and [2k+1], leaf i at [size + i]. Unwritten leaves hold 0 (sum 
 a leaf written with 0 (priority 0 with eps 0 and alpha 1): it can never be drawn, so it does not count in p_min.
 The frame-stack buffer uses that to take a slot out of sampling.
 
-Two ops behind the dispatch point, each with a numba CPU kernel (`cpu`) and a plain-PyTorch reference; each is one
+Three ops behind the dispatch point, each with a numba CPU kernel (`cpu`) and a plain-PyTorch reference; each is one
 call from Python, validation included, because the targets are a few microseconds:
   sum_tree_sample(tree, min_tree, offsets, beta) -> (leaf index, importance weight)
       stratified: target mass (b + offsets[b])·total/B for b < B, one descent each; weight (p_i / p_min)^-β
+  sum_tree_sample_gather(tree, min_tree, offsets, beta, sources) -> (leaf index, weight, rows of every source)
+      the sample and the replay batch's gather in one call: one kernel launch on a GPU (triton, cuda); on the CPU
+      the numba descent then the C++ gather_rows
   sum_tree_update(tree, min_tree, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
       leaf ← (priority + eps)^alpha (the last write of a duplicate index wins), then every ancestor is recomputed
       from its children; status 1: a priority is negative or not finite, 2: an index is outside [0, limit);
@@ -26,9 +29,10 @@ import torch
 
 from dlcore import _dispatch, _ext
 
-SAMPLE_OP, UPDATE_OP = "sum_tree_sample", "sum_tree_update"
+SAMPLE_OP, UPDATE_OP, SAMPLE_GATHER_OP = "sum_tree_sample", "sum_tree_update", "sum_tree_sample_gather"
 _dispatch.define_op(SAMPLE_OP, gpu_order=("cuda", "triton"))  # not yet measured on a GPU
 _dispatch.define_op(UPDATE_OP, gpu_order=("cuda", "triton"))
+_dispatch.define_op(SAMPLE_GATHER_OP, gpu_order=("cuda", "triton"))
 BAD_PRIORITY, BAD_INDEX = 1, 2
 
 try:
@@ -95,6 +99,22 @@ def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
 
 
 _dispatch.register(SAMPLE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_sample)
+
+
+def _gather_table(sources, n):
+    """Outputs [n, ...] for each source and the (src, dst, row_bytes) table the fused GPU kernels read."""
+    from dlcore.rl.gather import _outputs, _row_bytes
+
+    outs = _outputs(sources, n)
+    table = torch.tensor([[s.data_ptr(), o.data_ptr(), _row_bytes(s)] for s, o in zip(sources, outs)],
+                         dtype=torch.int64)
+    return outs, table
+
+
+@_dispatch.register(SAMPLE_GATHER_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))
+def reference_sample_gather(tree, min_tree, offsets, beta, sources):
+    index, weight = reference_sample(tree, min_tree, offsets, beta)
+    return index, weight, [s.index_select(0, index.to(s.device)) for s in sources]
 _dispatch.register(UPDATE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_update)
 
 
@@ -151,6 +171,21 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
                    available=_cuda_unavailable)(_parallel_update(_cuda_update_kernel))
 
 
+@_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_cuda_unavailable)
+def cuda_sample_gather(tree, min_tree, offsets, beta, sources):
+    offsets = offsets.to(tree.device).contiguous()
+    batch = offsets.numel()
+    index = torch.empty(batch, dtype=torch.int64, device=tree.device)
+    weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
+    outs, table = _gather_table(sources, batch)
+    table = table.to(tree.device)
+    with torch.cuda.device(tree.device):
+        _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), offsets.data_ptr(), index.data_ptr(),
+                                         weight.data_ptr(), table.data_ptr(), table.shape[0], batch,
+                                         tree.numel() // 2, float(beta), _ext.cuda_stream(tree.device))
+    return index, weight, outs
+
+
 # ---------------------------------------------------------------------------------------------------- triton
 @_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
                     available=_ext.triton_unavailable("sum_tree"))
@@ -158,6 +193,16 @@ def triton_sample(tree, min_tree, offsets, beta):
     from dlcore.kernels import sum_tree as kernel
 
     return kernel.sample(tree, min_tree, offsets.to(tree.device), beta)
+
+
+@_dispatch.register(SAMPLE_GATHER_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
+                    available=_ext.triton_unavailable("sum_tree"))
+def triton_sample_gather(tree, min_tree, offsets, beta, sources):
+    from dlcore.kernels import sum_tree as kernel
+
+    outs, table = _gather_table(sources, offsets.numel())
+    index, weight = kernel.sample_gather(tree, min_tree, offsets.to(tree.device), beta, table.to(tree.device))
+    return index, weight, outs
 
 
 def _triton_update_kernel(tree, min_tree, index, value):
@@ -245,6 +290,14 @@ def cpu_sample(tree, min_tree, offsets, beta):
     return torch.from_numpy(index), torch.from_numpy(weight)
 
 
+@_dispatch.register(SAMPLE_GATHER_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
+def cpu_sample_gather(tree, min_tree, offsets, beta, sources):
+    from dlcore.rl.gather import cpu_gather_rows
+
+    index, weight = cpu_sample(tree, min_tree, offsets, beta)
+    return index, weight, cpu_gather_rows(sources, index, min(s.shape[0] for s in sources))
+
+
 @_dispatch.register(UPDATE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
 def cpu_update(tree, min_tree, index, priority, eps, alpha, limit):
     return _update_kernel(tree.numpy(), min_tree.numpy(), index.numpy(), priority.numpy(), float(eps), float(alpha),
@@ -291,6 +344,13 @@ class SumTree:
         if status == BAD_INDEX:
             raise IndexError(f"index out of range [0, {limit}): min {int(index.min())}, max {int(index.max())}")
         return top
+
+    def sample_gather(self, offsets: torch.Tensor, beta: float, sources: list[torch.Tensor]):
+        """sample(), plus rows `index` of every tensor in `sources` (contiguous, on the tree's device, at least as
+        many rows as the leaves that can be drawn): (index, weight, [rows of each source])."""
+        offsets = as_vector(offsets, torch.float64, self.device)
+        _, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
+        return launch(self.sum, self.min, offsets, beta, sources)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
