@@ -1,8 +1,17 @@
-"""Triton pool epilogue of conv2d_relu_maxpool2d: the `triton` backend of dlcore/ops/conv_pool.py (the convolution
-itself is torch's — cuDNN on a GPU — a Triton implicit-GEMM convolution with this epilogue is still to come).
+"""Triton kernels of conv2d_relu_maxpool2d: the `triton` backend of dlcore/ops/conv_pool.py.
 
+v2 (shipped for groups = 1): fused_forward_kernel, an implicit-GEMM convolution with the pool, bias and ReLU in its
+epilogue; the un-pooled activation never reaches global memory.
+- A program owns BM pooled outputs × BN output channels. For each offset (a, e) of the pool window it computes the
+  convolution at the window's position for all BM outputs as a GEMM, acc[BM, BN] = Σ_k A[m, k]·B[k, n] over
+  k = (r, s, ci), A gathered from x on the fly (im2col never built; padding and the pool's −∞ border are masks),
+  B = the weight as [KH·KW·Cin, Cout]; then keeps the running max and its window offset. Overlapping windows
+  (AlexNet's 3×3/2) recompute shared positions: (KH·KW)/(SH·SW) = 2.25× the convolution's FLOPs, traded for never
+  writing or re-reading the full-size activation.
+- x and y are read and written through their strides: NCHW and channels_last alike, no layout copies.
+- fp32 inputs use tf32 tensor cores (input_precision="tf32"), bf16/fp16 their own; fp32 accumulation.
+v1 (still used for grouped convolutions, and for backward): torch's convolution, then the pool epilogue below.
 z is the bias-free convolution output in channels_last ([N, H, W, C] in memory); pooled outputs [N, OH, OW, C].
-v1 (shipped):
 - forward: a program per (BP output positions × BC channels) tile; the KH×KW window unrolled (constexpr), −∞
   outside the input, strict > keeps the first maximum (NaN wins, as torch), then y = relu(max + b) and the window
   offset of the argmax as a byte.
@@ -46,6 +55,56 @@ def pool_forward_kernel(Z, BIAS, Y, ARG, n_out, C, H, W, OH, OW, SH, SW, PH, PW,
     y = tl.where((best > 0) | (best != best), best, 0.0)
     out = p.to(tl.int64)[:, None] * C + c[None, :]
     mask = pmask[:, None] & cmask[None, :]
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
+
+
+@dual_kernel
+def fused_forward_kernel(X, WT, BIAS, Y, ARG, M, CIN, COUT, H, W, ZH, ZW, OH, OW,
+                         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                         SH, SW, PH, PW, DH, DW, PSH, PSW, PPH, PPW,
+                         KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)  # pooled output (n, i, j) flattened
+    co = tl.program_id(1) * BN + tl.arange(0, BN)
+    mmask, nmask = m < M, co < COUT
+    j = m % OW
+    i = (m // OW) % OH
+    img = (m // (OW * OH)).to(tl.int64)
+    kk = tl.arange(0, BK)
+    best = tl.full([BM, BN], -float("inf"), tl.float32)
+    best_k = tl.full([BM, BN], 0, tl.int32)
+    for a in range(PKH):  # a loop, not unrolled: nine copies of the GEMM loop nest spilled
+        for e in range(PKW):
+            zh = i * PSH - PPH + a  # the convolution output this window position reads
+            zw = j * PSW - PPW + e
+            zin = mmask & (zh >= 0) & (zh < ZH) & (zw >= 0) & (zw < ZW)
+            acc = tl.full([BM, BN], 0.0, tl.float32)  # not tl.zeros: a @jit wrapper, interpreted in tests
+            for r in range(KH):
+                xh = zh * SH - PH + r * DH
+                for s_ in range(KW):
+                    xw = zw * SW - PW + s_ * DW
+                    xin = zin & (xh >= 0) & (xh < H) & (xw >= 0) & (xw < W)
+                    row = img * sxn + xh.to(tl.int64) * sxh + xw.to(tl.int64) * sxw
+                    k0 = (r * KW + s_) * CIN
+                    for c0 in range(0, CIN, BK):
+                        ci = c0 + kk
+                        cmask = ci < CIN
+                        a_tile = tl.load(X + row[:, None] + ci[None, :].to(tl.int64) * sxc,
+                                         mask=xin[:, None] & cmask[None, :], other=0.0)
+                        b_tile = tl.load(WT + (k0 + ci)[:, None].to(tl.int64) * COUT + co[None, :],
+                                         mask=cmask[:, None] & nmask[None, :], other=0.0)
+                        acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
+            v = tl.where(zin[:, None], acc, -float("inf"))  # outside the convolution output: the pool's padding
+            take = (v > best) | ((v != v) & (best == best))  # strict >: the first maximum; NaN wins, as torch
+            best = tl.where(take, v, best)
+            best_k = tl.where(take, a * PKW + e, best_k)
+    if HAS_BIAS:
+        best += tl.load(BIAS + co, mask=nmask, other=0.0)[None, :]
+    y = tl.where((best > 0) | (best != best), best, 0.0)
+    out = (img * syn + i.to(tl.int64) * syh + j.to(tl.int64) * syw)[:, None] + co[None, :].to(tl.int64) * syc
+    mask = mmask[:, None] & nmask[None, :]
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
 
@@ -117,6 +176,39 @@ def forward(z, bias, geometry):
     return y, arg
 
 
+# (BM, BN, BK, num_warps) on a GPU; the interpreter takes bigger tiles (its cost is per program and per dot).
+# sm_90 compile: 4 warps spilled (255 registers), 8 warps: 210 (bf16) / 237 (fp32) registers, no spills. Untuned:
+# no GPU has run it yet. Channels_last is the layout it reads well (ci contiguous in the A tile).
+FUSED_TILES = {"gpu": (64, 64, 32, 8), "interpreter": (128, 64, 64, 4)}
+
+
+def fused_forward(x, weight, bias, conv, pool, out_shape):
+    """The implicit-GEMM fused forward (groups = 1): y, argmax [N, Cout, OH, OW] in x's memory layout."""
+    (sh, sw), (ph, pw), (dh, dw), _ = conv
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    zh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    zw = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    pkh, pkw, psh, psw, pph, ppw, _ = pool
+    oh, ow = out_shape
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and cin > 1 else \
+        torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    arg = torch.empty_like(y, dtype=torch.uint8)
+    # B[k, co] with k = (r, s, ci): the weight as [KH, KW, Cin, Cout]
+    wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
+    bm, bn, bk, warps = FUSED_TILES["gpu" if x.is_cuda else "interpreter"]
+    bk = min(bk, max(16, triton.next_power_of_2(cin)))
+    m = n * oh * ow
+    fused_forward_kernel.launch(
+        (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y, arg, m, cin,
+        cout, h, w, zh, zw, oh, ow, *x.stride(), *y.stride(), sh, sw, ph, pw, dh, dw, psh, psw, pph, ppw,
+        KH=kh, KW=kw, PKH=pkh, PKW=pkw, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk,
+        PRECISION="tf32" if x.dtype == torch.float32 else "ieee", num_warps=warps)
+    return y, arg
+
+
 def backward(grad_y, y, arg, geometry, want_bias: bool):
     """(dz channels_last [N, C, H, W] in y's dtype, db fp32 [C] or None); inputs channels_last."""
     n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
@@ -149,6 +241,14 @@ def _aot_configs():
                                (bias_grad_kernel, dict(BP=bp, BC=bc))):
         configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
                                  label=f"{kernel.__name__} 3x3/2 {bp}x{bc} w{warps}"))
+    bm, bn, bk, warps = FUSED_TILES["gpu"]
+    for dtype in ("bf16", "fp32"):  # AlexNet conv2 (5×5, pad 2) → pool 3×3/2
+        constexprs = dict(KH=5, KW=5, PKH=3, PKW=3, HAS_BIAS=True, BM=bm, BN=bn, BK=bk,
+                          PRECISION="tf32" if dtype == "fp32" else "ieee")
+        ptrs = {"X": f"*{dtype}", "WT": f"*{dtype}", "BIAS": "*fp32", "Y": f"*{dtype}", "ARG": "*u8"}
+        configs.append(AOTConfig(fused_forward_kernel, aot_signature(fused_forward_kernel, ptrs, constexprs),
+                                 constexprs, num_warps=warps,
+                                 label=f"fused implicit-GEMM conv 5x5 + pool 3x3/2 {dtype} {bm}x{bn}x{bk} w{warps}"))
     return configs
 
 

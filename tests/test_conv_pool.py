@@ -57,6 +57,45 @@ def test_matches_float64_reference(backend, device, dtype, shape, channels_last)
         assert err <= tol * (1 + ref_grad.abs().max().item()), name
 
 
+TRITON = [d for b, d in backend_device_pairs(conv_pool.FORWARD, torch.float32) if b == "triton"]
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_implicit_gemm_with_dilation_and_low_precision(dtype, channels_last):
+    """The fused implicit-GEMM forward (kernels/conv_pool.py v2) with stride, padding and dilation, Cin wider than
+    one K block (70 > 64), in fp32/bf16/fp16: its error against float64 at most twice stock PyTorch's own in that
+    dtype (plus a few ulps), and the argmax routes the gradient as torch does."""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 70, 19, 23, generator=gen).to(dtype)
+    w = (torch.randn(9, 70, 3, 3, generator=gen) / 25).to(dtype)
+    b = torch.randn(9, generator=gen).to(dtype)
+    conv = dict(stride=(2, 1), padding=(1, 2), dilation=(2, 3))
+    pool = dict(pool_kernel_size=3, pool_stride=2, pool_padding=1)
+    want = F.max_pool2d(F.relu(F.conv2d(x.double(), w.double(), b.double(), **conv)), 3, 2, 1)
+    stock = F.max_pool2d(F.relu(F.conv2d(x, w, b, **conv)), 3, 2, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with dlcore.use_backend("triton"):
+        y = conv2d_relu_maxpool2d(x, w, b, **conv, **pool)
+    assert y.shape == want.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    eps = torch.finfo(dtype).eps * 4 * (1 + want.abs().max().item())
+    assert (y.double() - want).abs().max().item() <= 2 * (stock.double() - want).abs().max().item() + eps
+    if dtype == torch.float32:  # gradients through the saved argmax, against stock's
+        xs, ws = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        ys = F.max_pool2d(F.relu(F.conv2d(xs, ws, b, **conv)), 3, 2, 1)
+        dy = torch.randn(ys.shape, generator=gen)
+        dy = torch.where(ys.detach() < 1e-3, 0.0, dy)
+        gs = torch.autograd.grad(ys, (xs, ws), dy)
+        xo, wo = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        with dlcore.use_backend("triton"):
+            go = torch.autograd.grad(conv2d_relu_maxpool2d(xo, wo, b, **conv, **pool), (xo, wo), dy)
+        for got, ref in zip(go, gs):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_pairs(conv_pool.FORWARD, torch.float32))
 def test_ties_and_nan_follow_torch(backend, device):
     """A constant input makes every window a tie (torch routes the gradient to the first maximum); a NaN wins."""

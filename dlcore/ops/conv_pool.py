@@ -15,10 +15,11 @@ Backends
   reference  the same function in plain PyTorch (F.max_pool2d with indices), every float dtype; the oracle.
   cpu        torch's convolution (oneDNN) + csrc/cpu/pool_epilogue.cpp, computed channels-last whatever the
              input's layout (fastest for both; y comes back in the input's layout); fp32/bf16/fp16.
-  triton     torch's convolution (cuDNN on a GPU) + kernels/conv_pool.py (the same epilogue; backward gathers
-             instead of scattering: deterministic, no atomics).
-A Triton / CUDA C++ implicit-GEMM convolution with this epilogue fused (the un-pooled activation never in global
-memory) is not written yet.
+  triton     forward (groups = 1): kernels/conv_pool.py's implicit-GEMM convolution with the pool/bias/ReLU epilogue
+             fused (the un-pooled activation never in global memory; NCHW or channels_last read in place);
+             grouped convolutions: torch's convolution (cuDNN on a GPU) + the Triton pool epilogue. Backward: the
+             pool epilogue's gather (deterministic, no atomics), then torch's convolution backward.
+A CUDA C++ version of the fused forward is not written yet.
 """
 from __future__ import annotations
 
@@ -129,8 +130,12 @@ def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
 def triton_forward(x, weight, bias, conv, pool):
     from dlcore.kernels import conv_pool as kernels
 
+    b = None if bias is None else bias.float().contiguous()
+    if conv[3] == 1:  # v2: the implicit-GEMM convolution with the epilogue fused, in x's layout
+        geometry = _geometry(conv_output_shape(x, weight, conv), pool)
+        return kernels.fused_forward(x, weight, b, conv, pool, geometry[4:6])
     z = F.conv2d(x.contiguous(memory_format=CL), weight, None, *conv).contiguous(memory_format=CL)
-    y, argmax = kernels.forward(z, None if bias is None else bias.float().contiguous(), _geometry(z.shape, pool))
+    y, argmax = kernels.forward(z, b, _geometry(z.shape, pool))
     return (y, argmax) if _channels_last(x) else (y.contiguous(), argmax.contiguous())
 
 
