@@ -9,6 +9,7 @@ namespace py = pybind11;
 void register_adam(py::module_& m);
 void register_sum_tree(py::module_& m);
 void register_batch_norm(py::module_& m);
+void register_conv_pool(py::module_& m);
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "dlcore CUDA C++ kernels";
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   register_adam(m);
   register_sum_tree(m);
   register_batch_norm(m);
+  register_conv_pool(m);
 }

@@ -19,7 +19,8 @@ Backends
              fused (the un-pooled activation never in global memory; NCHW or channels_last read in place);
              grouped convolutions: torch's convolution (cuDNN on a GPU) + the Triton pool epilogue. Backward: the
              pool epilogue's gather (deterministic, no atomics), then torch's convolution backward.
-A CUDA C++ version of the fused forward is not written yet.
+  cuda       forward (groups = 1): csrc/cuda/conv_pool.cu, the same fused implicit GEMM on tensor cores (WMMA: tf32
+             for fp32); grouped convolutions and backward: the reference's torch ops on the GPU.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from dlcore.ops.conv_relu import _conv_grads, _pair, check_conv_args, check_grou
 
 FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
-    _dispatch.define_op(_name, gpu_order=("triton",))
+    _dispatch.define_op(_name, gpu_order=("triton", "cuda"))  # neither measured on a GPU yet
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -151,6 +152,41 @@ def triton_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     if dx is not None and not _channels_last(x):
         dx = dx.contiguous()
     return dx, dw, None if db is None else db.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- cuda (C++)
+def _cuda_unavailable() -> Optional[str]:
+    if _ext.cuda is None:
+        return _ext.cuda_error
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+@_dispatch.register(FORWARD, "cuda", devices=("cuda",), dtypes=channel_ops.LOW, available=_cuda_unavailable)
+def cuda_forward(x, weight, bias, conv, pool):
+    if conv[3] != 1:
+        return reference_forward(x, weight, bias, conv, pool)
+    (sh, sw), (ph, pw), (dh, dw), _ = conv
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    geometry = _geometry(conv_output_shape(x, weight, conv), pool)
+    zh, zw, oh, ow = geometry[2], geometry[3], geometry[4], geometry[5]
+    layout = CL if _channels_last(x) else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    arg = torch.empty_like(y, dtype=torch.uint8)
+    wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()  # B[k = (r, s, ci), co]
+    b = None if bias is None else bias.float().contiguous()
+    pkh, pkw, psh, psw, pph, ppw, _ = pool
+    dims = [n * oh * ow, cin, cout, h, w, zh, zw, oh, ow, *x.stride(), *y.stride(), sh, sw, ph, pw, dh, dw, kh, kw,
+            psh, psw, pph, ppw, pkh, pkw]
+    with torch.cuda.device(x.device):
+        _ext.cuda.conv_pool_forward(x.data_ptr(), wt.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                                    arg.data_ptr(), dims, _ext.DTYPE_CODE[x.dtype], _ext.cuda_stream(x.device))
+    return y, arg
+
+
+_dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=channel_ops.LOW,
+                   available=_cuda_unavailable)(reference_backward)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
