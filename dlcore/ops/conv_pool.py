@@ -37,6 +37,7 @@ FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
     _dispatch.define_op(_name, gpu_order=("triton", "cuda"))  # neither measured on a GPU yet
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+NO_POOL = (1, 1, 1, 1, 0, 0, False)  # a 1×1 window: the fused forwards as conv2d + bias + ReLU (dlcore/ops/conv_relu.py)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:

@@ -1,8 +1,10 @@
 """conv2d_relu: y = relu(conv2d(x, w) + b + residual), forward and backward (the first half of issue 3's fused op,
 and issue 6's residual-block epilogue: with batch norm folded into w and b, a ResNet BasicBlock is two of these).
-The maxpool epilogue, a Triton implicit-GEMM convolution and CUDA C++ are still to come.
+The maxpool version is dlcore/ops/conv_pool.py.
 
-Backends (each: torch's convolution — oneDNN on the CPU, cuDNN on a GPU — without its bias, then the epilogue)
+Backends (each: torch's convolution — oneDNN on the CPU, cuDNN on a GPU — without its bias, then the epilogue;
+except that triton and cuda without a residual and with groups = 1 run conv_pool's fused implicit-GEMM forward with
+a 1×1 pool: the convolution and its epilogue in one kernel)
   reference  F.relu(F.conv2d(x, w, b, ...) + residual); backward by the same formulas in plain PyTorch. Every dtype.
   cpu        epilogue = dlcore/ops/batch_norm.py's channel_affine_act (csrc/cpu/batch_norm.cpp): bias, residual and
              ReLU in place, one pass; backward: one pass for dz = dy·[y > 0] and db = Σ dz
@@ -89,13 +91,20 @@ def reference_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation
 
 # ------------------------------------------------------------------------------------- cpu / triton (epilogue)
 def _epilogue_backends(backend: str, dtypes):
-    """Register `backend` for both ops: torch's convolution, then that backend's channel kernels."""
+    """Register `backend` for both ops: torch's convolution, then that backend's channel kernels; on triton and
+    cuda without a residual, the fused implicit-GEMM forward of dlcore/ops/conv_pool.py instead."""
     affine = _dispatch.get_op(channel_ops.AFFINE).impls[backend]
     reduce = _dispatch.get_op(channel_ops.REDUCE).impls[backend]
     devices = tuple(affine.devices)
 
     @_dispatch.register(FORWARD, backend, devices=devices, dtypes=dtypes, available=affine.available)
     def forward(x, weight, bias, residual, stride, padding, dilation, groups):
+        if backend in ("triton", "cuda") and residual is None and groups == 1:
+            # the implicit-GEMM convolution with its epilogue fused (conv2d_relu_maxpool2d's, with a 1×1 pool)
+            from dlcore.ops import conv_pool
+
+            launch = _dispatch.get_op(conv_pool.FORWARD).impls[backend].fn
+            return launch(x, weight, bias, (stride, padding, dilation, groups), conv_pool.NO_POOL)[0]
         y = channel_ops.dense_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
         r = None if residual is None else channel_ops.dense_like(residual, y)
         return affine.fn(y, r, None, None if bias is None else bias.float(), y, channel_ops.channel_dims(y),
