@@ -143,3 +143,18 @@ def test_bad_input_is_refused():
         pri.update_priorities([0], [float("nan")])
     with pytest.raises(IndexError, match="out of range"):
         pri.update_priorities([5], [1.0])
+
+
+@pytest.mark.gpu
+def test_cuda_storage_matches_cpu_storage():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    bufs = [FrameStackReplayBuffer(61, frame_shape=FRAME, n_step=3, gamma=0.9, seed=4, device=d)
+            for d in ("cpu", "cuda")]
+    state = gen.get_state()
+    expected = _play(bufs[0], gen, 12, 4, 3, 0.9, "reset")
+    gen.set_state(state)
+    _play(bufs[1], gen, 12, 4, 3, 0.9, "reset")
+    cpu, gpu = bufs[0].sample(32), bufs[1].sample(32)
+    _check(cpu, expected)
+    for k in cpu:
+        assert torch.equal(cpu[k], gpu[k].cpu()), k
