@@ -25,7 +25,24 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, sum_combine
+
+
+@dual_helper
+def _fold_max(v, best, best_k, k):
+    """One more window element into the running max: strict > keeps the first maximum, a NaN wins (as torch)."""
+    take = (v > best) | ((v != v) & (best == best))
+    return tl.where(take, v, best), tl.where(take, k, best_k)
+
+
+@dual_helper
+def _bias_relu_store(best, best_k, BIAS, Y, ARG, out, channels, cmask, mask, HAS_BIAS: tl.constexpr):
+    """y = relu(max + b) (NaN kept) and the argmax byte, at element offsets `out`."""
+    if HAS_BIAS:
+        best += tl.load(BIAS + channels, mask=cmask, other=0.0)[None, :]
+    y = tl.where((best > 0) | (best != best), best, 0.0)
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
 
 
 @dual_kernel
@@ -47,16 +64,9 @@ def pool_forward_kernel(Z, BIAS, Y, ARG, n_out, C, H, W, OH, OW, SH, SW, PH, PW,
             off = ((n.to(tl.int64) * H + h) * W + w) * C
             v = tl.load(Z + off[:, None] + c[None, :], mask=inside[:, None] & cmask[None, :],
                         other=-float("inf")).to(tl.float32)
-            take = (v > best) | ((v != v) & (best == best))
-            best = tl.where(take, v, best)
-            best_k = tl.where(take, a * KW + e, best_k)
-    if HAS_BIAS:
-        best += tl.load(BIAS + c, mask=cmask, other=0.0)[None, :]
-    y = tl.where((best > 0) | (best != best), best, 0.0)
+            best, best_k = _fold_max(v, best, best_k, a * KW + e)
     out = p.to(tl.int64)[:, None] * C + c[None, :]
-    mask = pmask[:, None] & cmask[None, :]
-    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
+    _bias_relu_store(best, best_k, BIAS, Y, ARG, out, c, cmask, pmask[:, None] & cmask[None, :], HAS_BIAS)
 
 
 @dual_kernel
@@ -97,16 +107,9 @@ def fused_forward_kernel(X, WT, BIAS, Y, ARG, M, CIN, COUT, H, W, ZH, ZW, OH, OW
                                          mask=cmask[:, None] & nmask[None, :], other=0.0)
                         acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
             v = tl.where(zin[:, None], acc, -float("inf"))  # outside the convolution output: the pool's padding
-            take = (v > best) | ((v != v) & (best == best))  # strict >: the first maximum; NaN wins, as torch
-            best = tl.where(take, v, best)
-            best_k = tl.where(take, a * PKW + e, best_k)
-    if HAS_BIAS:
-        best += tl.load(BIAS + co, mask=nmask, other=0.0)[None, :]
-    y = tl.where((best > 0) | (best != best), best, 0.0)
+            best, best_k = _fold_max(v, best, best_k, a * PKW + e)
     out = (img * syn + i.to(tl.int64) * syh + j.to(tl.int64) * syw)[:, None] + co[None, :].to(tl.int64) * syc
-    mask = mmask[:, None] & nmask[None, :]
-    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
+    _bias_relu_store(best, best_k, BIAS, Y, ARG, out, co, nmask, mmask[:, None] & nmask[None, :], HAS_BIAS)
 
 
 @dual_kernel
