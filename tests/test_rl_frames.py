@@ -57,23 +57,28 @@ def _check(batch, expected):
         assert math.isclose(float(batch["discount"][b]), want["discount"], rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])  # the plan op: torch ops / the numba kernel
-@pytest.mark.parametrize("cls", [FrameStackReplayBuffer, PrioritizedFrameStackReplayBuffer])
+# frame_stack_sample: torch ops / numba plan + C++ gather / one Triton kernel (the interpreter here). The op does
+# not depend on the class; triton runs with the uniform one only (use_backend would also interpret every sum-tree
+# update of the prioritized one, slowly).
+@pytest.mark.parametrize("cls,backend", [(FrameStackReplayBuffer, "reference"), (FrameStackReplayBuffer, "cpu"),
+                                         (FrameStackReplayBuffer, "triton"),
+                                         (PrioritizedFrameStackReplayBuffer, "reference"),
+                                         (PrioritizedFrameStackReplayBuffer, "cpu")])
 @pytest.mark.parametrize("stack,n,padding", [(4, 1, "reset"), (4, 3, "zero"), (1, 2, "reset"), (3, 5, "reset")])
 def test_samples_match_the_full_stacks_and_n_step_returns(cls, stack, n, padding, backend):
-    with dlcore.use_backend(backend):
-        _samples_match(cls, stack, n, padding)
+    with dlcore.use_backend(backend):  # the interpreter's cost is per program (a batch is B·2·stack of them)
+        _samples_match(cls, stack, n, padding, *((1, 12) if backend == "triton" else (5, 64)))
 
 
-def _samples_match(cls, stack, n, padding):
+def _samples_match(cls, stack, n, padding, draws, batch):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     gamma = 0.9
     buf = cls(61, frame_shape=FRAME, stack=stack, n_step=n, gamma=gamma, padding=padding, seed=1)
     expected = {}
     for _ in range(6):  # the ring (61 slots) wraps several times between checks
         expected.update(_play(buf, gen, 10, stack, n, gamma, padding))
-        for _ in range(5):
-            _check(buf.sample(min(len(buf), 64)), expected)
+        for _ in range(draws):
+            _check(buf.sample(min(len(buf), batch)), expected)
         drawable = set(torch.nonzero(buf._storage["sampleable"]).squeeze(1).tolist())
         assert drawable <= set(expected) and len(drawable) == len(buf)
 

@@ -27,24 +27,26 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from dlcore import _dispatch
+from dlcore import _dispatch, _ext
 from dlcore.rl import gather as _gather_op
 from dlcore.rl.buffers import PrioritizedReplayBuffer, ReplayBuffer
 from dlcore.rl.sum_tree import _numba_available, as_vector, numba
 
 PADDINGS = ("reset", "zero")
 
-# ---------------------------------------------------------------------------------------------------- the plan op
-# frame_stack_plan(index, ended, reward, terminated, episode_start, stack, n_step, gamma)
-#     -> frames [2, B, stack] (slots of obs and next_obs stacks), pad [2, B, stack], reward, terminated, discount
-# Everything a sample needs except the frames themselves (gather_rows moves those): `reference` in torch (any
-# device), `cpu` in numba (one call instead of ~20 small tensor ops, which cost more than the gather of 32 stacks).
-PLAN_OP = "frame_stack_plan"
-_dispatch.define_op(PLAN_OP, gpu_order=())
+# ---------------------------------------------------------------------------------------------------- the op
+# frame_stack_sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad)
+#     -> stacks [2, B, stack, *frame] (obs, next_obs), reward, terminated, discount (fp32 [B])
+# Backends: `reference` (torch ops: the plan below, index_select), `cpu` (the plan in one numba call instead of ~20
+# small tensor ops, which cost more than the gather of 32 stacks, then the C++ gather_rows), `triton` (one kernel:
+# plan and frame copies, kernels/frames.py).
+SAMPLE_OP = "frame_stack_sample"
+_dispatch.define_op(SAMPLE_OP, gpu_order=("triton",))
 
 
-@_dispatch.register(PLAN_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.int64,))
 def reference_plan(index, ended, reward, terminated, episode_start, stack, n_step, gamma):
+    """frames [2, B, stack] (the slots of the obs and next_obs stacks' frames), pad [2, B, stack], reward,
+    terminated, discount: everything a sample needs but the frames themselves."""
     cap, device = ended.numel(), index.device
     k = torch.arange(n_step, device=device)
     window = (index.unsqueeze(1) + k) % cap                      # [B, n] the steps of each n-step return
@@ -87,7 +89,6 @@ if numba is not None:
                     pad[half, b, j] = back > since
                     frames[half, b, j] = (slot - min(back, since)) % cap
 
-    @_dispatch.register(PLAN_OP, "cpu", devices=("cpu",), dtypes=(torch.int64,), available=_numba_available)
     def cpu_plan(index, ended, reward, terminated, episode_start, stack, n_step, gamma):
         batch = index.numel()
         frames = torch.empty((2, batch, stack), dtype=torch.int64)
@@ -97,6 +98,36 @@ if numba is not None:
                      stack, n_step, gamma, frames.numpy(), pad.numpy(), ret.numpy(), term.numpy(),
                      discount.numpy())
         return frames, pad, ret, term, discount
+
+
+def _stacks(frames, slots, pad, zero_pad, gathered):
+    stacks = gathered.view(*slots.shape, *frames.shape[1:])
+    if zero_pad and bool(pad.any()):
+        stacks[pad] = 0
+    return stacks
+
+
+@_dispatch.register(SAMPLE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.int64,))
+def reference_sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad):
+    slots, pad, ret, term, discount = reference_plan(index, ended, reward, terminated, episode_start, stack,
+                                                     n_step, gamma)
+    return _stacks(frames, slots, pad, zero_pad, frames.index_select(0, slots.reshape(-1))), ret, term, discount
+
+
+@_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.int64,), available=_numba_available)
+def cpu_sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad):
+    slots, pad, ret, term, discount = cpu_plan(index, ended, reward, terminated, episode_start, stack, n_step,
+                                               gamma)
+    (rows,) = _gather_op.cpu_gather_rows([frames], slots.reshape(-1), frames.shape[0])
+    return _stacks(frames, slots, pad, zero_pad, rows), ret, term, discount
+
+
+@_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.int64,),
+                    available=_ext.triton_unavailable("frames"))
+def triton_sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad):
+    from dlcore.kernels import frames as kernel
+
+    return kernel.sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad)
 
 
 class FrameStackReplayBuffer(ReplayBuffer):
@@ -229,13 +260,10 @@ class FrameStackReplayBuffer(ReplayBuffer):
     def _gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self._storage
         idx = as_vector(index, torch.int64, self.device)
-        _, plan = _dispatch.select(PLAN_OP, self.device, torch.int64)
-        frames, pad, reward, terminated, discount = plan(idx, st["ended"], st["reward"], st["terminated"],
-                                                         st["episode_start"], self.stack, self.n_step, self.gamma)
-        (stacks,) = _gather_op.gather_rows([st["frame"]], frames.reshape(-1), self._size)
-        stacks = stacks.view(2, idx.numel(), self.stack, *self.frame_shape)
-        if self.padding == "zero" and bool(pad.any()):
-            stacks[pad] = 0
+        _, launch = _dispatch.select(SAMPLE_OP, self.device, torch.int64)
+        stacks, reward, terminated, discount = launch(idx, st["frame"], st["ended"], st["reward"], st["terminated"],
+                                                      st["episode_start"], self.stack, self.n_step, self.gamma,
+                                                      self.padding == "zero")
         return {"obs": stacks[0], "action": st["action"][idx], "reward": reward,
                 "next_obs": stacks[1], "terminated": terminated, "discount": discount, "index": index}
 
