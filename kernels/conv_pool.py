@@ -170,7 +170,7 @@ def _tiles(channels: int, on_gpu: bool) -> tuple[int, int, int]:
 def forward(z, bias, geometry):
     """z: channels_last [N, C, H, W]; returns (y, argmax uint8), both channels_last [N, C, OH, OW]."""
     n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
-    y = torch.empty((n, c, oh, ow), dtype=z.dtype, device=z.device).contiguous(memory_format=torch.channels_last)
+    y = torch.empty((n, c, oh, ow), dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
     arg = torch.empty_like(y, dtype=torch.uint8)
     bp, bc, warps = _tiles(c, z.is_cuda)
     pool_forward_kernel.launch((triton.cdiv(n * oh * ow, bp), triton.cdiv(c, bc)), z.device, z,
@@ -197,7 +197,7 @@ def fused_forward(x, weight, bias, conv, pool, out_shape):
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and cin > 1 else \
         torch.contiguous_format
     x = x.contiguous(memory_format=layout)
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=layout)
     arg = torch.empty_like(y, dtype=torch.uint8)
     # B[k, co] with k = (r, s, ci): the weight as [KH, KW, Cin, Cout]
     wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
@@ -215,7 +215,7 @@ def fused_forward(x, weight, bias, conv, pool, out_shape):
 def backward(grad_y, y, arg, geometry, want_bias: bool):
     """(dz channels_last [N, C, H, W] in y's dtype, db fp32 [C] or None); inputs channels_last."""
     n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
-    dz = torch.empty((n, c, h, w), dtype=y.dtype, device=y.device).contiguous(memory_format=torch.channels_last)
+    dz = torch.empty((n, c, h, w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
     bp, bc, warps = _tiles(c, y.is_cuda)
     pool_backward_kernel.launch((triton.cdiv(n * h * w, bp), triton.cdiv(c, bc)), y.device, grad_y, y, arg, dz,
                                 n * h * w, c, h, w, oh, ow, sh, sw, ph, pw, KH=kh, KW=kw,

@@ -104,8 +104,8 @@ def cpu_forward(x, weight, bias, conv, pool):
     z = F.conv2d(x.contiguous(memory_format=CL), weight, None, *conv).contiguous(memory_format=CL)
     geometry = _geometry(z.shape, pool)
     shape = (geometry[0], geometry[1], geometry[4], geometry[5])
-    y = torch.empty(shape, dtype=z.dtype).contiguous(memory_format=CL)
-    argmax = torch.empty(shape, dtype=torch.uint8).contiguous(memory_format=CL)
+    y = torch.empty(shape, dtype=z.dtype, memory_format=CL)
+    argmax = torch.empty(shape, dtype=torch.uint8, memory_format=CL)
     b = None if bias is None else bias.float().contiguous()
     _ext.cpu.maxpool_bias_relu_forward(z.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
                                        argmax.data_ptr(), geometry, _ext.DTYPE_CODE[z.dtype])
@@ -116,7 +116,7 @@ def cpu_forward(x, weight, bias, conv, pool):
 def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     geometry = _geometry(conv_output_shape(x, weight, conv), pool)
     grad_y, y, argmax = (t.contiguous(memory_format=CL) for t in (grad_y, y, argmax))
-    dz = torch.empty(geometry[:4], dtype=y.dtype).contiguous(memory_format=CL)
+    dz = torch.empty(geometry[:4], dtype=y.dtype, memory_format=CL)
     db = torch.empty(geometry[1], dtype=torch.float32) if has_bias and mask[2] else None
     _ext.cpu.maxpool_bias_relu_backward(grad_y.data_ptr(), y.data_ptr(), argmax.data_ptr(), dz.data_ptr(),
                                         0 if db is None else db.data_ptr(), geometry, _ext.DTYPE_CODE[y.dtype])
@@ -173,7 +173,7 @@ def cuda_forward(x, weight, bias, conv, pool):
     zh, zw, oh, ow = geometry[2], geometry[3], geometry[4], geometry[5]
     layout = CL if _channels_last(x) else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=layout)
     arg = torch.empty_like(y, dtype=torch.uint8)
     wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()  # B[k = (r, s, ci), co]
     b = None if bias is None else bias.float().contiguous()
