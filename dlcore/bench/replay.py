@@ -62,23 +62,23 @@ def _setup_update(n_sets: int):
 
 
 ATARI_CAPACITY, ATARI_BATCH, STACK, FRAME = 200_000, 32, 4, (84, 84)  # 1.4 GB of frames: far past the LLC
+ATARI_CAPACITY_GPU = 50_000  # 350 MB, past an H100's 50 MB L2; filled step by step, so kept small on a GPU
 ATARI_BYTES = 2 * (2 * ATARI_BATCH * STACK * FRAME[0] * FRAME[1])  # obs + next_obs stacks, read + written
 
 
-def _atari_setup(device: str):
+def _atari_setup(device: str, capacity: int = ATARI_CAPACITY):
     def setup(n_sets: int):
         from dlcore.rl import FrameStackReplayBuffer
         from dlcore.rl import frames as frames_op
 
         gen = torch.Generator().manual_seed(0)
-        pool = torch.randint(0, 256, (64, *FRAME), generator=gen, dtype=torch.uint8)
-        buf = FrameStackReplayBuffer(ATARI_CAPACITY, frame_shape=FRAME, stack=STACK, n_step=3, device=device,
-                                     seed=0)
-        lengths = torch.randint(500, 3000, (ATARI_CAPACITY // 500,), generator=gen).tolist()
+        pool = torch.randint(0, 256, (64, *FRAME), generator=gen, dtype=torch.uint8).to(device)
+        buf = FrameStackReplayBuffer(capacity, frame_shape=FRAME, stack=STACK, n_step=3, device=device, seed=0)
+        lengths = torch.randint(500, 3000, (capacity // 500,), generator=gen).tolist()
         step, episode = 0, 0
-        while step < ATARI_CAPACITY - 1:
-            for t in range(min(lengths[episode], ATARI_CAPACITY - 1 - step)):
-                frame = pool[step % 64].to(device)
+        while step < capacity - 1:
+            for t in range(min(lengths[episode], capacity - 1 - step)):
+                frame = pool[step % 64]
                 buf.add(frame, t % 6, 0.0, frame, terminated=t == lengths[episode] - 1)
                 step += 1
             episode += 1
@@ -99,7 +99,10 @@ def cases(device: str) -> list[Case]:
     if device != "cpu":
         return [Case("replay", "prioritized sample 4096 of 10M + gather", device,
                      _sample_setup(GPU_N, GPU_BATCH, device), baseline="torch multinomial", max_ms=0.100,
-                     ops=("sum_tree_sample_gather",))]
+                     ops=("sum_tree_sample_gather",)),
+                Case("replay", f"Atari stacks: sample {ATARI_BATCH} (obs + next_obs, 4×84×84) of 50k frames", device,
+                     _atari_setup(device, ATARI_CAPACITY_GPU), bytes=ATARI_BYTES, baseline="torch indexing",
+                     ops=("frame_stack_sample",), quick=False)]
     return [
         Case("replay", "prioritized sample 256 of 1M + gather", device, _sample_setup(N, BATCH, device),
              baseline="torch multinomial", max_ms=0.030),
