@@ -1,13 +1,16 @@
-// Philox4x32-10 dropout masks shared by the CPU twins (attention, bias+GELU): element (i, j) of stream `bh` is kept
-// iff the first output word for counter (j, i, bh, 0) and key (seed_lo, seed_hi) is ≥ threshold = round(p·2³²).
+// Philox4x32-10 dropout masks shared by the CPU twins (attention, bias+GELU) and the CUDA attention: element (i, j)
+// of stream `bh` is kept iff the first output word for counter (j, i, bh, 0) and key (seed_lo, seed_hi) is
+// ≥ threshold = round(p·2³²).
 // The Triton kernels (kernels/attention.py _dropout_keep) and the reference (dlcore/ops/attention.py philox_keep)
 // compute the same words, so every backend drops the same elements.
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace dlcore {
 
-inline bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
+DL_HD bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
   uint32_t c0 = j, c1 = i, c2 = bh, c3 = 0, k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   for (int r = 0; r < 10; ++r) {
     const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;

@@ -10,6 +10,7 @@ void register_adam(py::module_& m);
 void register_sum_tree(py::module_& m);
 void register_batch_norm(py::module_& m);
 void register_conv_pool(py::module_& m);
+void register_attention(py::module_& m);
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "dlcore CUDA C++ kernels";
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   register_sum_tree(m);
   register_batch_norm(m);
   register_conv_pool(m);
+  register_attention(m);
 }

@@ -14,7 +14,10 @@ Backends
   reference  plain PyTorch (float64 for float64 inputs, else fp32 math); backward through autograd of the same.
   triton     kernels/attention.py: FlashAttention-2 forward and two-kernel deterministic backward.
   cpu        csrc/cpu/attention.cpp: the same tiled algorithm in C++ (OpenMP, vectorised), fp32 and bf16.
-  cuda       not yet written: reported unavailable.
+  cuda       forward: csrc/cuda/attention.cu, the same algorithm on tensor cores (WMMA), fp16/bf16, every feature of
+             the contract; compiled for sm_80/90 without spills, not yet run on a GPU. Backward: the triton
+             backward (reference where triton is missing) on the forward's o and lse; a CUDA C++ backward is not
+             written yet.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from dlcore import _dispatch, _ext
 
 FORWARD, BACKWARD = "attention", "attention_backward"
 for _name in (FORWARD, BACKWARD):
-    _dispatch.define_op(_name, gpu_order=("triton",))
+    _dispatch.define_op(_name, gpu_order=("triton", "cuda"))  # cuda unmeasured
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
@@ -193,6 +196,39 @@ def cpu_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, drop
                                 0 if klen is None else klen.data_ptr(), _ext.DTYPE_CODE[q.dtype], *_sizes(q, k),
                                 q.stride()[:3], k.stride()[:3], v.stride()[:3], sb, *rest)
     return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------------- cuda (C++)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if _ext.cuda is None:
+        return _ext.cuda_error
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+@_dispatch.register(FORWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_cuda_unavailable)
+def cuda_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    bias = bias.to(q.dtype) if bias is not None else None
+    klen = klen.to(device=q.device, dtype=torch.int32).contiguous() if klen is not None else None
+    sb, *rest = _cpu_args(q, k, bias, klen, scale, window, dropout_p, seed)
+    with torch.cuda.device(q.device):
+        _ext.cuda.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                                    0 if bias is None else bias.data_ptr(), 0 if klen is None else klen.data_ptr(),
+                                    _ext.DTYPE_CODE[q.dtype], *_sizes(q, k), q.stride()[:3], k.stride()[:3],
+                                    v.stride()[:3], o.stride()[:3], sb, *rest, _ext.cuda_stream(q.device))
+    return o, lse
+
+
+@_dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_cuda_unavailable)
+def cuda_backward(*args):
+    impls = _dispatch.get_op(BACKWARD).impls
+    triton = impls.get("triton")
+    use = triton if triton is not None and triton.why_not("cuda", args[1].dtype) is None else impls["reference"]
+    return use.fn(*args)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
