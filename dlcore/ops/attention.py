@@ -14,10 +14,9 @@ Backends
   reference  plain PyTorch (float64 for float64 inputs, else fp32 math); backward through autograd of the same.
   triton     kernels/attention.py: FlashAttention-2 forward and two-kernel deterministic backward.
   cpu        csrc/cpu/attention.cpp: the same tiled algorithm in C++ (OpenMP, vectorised), fp32 and bf16.
-  cuda       forward: csrc/cuda/attention.cu, the same algorithm on tensor cores (WMMA), fp16/bf16, every feature of
-             the contract; compiled for sm_80/90 without spills, not yet run on a GPU. Backward: the triton
-             backward (reference where triton is missing) on the forward's o and lse; a CUDA C++ backward is not
-             written yet.
+  cuda       csrc/cuda/attention.cu: the same algorithm on tensor cores (WMMA), fp16/bf16, every feature of the
+             contract, forward and two-kernel deterministic backward; compiled for sm_80/90 without spills, not yet
+             run on a GPU.
 """
 from __future__ import annotations
 
@@ -224,11 +223,22 @@ def cuda_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
 
 
 @_dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_cuda_unavailable)
-def cuda_backward(*args):
-    impls = _dispatch.get_op(BACKWARD).impls
-    triton = impls.get("triton")
-    use = triton if triton is not None and triton.why_not("cuda", args[1].dtype) is None else impls["reference"]
-    return use.fn(*args)
+def cuda_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed):
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # Δ = rowsum(dO∘O)
+    lse = lse.float().contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dbias = torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32, device=q.device) if bias_grad else None
+    bias = bias.to(q.dtype) if bias is not None else None
+    klen = klen.to(device=q.device, dtype=torch.int32).contiguous() if klen is not None else None
+    sb, *rest = _cpu_args(q, k, bias, klen, scale, window, dropout_p, seed)
+    with torch.cuda.device(q.device):
+        _ext.cuda.attention_backward(do.data_ptr(), do.stride()[:3], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                     lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                     0 if dbias is None else dbias.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                     0 if klen is None else klen.data_ptr(), _ext.DTYPE_CODE[q.dtype],
+                                     *_sizes(q, k), q.stride()[:3], k.stride()[:3], v.stride()[:3], sb, *rest,
+                                     _ext.cuda_stream(q.device))
+    return dq, dk, dv, dbias
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
