@@ -15,8 +15,8 @@ Backends
   triton     kernels/attention.py: FlashAttention-2 forward and two-kernel deterministic backward.
   cpu        csrc/cpu/attention.cpp: the same tiled algorithm in C++ (OpenMP, vectorised), fp32 and bf16.
   cuda       csrc/cuda/attention.cu: the same algorithm on tensor cores (WMMA), fp16/bf16, every feature of the
-             contract, forward and two-kernel deterministic backward; compiled for sm_80/90 without spills, not yet
-             run on a GPU.
+             contract, forward and two-kernel deterministic backward (head dims above 128: the triton backward,
+             whose tiles fit); compiled for sm_80/90 without spills, not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -199,6 +199,7 @@ def cpu_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, drop
 
 # ---------------------------------------------------------------------------------------------------- cuda (C++)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_BACKWARD_MAX_HEAD_DIM = 128  # dK/dV kernel: 1024·Dp + 59 KB of shared memory (191 KB at 128; H100: 227 KB)
 
 
 def _cuda_unavailable() -> Optional[str]:
@@ -224,6 +225,11 @@ def cuda_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
 
 @_dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_cuda_unavailable)
 def cuda_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed):
+    if q.shape[-1] > CUDA_BACKWARD_MAX_HEAD_DIM:  # its dK/dV kernel's tiles outgrow shared memory
+        impls = _dispatch.get_op(BACKWARD).impls
+        triton = impls.get("triton")
+        use = triton if triton is not None and triton.why_not("cuda", q.dtype) is None else impls["reference"]
+        return use.fn(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # Δ = rowsum(dO∘O)
     lse = lse.float().contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
