@@ -26,6 +26,14 @@ def cpu_unavailable():
     return cpu_error
 
 
+def cuda_unavailable():
+    """The `available` check of every cuda backend: None when the CUDA extension loaded and a device exists, else
+    why not."""
+    if cuda is None:
+        return cuda_error
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
 _kernel_errors: dict[str, str] = {}
 
 

@@ -185,31 +185,17 @@ def forward(z, bias, geometry):
 FUSED_TILES = {"gpu": (64, 64, 32, 8), "interpreter": (128, 64, 64, 4)}
 
 
-def fused_forward(x, weight, bias, conv, pool, out_shape):
-    """The implicit-GEMM fused forward (groups = 1): y, argmax [N, Cout, OH, OW] in x's memory layout."""
-    (sh, sw), (ph, pw), (dh, dw), _ = conv
-    n, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    zh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    zw = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    pkh, pkw, psh, psw, pph, ppw, _ = pool
-    oh, ow = out_shape
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and cin > 1 else \
-        torch.contiguous_format
-    x = x.contiguous(memory_format=layout)
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=layout)
-    arg = torch.empty_like(y, dtype=torch.uint8)
-    # B[k, co] with k = (r, s, ci): the weight as [KH, KW, Cin, Cout]
-    wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
+def fused_forward(x, wt, bias, y, arg, dims):
+    """The implicit-GEMM fused forward (groups = 1) into y and arg; operands and the 31 dims as
+    dlcore/ops/conv_pool.py's fused_problem makes them."""
+    m, cin, cout = dims[:3]
+    kh, kw, psh, psw, pph, ppw, pkh, pkw = dims[23:]
     bm, bn, bk, warps = FUSED_TILES["gpu" if x.is_cuda else "interpreter"]
     bk = min(bk, max(16, triton.next_power_of_2(cin)))
-    m = n * oh * ow
     fused_forward_kernel.launch(
-        (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y, arg, m, cin,
-        cout, h, w, zh, zw, oh, ow, *x.stride(), *y.stride(), sh, sw, ph, pw, dh, dw, psh, psw, pph, ppw,
-        KH=kh, KW=kw, PKH=pkh, PKW=pkw, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk,
-        PRECISION="tf32" if x.dtype == torch.float32 else "ieee", num_warps=warps)
-    return y, arg
+        (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y, arg,
+        *dims[:23], psh, psw, pph, ppw, KH=kh, KW=kw, PKH=pkh, PKW=pkw, HAS_BIAS=bias is not None, BM=bm, BN=bn,
+        BK=bk, PRECISION="tf32" if x.dtype == torch.float32 else "ieee", num_warps=warps)
 
 
 def backward(grad_y, y, arg, geometry, want_bias: bool):

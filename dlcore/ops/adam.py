@@ -141,15 +141,7 @@ def cpu_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master,
                                       found_inf))
 
 
-def _cuda_available() -> Optional[str]:
-    if _ext.cuda is None:
-        return _ext.cuda_error
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
-
-
-@_dispatch.register(OP, "cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_cuda_available)
+@_dispatch.register(OP, "cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_ext.cuda_unavailable)
 def cuda_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master, grad_scale=None,
                 found_inf=None):
     device = slots[0][0].device

@@ -202,13 +202,7 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_BACKWARD_MAX_HEAD_DIM = 128  # dK/dV kernel: 1024·Dp + 59 KB of shared memory (191 KB at 128; H100: 227 KB)
 
 
-def _cuda_unavailable() -> Optional[str]:
-    if _ext.cuda is None:
-        return _ext.cuda_error
-    return None if torch.cuda.is_available() else "no CUDA device"
-
-
-@_dispatch.register(FORWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_cuda_unavailable)
+@_dispatch.register(FORWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_ext.cuda_unavailable)
 def cuda_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -223,7 +217,7 @@ def cuda_forward(q, k, v, bias, klen, scale, window, dropout_p, seed):
     return o, lse
 
 
-@_dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_cuda_unavailable)
+@_dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=CUDA_DTYPES, available=_ext.cuda_unavailable)
 def cuda_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dropout_p, seed):
     if q.shape[-1] > CUDA_BACKWARD_MAX_HEAD_DIM:  # its dK/dV kernel's tiles outgrow shared memory
         impls = _dispatch.get_op(BACKWARD).impls

@@ -195,15 +195,9 @@ for _name, _launch in ((STATS, _triton_stats), (AFFINE, _triton("apply")), (REDU
 
 
 # ---------------------------------------------------------------------------------------------------- cuda (C++)
-def _cuda_unavailable() -> Optional[str]:
-    if _ext.cuda is None:
-        return _ext.cuda_error
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
 
 
-_cuda = dict(devices=("cuda",), dtypes=LOW, available=_cuda_unavailable)
+_cuda = dict(devices=("cuda",), dtypes=LOW, available=_ext.cuda_unavailable)
 
 
 def _splits(dims, device) -> int:

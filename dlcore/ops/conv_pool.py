@@ -37,7 +37,7 @@ FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
     _dispatch.define_op(_name, gpu_order=("triton", "cuda"))  # neither measured on a GPU yet
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-NO_POOL = (1, 1, 1, 1, 0, 0, False)  # a 1×1 window: the fused forwards as conv2d + bias + ReLU (dlcore/ops/conv_relu.py)
+NO_POOL = (1, 1, 1, 1, 0, 0, False)  # a 1×1 window: the fused forwards as conv2d + bias + ReLU (conv_relu.py)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -127,6 +127,27 @@ def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
 
 
 # ---------------------------------------------------------------------------------------------------- triton
+def fused_problem(x, weight, conv, pool):
+    """What the fused implicit-GEMM forwards (triton v2, cuda) take: x in its own layout (channels_last or NCHW),
+    the weight as B[k = (r, s, ci), co] = [KH, KW, Cin, Cout], the outputs y and argmax in x's layout, and the 31
+    sizes, strides and geometry numbers, in the order both kernels read them:
+    M, Cin, Cout, H, W, ZH, ZW, OH, OW, x strides (n, c, h, w), y strides (n, c, h, w),
+    SH, SW, PH, PW, DH, DW, KH, KW, PSH, PSW, PPH, PPW, PKH, PKW."""
+    (sh, sw), (ph, pw), (dh, dw), _ = conv
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    _, _, zh, zw, oh, ow, *_ = _geometry(conv_output_shape(x, weight, conv), pool)
+    layout = CL if _channels_last(x) else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=layout)
+    arg = torch.empty_like(y, dtype=torch.uint8)
+    wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
+    pkh, pkw, psh, psw, pph, ppw, _ = pool
+    dims = [n * oh * ow, cin, cout, h, w, zh, zw, oh, ow, *x.stride(), *y.stride(), sh, sw, ph, pw, dh, dw, kh, kw,
+            psh, psw, pph, ppw, pkh, pkw]
+    return x, wt, y, arg, dims
+
+
 @_dispatch.register(FORWARD, "triton", devices=("cpu", "cuda"), dtypes=channel_ops.LOW,
                     available=_ext.triton_unavailable("conv_pool"))
 def triton_forward(x, weight, bias, conv, pool):
@@ -134,8 +155,9 @@ def triton_forward(x, weight, bias, conv, pool):
 
     b = None if bias is None else bias.float().contiguous()
     if conv[3] == 1:  # v2: the implicit-GEMM convolution with the epilogue fused, in x's layout
-        geometry = _geometry(conv_output_shape(x, weight, conv), pool)
-        return kernels.fused_forward(x, weight, b, conv, pool, geometry[4:6])
+        x, wt, y, arg, dims = fused_problem(x, weight, conv, pool)
+        kernels.fused_forward(x, wt, b, y, arg, dims)
+        return y, arg
     z = F.conv2d(x.contiguous(memory_format=CL), weight, None, *conv).contiguous(memory_format=CL)
     y, argmax = kernels.forward(z, b, _geometry(z.shape, pool))
     return (y, argmax) if _channels_last(x) else (y.contiguous(), argmax.contiguous())
@@ -156,30 +178,14 @@ def triton_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
 
 
 # ---------------------------------------------------------------------------------------------------- cuda (C++)
-def _cuda_unavailable() -> Optional[str]:
-    if _ext.cuda is None:
-        return _ext.cuda_error
-    return None if torch.cuda.is_available() else "no CUDA device"
 
 
-@_dispatch.register(FORWARD, "cuda", devices=("cuda",), dtypes=channel_ops.LOW, available=_cuda_unavailable)
+@_dispatch.register(FORWARD, "cuda", devices=("cuda",), dtypes=channel_ops.LOW, available=_ext.cuda_unavailable)
 def cuda_forward(x, weight, bias, conv, pool):
     if conv[3] != 1:
         return reference_forward(x, weight, bias, conv, pool)
-    (sh, sw), (ph, pw), (dh, dw), _ = conv
-    n, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    geometry = _geometry(conv_output_shape(x, weight, conv), pool)
-    zh, zw, oh, ow = geometry[2], geometry[3], geometry[4], geometry[5]
-    layout = CL if _channels_last(x) else torch.contiguous_format
-    x = x.contiguous(memory_format=layout)
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=layout)
-    arg = torch.empty_like(y, dtype=torch.uint8)
-    wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()  # B[k = (r, s, ci), co]
+    x, wt, y, arg, dims = fused_problem(x, weight, conv, pool)
     b = None if bias is None else bias.float().contiguous()
-    pkh, pkw, psh, psw, pph, ppw, _ = pool
-    dims = [n * oh * ow, cin, cout, h, w, zh, zw, oh, ow, *x.stride(), *y.stride(), sh, sw, ph, pw, dh, dw, kh, kw,
-            psh, psw, pph, ppw, pkh, pkw]
     with torch.cuda.device(x.device):
         _ext.cuda.conv_pool_forward(x.data_ptr(), wt.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
                                     arg.data_ptr(), dims, _ext.DTYPE_CODE[x.dtype], _ext.cuda_stream(x.device))
@@ -187,7 +193,7 @@ def cuda_forward(x, weight, bias, conv, pool):
 
 
 _dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=channel_ops.LOW,
-                   available=_cuda_unavailable)(reference_backward)
+                   available=_ext.cuda_unavailable)(reference_backward)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops

@@ -143,10 +143,6 @@ def _parallel_update(kernel_update):
 
 
 # ---------------------------------------------------------------------------------------------------- cuda
-def _cuda_unavailable():
-    if _ext.cuda is None:
-        return _ext.cuda_error
-    return None if torch.cuda.is_available() else "no CUDA device"
 
 
 def _cuda_update_kernel(tree, min_tree, index, value):
@@ -155,7 +151,7 @@ def _cuda_update_kernel(tree, min_tree, index, value):
                                   index.numel(), tree.numel() // 2, _ext.cuda_stream(tree.device))
 
 
-@_dispatch.register(SAMPLE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_cuda_unavailable)
+@_dispatch.register(SAMPLE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_ext.cuda_unavailable)
 def cuda_sample(tree, min_tree, offsets, beta):
     offsets = offsets.to(tree.device).contiguous()
     index = torch.empty(offsets.numel(), dtype=torch.int64, device=tree.device)
@@ -168,10 +164,11 @@ def cuda_sample(tree, min_tree, offsets, beta):
 
 
 _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
-                   available=_cuda_unavailable)(_parallel_update(_cuda_update_kernel))
+                   available=_ext.cuda_unavailable)(_parallel_update(_cuda_update_kernel))
 
 
-@_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_cuda_unavailable)
+@_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
+                    available=_ext.cuda_unavailable)
 def cuda_sample_gather(tree, min_tree, offsets, beta, sources):
     offsets = offsets.to(tree.device).contiguous()
     batch = offsets.numel()
