@@ -258,12 +258,24 @@ def _dense_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("dlcore::flash_attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                 klen: Optional[torch.Tensor], scale: float, window_left: int, window_right: int, dropout_p: float,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                    klen: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
+                    dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_dense_last(t) for t in (q, k, v))
     return _launcher(FORWARD, q, v)(q, k, v, bias, klen, scale, (window_left, window_right), dropout_p, seed)
+
+
+attention_op = torch.library.custom_op("dlcore::flash_attention", mutates_args=())(_attention_impl)
+
+
+def run_attention_op(q, k, v, bias, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.dlcore.flash_attention when torch.compile traces or a gradient is wanted; otherwise (eager
+    inference) its implementation directly: the custom-op and autograd layers cost ~0.2 ms per call once the
+    kernel has flushed the caches (B4 H8 L512 fp32 forward: 0.55 -> 0.37 ms outside the 10.3 ms kernel)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, bias))):
+        return attention_op(q, k, v, bias, *args)
+    return _attention_impl(q, k, v, bias, *args)
 
 
 @attention_op.register_fake
@@ -417,7 +429,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return query.new_zeros((*lead, hq, lq, value.shape[-1]))
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
     q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
-    o, _ = attention_op(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    o, _ = run_attention_op(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
     return o.reshape(*lead, hq, lq, value.shape[-1])
 
 
