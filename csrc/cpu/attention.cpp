@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
@@ -173,15 +174,49 @@ void pack_rows(const void* base, int64_t rs, int64_t r0, int64_t n, int64_t D, i
   }
 }
 
-// Pack keys [c0, c0+n) transposed into dst[Dp][BN] (zero-padded).
+// One butterfly stage of a 16×16 transpose: rows i and i + S exchange the S-wide column blocks that differ in
+// the bit S (element (row, col) moves to (row with that bit taken from col, col with it taken from row)).
+template <int S, int... I>
+inline void swap_bit(vf& lo, vf& hi, std::integer_sequence<int, I...>) {
+  const vf a = lo, b = hi;
+  lo = __builtin_shufflevector(a, b, ((I & S) ? 16 + I - S : I)...);
+  hi = __builtin_shufflevector(a, b, ((I & S) ? 16 + I : I + S)...);
+}
+
+template <int S>
+inline void transpose_stage(vf (&r)[VW]) {
+  for (int i = 0; i < VW; ++i)
+    if (!(i & S)) swap_bit<S>(r[i], r[i + S], std::make_integer_sequence<int, VW>{});
+}
+
+// Pack keys [c0, c0+n) transposed into dst[Dp][BN] (zero-padded): 16×16 blocks through registers (four
+// butterfly stages of two-source shuffles), the ragged edges element by element.
 template <int DT>
 void pack_cols(const void* base, int64_t rs, int64_t c0, int64_t n, int64_t D, int64_t Dp, float* dst) {
   using S = Storage<DT>;
   const auto* src = reinterpret_cast<const typename S::T*>(base);
   std::fill(dst, dst + Dp * BN, 0.0f);
+  const int64_t n16 = n / VW * VW, d16 = D / VW * VW;
+  for (int64_t cb = 0; cb < n16; cb += VW)
+    for (int64_t db = 0; db < d16; db += VW) {
+      vf r[VW];
+      for (int c = 0; c < VW; ++c) {
+        const auto* row = src + (c0 + cb + c) * rs + db;
+        if constexpr (DT == kF32) {
+          std::memcpy(&r[c], row, sizeof(vf));
+        } else {
+          for (int d = 0; d < VW; ++d) r[c][d] = S::load(row[d]);
+        }
+      }
+      transpose_stage<1>(r);
+      transpose_stage<2>(r);
+      transpose_stage<4>(r);
+      transpose_stage<8>(r);
+      for (int d = 0; d < VW; ++d) *reinterpret_cast<vf*>(dst + (db + d) * BN + cb) = r[d];
+    }
   for (int64_t c = 0; c < n; ++c) {
     const auto* row = src + (c0 + c) * rs;
-    for (int64_t d = 0; d < D; ++d) dst[d * BN + c] = S::load(row[d]);
+    for (int64_t d = c < n16 ? d16 : 0; d < D; ++d) dst[d * BN + c] = S::load(row[d]);
   }
 }
 
