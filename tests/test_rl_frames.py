@@ -57,7 +57,7 @@ def _check(batch, expected):
         assert math.isclose(float(batch["discount"][b]), want["discount"], rel_tol=1e-6)
 
 
-# frame_stack_sample: torch ops / numba plan + C++ gather / one Triton kernel (the interpreter here). The op does
+# frame_stack_sample: torch ops / plan and gather in one C++ call / one Triton kernel (the interpreter here). The op does
 # not depend on the class; triton runs with the uniform one only (use_backend would also interpret every sum-tree
 # update of the prioritized one, slowly).
 @pytest.mark.parametrize("cls,backend", [(FrameStackReplayBuffer, "reference"), (FrameStackReplayBuffer, "cpu"),
@@ -148,6 +148,14 @@ def test_bad_input_is_refused():
         pri.update_priorities([0], [float("nan")])
     with pytest.raises(IndexError, match="out of range"):
         pri.update_priorities([5], [1.0])
+
+    # the op itself (a caller other than the buffers): a slot outside the ring is refused before anything is written
+    from dlcore.rl import frames as frames_op
+    st = pri._storage
+    for bad in (-1, 100):
+        with dlcore.use_backend("cpu"), pytest.raises(IndexError, match="out of range"):
+            frames_op.cpu_sample(torch.tensor([0, bad]), st["frame"], st["ended"], st["reward"], st["terminated"],
+                                 st["episode_start"], 4, 3, 0.99, False)
 
 
 @pytest.mark.gpu

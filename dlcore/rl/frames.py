@@ -24,22 +24,21 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from dlcore import _dispatch, _ext
 from dlcore.rl import gather as _gather_op
 from dlcore.rl.buffers import PrioritizedReplayBuffer, ReplayBuffer
-from dlcore.rl.sum_tree import _numba_available, as_vector, numba
+from dlcore.rl.sum_tree import as_vector
 
 PADDINGS = ("reset", "zero")
 
 # ---------------------------------------------------------------------------------------------------- the op
 # frame_stack_sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad)
 #     -> stacks [2, B, stack, *frame] (obs, next_obs), reward, terminated, discount (fp32 [B])
-# Backends: `reference` (torch ops: the plan below, index_select), `cpu` (the plan in one numba call instead of ~20
-# small tensor ops, which cost more than the gather of 32 stacks, then the C++ gather_rows), `triton` (one kernel:
-# plan and frame copies, kernels/frames.py).
+# Backends: `reference` (torch ops: the plan below, index_select), `cpu` (plan and frame copies in one C++ call,
+# csrc/cpu/gather.cpp: ~20 small tensor ops, or a numba call with 13 arrays, cost more than the plan of 32 samples),
+# `triton` (one kernel: plan and frame copies, kernels/frames.py).
 SAMPLE_OP = "frame_stack_sample"
 _dispatch.define_op(SAMPLE_OP, gpu_order=("triton",))
 
@@ -64,42 +63,6 @@ def reference_plan(index, ended, reward, terminated, episode_start, stack, n_ste
             (gamma ** m.double()).float())
 
 
-if numba is not None:
-
-    @numba.njit(cache=True, nogil=True)
-    def _plan_kernel(index, ended, reward, terminated, episode_start, stack, n_step, gamma,
-                     frames, pad, ret, term, discount):
-        cap = ended.shape[0]
-        for b in range(index.shape[0]):
-            t = index[b]
-            total, scale, m = 0.0, 1.0, 0
-            for k in range(n_step):  # Σ_{k<m} γᵏ r[t+k], stopping after the step that ends the episode
-                s = (t + k) % cap
-                total += scale * reward[s]
-                scale *= gamma
-                m += 1
-                if ended[s]:
-                    break
-            ret[b], term[b], discount[b] = total, terminated[(t + m - 1) % cap], scale
-            for half in range(2):
-                slot = t if half == 0 else (t + m) % cap
-                since = (slot - episode_start[slot]) % cap
-                for j in range(stack):
-                    back = stack - 1 - j
-                    pad[half, b, j] = back > since
-                    frames[half, b, j] = (slot - min(back, since)) % cap
-
-    def cpu_plan(index, ended, reward, terminated, episode_start, stack, n_step, gamma):
-        batch = index.numel()
-        frames = torch.empty((2, batch, stack), dtype=torch.int64)
-        pad = torch.empty((2, batch, stack), dtype=torch.bool)
-        ret, term, discount = (torch.empty(batch, dtype=torch.float32) for _ in range(3))
-        _plan_kernel(index.numpy(), ended.numpy(), reward.numpy(), terminated.numpy(), episode_start.numpy(),
-                     stack, n_step, gamma, frames.numpy(), pad.numpy(), ret.numpy(), term.numpy(),
-                     discount.numpy())
-        return frames, pad, ret, term, discount
-
-
 def _stacks(frames, slots, pad, zero_pad, gathered):
     stacks = gathered.view(*slots.shape, *frames.shape[1:])
     if zero_pad and bool(pad.any()):
@@ -114,12 +77,19 @@ def reference_sample(index, frames, ended, reward, terminated, episode_start, st
     return _stacks(frames, slots, pad, zero_pad, frames.index_select(0, slots.reshape(-1))), ret, term, discount
 
 
-@_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.int64,), available=_numba_available)
+@_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.int64,), available=_ext.cpu_unavailable)
 def cpu_sample(index, frames, ended, reward, terminated, episode_start, stack, n_step, gamma, zero_pad):
-    slots, pad, ret, term, discount = cpu_plan(index, ended, reward, terminated, episode_start, stack, n_step,
-                                               gamma)
-    (rows,) = _gather_op.cpu_gather_rows([frames], slots.reshape(-1), frames.shape[0])
-    return _stacks(frames, slots, pad, zero_pad, rows), ret, term, discount
+    index = index.contiguous()
+    batch = index.numel()
+    stacks = frames.new_empty((2, batch, stack, *frames.shape[1:]))
+    ret, term, discount = torch.empty((3, batch), dtype=torch.float32)
+    status = _ext.cpu.frame_stack_sample(
+        frames.data_ptr(), frames[0].numel() * frames.element_size(), ended.data_ptr(), reward.data_ptr(),
+        terminated.data_ptr(), episode_start.data_ptr(), ended.numel(), index.data_ptr(), batch, stack, n_step,
+        float(gamma), bool(zero_pad), stacks.data_ptr(), ret.data_ptr(), term.data_ptr(), discount.data_ptr())
+    if status:
+        raise _gather_op._index_error(index, ended.numel())
+    return stacks, ret, term, discount
 
 
 @_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.int64,),
@@ -273,10 +243,12 @@ class FrameStackReplayBuffer(ReplayBuffer):
             self._check_batch_size(batch_size)
             ok = self._storage["sampleable"][:self._size]
             if 2 * self._count >= self._size:  # mostly drawable: draw, keep the drawable, draw again for the rest
-                index = torch.empty(0, dtype=torch.int64)
-                while index.numel() < batch_size:
+                index = None
+                while index is None or index.numel() < batch_size:
                     draw = torch.randint(0, self._size, (batch_size,), generator=self._gen)
-                    index = torch.cat([index, draw[ok[draw.to(self.device)].cpu()]])
+                    keep = ok[draw.to(self.device)].cpu()
+                    kept = draw if bool(keep.all()) else draw[keep]  # (usually all: skip the masked copy)
+                    index = kept if index is None else torch.cat([index, kept])
                 index = index[:batch_size]
             else:
                 choices = torch.nonzero(ok).squeeze(1).cpu()
