@@ -44,11 +44,18 @@ def scalar_table(lr: Union[float, torch.Tensor], beta1: float, beta2: float, eps
     or with tensor ops on the device when the steps (or lr) live there (capturable: no sync, CUDA-graph safe)."""
     if steps[0].device.type == "cpu" and not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu"):
         lr_f = float(lr)
-        rows = []
-        for t in torch.stack(steps).reshape(-1).tolist():
-            bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
-            rows.append((lr_f, lr_f * bc2_sqrt / (1.0 - beta1 ** t), eps * bc2_sqrt, t))
-        return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
+        ts = torch.stack(steps).reshape(-1).tolist()
+        by_step = {}  # the tensors of a group usually share their step: one row computed per distinct t
+        for t in ts:
+            if t not in by_step:
+                bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
+                by_step[t] = (lr_f, lr_f * bc2_sqrt / (1.0 - beta1 ** t), eps * bc2_sqrt, t)
+        if len(by_step) == 1:
+            (row,) = by_step.values()
+            table = torch.tensor(row, dtype=dtype).repeat(len(steps), 1)
+        else:
+            table = torch.tensor([by_step[t] for t in ts], dtype=dtype)
+        return table.to(device, non_blocking=True)
     t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=torch.float64 if dtype == torch.float64
                                                                               else torch.float32)
     lr_t = torch.as_tensor(lr, device=device, dtype=t.dtype).reshape(()).expand_as(t)
