@@ -1,12 +1,13 @@
 """The one dispatch point: (op, device, dtype, requested backend) → one launcher.
 
 Backends: ``cuda`` (CUDA C++ via dlcore._C_cuda), ``triton`` (kernels/, compiled on a GPU, Triton's interpreter on
-CPU tensors), ``cpu`` (C++ twin via dlcore._C_cpu), ``reference`` (plain PyTorch beside the op).
+CPU tensors), ``cpu`` (C++ twin via dlcore._C_cpu), ``numba`` (@njit CPU kernels, where an op has them: the replay
+sum-tree), ``reference`` (plain PyTorch beside the op).
 
 Which one runs:
 1. ``dlcore.use_backend(name)`` (innermost wins), else the ``DLCORE_BACKEND`` environment variable;
 2. otherwise the default: on CUDA tensors the op's measured-fastest GPU backend (``gpu_order``), on CPU tensors the
-   C++ twin; the first of those that is available for the device and dtype, then ``reference``.
+   C++ twin, then numba; the first of those that is available for the device and dtype, then ``reference``.
 
 An explicitly requested backend that cannot run the call is an error (BackendUnavailableError) naming why, never
 a silent fallback. Every backend of an op has the same launcher signature.
@@ -22,7 +23,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "numba", "reference")
+CPU_ORDER = ("cpu", "numba")
 ENV_VAR = "DLCORE_BACKEND"
 
 
@@ -163,7 +165,7 @@ def _select(op_name: str, device_type: str, dtype: Optional[torch.dtype]) -> tup
         if reason:
             raise BackendUnavailableError(f"dlcore op {op_name!r}: backend {wanted!r} is not available here: {reason}")
         return wanted, impl.fn
-    order = op.gpu_order if device_type == "cuda" else ("cpu",)
+    order = op.gpu_order if device_type == "cuda" else CPU_ORDER
     for name in (*order, "reference"):
         impl = op.impls.get(name)
         if impl is not None and impl.why_not(device_type, dtype) is None:

@@ -100,7 +100,7 @@ def test_prioritized_never_draws_overwritten_slots_and_updates_only_live_ones():
     for _ in range(10):
         _check(buf.sample(16), expected)
     live = buf._storage["sampleable"]
-    leaves = buf._tree.sum[buf._tree.size:buf._tree.size + 40]
+    leaves = buf._tree.leaf_values[:40]
     assert torch.equal(leaves > 0, live)  # a leaf is positive exactly where the slot can be drawn
 
 

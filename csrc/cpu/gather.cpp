@@ -52,30 +52,6 @@ void copy_large_rows(const char* src, char* dst, const int64_t* index, int64_t n
   }
 }
 
-// Returns 0, or 1 when an index is outside [0, limit) (nothing is written then).
-int gather_rows(const std::vector<int64_t>& srcs, const std::vector<int64_t>& dsts,
-                const std::vector<int64_t>& row_bytes, int64_t index_addr, int64_t n, int64_t limit) {
-  const auto* index = reinterpret_cast<const int64_t*>(index_addr);
-  for (int64_t b = 0; b < n; ++b)
-    if (index[b] < 0 || index[b] >= limit) return 1;
-  int64_t total = 0;
-  for (auto rb : row_bytes) total += rb * n;
-  for (size_t f = 0; f < srcs.size(); ++f) {  // field by field: the row size is fixed inside the loop
-    const char* src = reinterpret_cast<const char*>(srcs[f]);
-    char* dst = reinterpret_cast<char*>(dsts[f]);
-    const int64_t rb = row_bytes[f];
-    switch (rb) {  // small rows (scalars, 4-float observations): a typed move instead of a memcpy call
-      case 1: copy_rows<uint8_t>(src, dst, index, n); break;
-      case 2: copy_rows<uint16_t>(src, dst, index, n); break;
-      case 4: copy_rows<uint32_t>(src, dst, index, n); break;
-      case 8: copy_rows<uint64_t>(src, dst, index, n); break;
-      case 16: copy_rows<Bytes16>(src, dst, index, n); break;
-      default: copy_large_rows(src, dst, index, n, rb, total >= kParallelBytes);
-    }
-  }
-  return 0;
-}
-
 // The `cpu` backend of frame_stack_sample (dlcore/rl/frames.py has the storage layout and the math): for every
 // drawn slot t the plan (the n-step return over m = min(n, steps to the episode end) steps, and the slots of the
 // obs stack ending at t and the next_obs stack ending at t + m, padded before the episode's first frame), then the
@@ -130,8 +106,34 @@ int frame_stack_sample(int64_t frames, int64_t frame_bytes, int64_t ended_addr, 
 
 }  // namespace
 
+namespace dlcore {
+// Returns 0, or 1 when an index is outside [0, limit) (nothing is written then).
+int gather_rows(const std::vector<int64_t>& srcs, const std::vector<int64_t>& dsts,
+                const std::vector<int64_t>& row_bytes, int64_t index_addr, int64_t n, int64_t limit) {
+  const auto* index = reinterpret_cast<const int64_t*>(index_addr);
+  for (int64_t b = 0; b < n; ++b)
+    if (index[b] < 0 || index[b] >= limit) return 1;
+  int64_t total = 0;
+  for (auto rb : row_bytes) total += rb * n;
+  for (size_t f = 0; f < srcs.size(); ++f) {  // field by field: the row size is fixed inside the loop
+    const char* src = reinterpret_cast<const char*>(srcs[f]);
+    char* dst = reinterpret_cast<char*>(dsts[f]);
+    const int64_t rb = row_bytes[f];
+    switch (rb) {  // small rows (scalars, 4-float observations): a typed move instead of a memcpy call
+      case 1: copy_rows<uint8_t>(src, dst, index, n); break;
+      case 2: copy_rows<uint16_t>(src, dst, index, n); break;
+      case 4: copy_rows<uint32_t>(src, dst, index, n); break;
+      case 8: copy_rows<uint64_t>(src, dst, index, n); break;
+      case 16: copy_rows<Bytes16>(src, dst, index, n); break;
+      default: copy_large_rows(src, dst, index, n, rb, total >= kParallelBytes);
+    }
+  }
+  return 0;
+}
+}  // namespace dlcore
+
 void register_gather(py::module_& m) {
-  m.def("gather_rows", &gather_rows,
+  m.def("gather_rows", &dlcore::gather_rows,
         "dst_f[b] = src_f[index[b]] for every field f (addresses and row sizes in bytes); 1 if an index is out of "
         "[0, limit)",
         py::arg("srcs"), py::arg("dsts"), py::arg("row_bytes"), py::arg("index"), py::arg("n"), py::arg("limit"));

@@ -34,6 +34,7 @@ void register_additive_attention(py::module_& m);
 void register_batch_norm(py::module_& m);
 void register_nt_xent(py::module_& m);
 void register_pool_epilogue(py::module_& m);
+void register_sum_tree(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -48,6 +49,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("cast", &cast, "Convert n elements between fp32/bf16/fp16 (dtype codes) with the kernels' rounding",
         py::arg("input"), py::arg("output"), py::arg("n"), py::arg("input_dtype"), py::arg("output_dtype"));
   register_adam(m);
+  register_sum_tree(m);
   register_gather(m);
   register_attention(m);
   register_layer_norm(m);

@@ -28,7 +28,7 @@ def _sample_setup(n: int, batch: int, device: str):
     def setup(n_sets: int):
         buf = _filled(n, device)
         store = buf._storage
-        prio = buf._tree.sum[buf._tree.size:buf._tree.size + n].float().clone()
+        prio = buf._tree.leaf_values[:n].float().clone()
 
         def stock():
             idx = torch.multinomial(prio, batch, replacement=True)
@@ -44,7 +44,7 @@ def _sample_setup(n: int, batch: int, device: str):
 def _setup_update(n_sets: int):
     # fresh indices every call (64 sets in rotation), as in training: fixed ones would keep their tree paths cached
     buf = _filled()
-    prio = buf._tree.sum[buf._tree.size:buf._tree.size + N].clone()
+    prio = buf._tree.leaf_values[:N].clone()
     gen = torch.Generator().manual_seed(1)
     sets = [(torch.randint(0, N, (BATCH,), generator=gen), torch.rand(BATCH, generator=gen))
             for _ in range(max(64, n_sets))]

@@ -234,7 +234,6 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
             super().load_state_dict(state)
-            self._tree.sum.copy_(state["tree_sum"])
-            self._tree.min.copy_(state["tree_min"])
+            self._tree.load_trees(state["tree_sum"], state["tree_min"])
             self._max_priority = float(state["max_priority"])
             self._samples_drawn = int(state["samples_drawn"])

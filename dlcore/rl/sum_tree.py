@@ -1,18 +1,30 @@
 """Sum-tree (and min-tree) for proportional prioritized replay: the ops behind dlcore.rl.PrioritizedReplayBuffer.
 
-Layout: capacity rounded up to a power of two `size`; one float64 array of 2·size, the root at [1], node k's
-children at [2k] and [2k+1], leaf i at [size + i]. Unwritten leaves hold 0 (sum tree) and +inf (min tree); so does
-a leaf written with 0 (priority 0 with eps 0 and alpha 1): it can never be drawn, so it does not count in p_min.
-The frame-stack buffer uses that to take a slot out of sampling.
+What is computed is the classic binary sum-tree over the leaves (zero-padded to a power of two): every node the
+float64 sum of its two children, every descent going right when the mass lies at or past the left sum and the right
+subtree is not empty. What is stored is every third level of it, as an 8-ary tree: a node's 8 children are the
+binary nodes three levels down, contiguous and 64-byte aligned (one cache line), and a node is the pairwise sum
+((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)), bit-identical to the binary node. A descent reads one line per 8-ary level
+and takes the three binary decisions inside it from the pair sums, so it returns exactly the binary tree's leaf
+while touching 7 lines for 1M leaves instead of ~20 (the binary tree of 1M leaves is 16 MB, twice the L3 here).
 
-Three ops behind the dispatch point, each with a numba CPU kernel (`cpu`) and a plain-PyTorch reference; each is one
-call from Python, validation included, because the targets are a few microseconds:
-  sum_tree_sample(tree, min_tree, offsets, beta) -> (leaf index, importance weight)
+Layout (`tree_layout`): level l (root l = 0, leaves l = D, 8^D ≥ capacity) holds the children blocks of level
+l - 1's nodes: level l starts at levels[l], node j of level l is at levels[l] + j, its children at
+levels[l + 1] + 8j + c; levels[D + 1] is the length. The root is at [0] (level 0 is one padded block of 8).
+Unwritten leaves and padding hold 0 (sum tree) and +inf (min tree); so does a leaf written with 0 (priority 0 with
+eps 0 and alpha 1): it can never be drawn, so it does not count in p_min. The frame-stack buffer uses that to take
+a slot out of sampling.
+
+Three ops behind the dispatch point, each with a C++ twin (`cpu`, csrc/cpu/sum_tree.cpp: prefetching descents and
+updates, sample and gather in one call), numba kernels (`numba`), Triton and CUDA C++ kernels for GPUs, and a
+plain-PyTorch reference; the CPU ones are one call from Python, validation included, because the targets are a few
+microseconds. `cpu` and `numba` compute the same trees and draws bit for bit:
+  sum_tree_sample(tree, min_tree, levels, offsets, beta) -> (leaf index, importance weight)
       stratified: target mass (b + offsets[b])·total/B for b < B, one descent each; weight (p_i / p_min)^-β
-  sum_tree_sample_gather(tree, min_tree, offsets, beta, sources) -> (leaf index, weight, rows of every source)
-      the sample and the replay batch's gather in one call: one kernel launch on a GPU (triton, cuda); on the CPU
-      the numba descent then the C++ gather_rows
-  sum_tree_update(tree, min_tree, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
+  sum_tree_sample_gather(tree, min_tree, levels, offsets, beta, sources) -> (leaf index, weight, rows of each source)
+      the sample and the replay batch's gather in one call: one kernel launch on a GPU (triton, cuda), one C++
+      call on the CPU (numba: its descent, then the C++ gather_rows)
+  sum_tree_update(tree, min_tree, levels, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
       leaf ← (priority + eps)^alpha (the last write of a duplicate index wins), then every ancestor is recomputed
       from its children; status 1: a priority is negative or not finite, 2: an index is outside [0, limit);
       nothing is written unless status is 0
@@ -34,6 +46,7 @@ _dispatch.define_op(SAMPLE_OP, gpu_order=("cuda", "triton"))  # not yet measured
 _dispatch.define_op(UPDATE_OP, gpu_order=("cuda", "triton"))
 _dispatch.define_op(SAMPLE_GATHER_OP, gpu_order=("cuda", "triton"))
 BAD_PRIORITY, BAD_INDEX = 1, 2
+ARITY = 8  # children per stored node: three binary levels, 64 bytes of float64
 
 try:
     import numba
@@ -47,28 +60,41 @@ except ImportError as exc:  # reported by `dlcore info`, never faked
 def as_vector(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """x as a contiguous 1-D tensor of dtype on device; a tensor that already is one is returned as it is (the
     replay ops are a few microseconds, and each conversion call costs one)."""
-    if (type(x) is torch.Tensor and x.dtype == dtype and x.device == device and x.dim() == 1
-            and x.is_contiguous()):
-        return x
+    if type(x) is torch.Tensor and x.dim() == 1 and x.is_contiguous():
+        # a TD-error vector in another dtype: one conversion call (to() of a 1-D contiguous tensor stays so)
+        return x if x.dtype == dtype and x.device == device else x.to(device, dtype)
     return torch.as_tensor(x).reshape(-1).to(device, dtype).contiguous()
 
 
-def tree_size(capacity: int) -> int:
-    return 1 << max(0, int(capacity - 1).bit_length())
+def tree_layout(capacity: int) -> list[int]:
+    """levels[l] = where level l starts (root l = 0, leaves l = D), levels[D + 1] = the tree's length; see the
+    module docstring. Level l ≥ 1 holds 8 slots per node of level l - 1; nodes per level = ceil(capacity / 8^(D-l))."""
+    nodes = [max(1, int(capacity))]  # leaves first, then each level above, up to a single root
+    while nodes[-1] > 1 or len(nodes) == 1:
+        nodes.append(-(-nodes[-1] // ARITY))
+    nodes.reverse()  # nodes[0] == 1 (root) ... nodes[D] == capacity
+    levels, start = [0], ARITY  # the root's level is one block, so every level stays 64-byte aligned
+    for l in range(1, len(nodes)):
+        levels.append(start)
+        start += ARITY * nodes[l - 1]
+    return levels + [start]
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def reference_sample(tree, min_tree, offsets, beta):
-    size = tree.numel() // 2
+def _leaves(tree, levels):
+    return tree[int(levels[-2]):int(levels[-1])]
+
+
+def reference_sample(tree, min_tree, levels, offsets, beta):
     batch = offsets.numel()
-    total = tree[1]
+    total = tree[0]
     mass = (torch.arange(batch, dtype=torch.float64) + offsets) * (total / batch)
     mass = torch.minimum(mass, total * (1 - 2 ** -52))  # at or past the total: the last positive leaf
-    leaves = tree[size:]
+    leaves = _leaves(tree, levels.tolist())
     cumulative = torch.cumsum(leaves, 0)  # (summed in another order than the tree: its total may differ by ulps)
     last_positive = int(torch.nonzero(leaves > 0).max())
     index = torch.searchsorted(cumulative, mass, right=True).clamp_(max=last_positive)  # skips zero leaves
-    weight = (tree[size + index] / min_tree[1]).pow(-beta)
+    weight = (leaves[index] / min_tree[0]).pow(-beta)
     return index, weight
 
 
@@ -81,20 +107,29 @@ def _check(index, priority, limit) -> int:
     return 0
 
 
-def reference_update(tree, min_tree, index, priority, eps, alpha, limit):
+def rebuild(tree, min_tree, levels) -> None:
+    """Every node from its children, level by level up from the leaves: pair sums three times, ((c0+c1)+(c2+c3)) +
+    ((c4+c5)+(c6+c7)), the binary tree's order (a sum of two is one rounding whatever the reduction order)."""
+    levels = [int(v) for v in levels]
+    for l in range(len(levels) - 3, -1, -1):
+        children = slice(levels[l + 1], levels[l + 2])
+        s, m = tree[children], min_tree[children]
+        for _ in range(3):
+            s, m = s.view(-1, 2).sum(1), m.view(-1, 2).amin(1)
+        tree[levels[l]:levels[l] + s.numel()] = s
+        min_tree[levels[l]:levels[l] + m.numel()] = m
+
+
+def reference_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
     status = _check(index, priority, limit)
     if status:
         return status, 0.0
-    size = tree.numel() // 2
+    leaf0 = int(levels[-2])
     value = (priority + eps).pow(alpha)
     for i, v in zip(index.tolist(), value.tolist()):  # in order: the last write of a duplicate wins
-        tree[size + i] = v
-        min_tree[size + i] = v if v > 0 else float("inf")
-    width = size
-    while width > 1:  # rebuild level by level from the leaves up
-        tree[width // 2:width] = tree[width:2 * width].view(-1, 2).sum(1)
-        min_tree[width // 2:width] = min_tree[width:2 * width].view(-1, 2).amin(1)
-        width //= 2
+        tree[leaf0 + i] = v
+        min_tree[leaf0 + i] = v if v > 0 else float("inf")
+    rebuild(tree, min_tree, levels.tolist())
     return 0, float((priority + eps).max()) if priority.numel() else 0.0
 
 
@@ -112,8 +147,8 @@ def _gather_table(sources, n):
 
 
 @_dispatch.register(SAMPLE_GATHER_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))
-def reference_sample_gather(tree, min_tree, offsets, beta, sources):
-    index, weight = reference_sample(tree, min_tree, offsets, beta)
+def reference_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+    index, weight = reference_sample(tree, min_tree, levels, offsets, beta)
     return index, weight, [s.index_select(0, index.to(s.device)) for s in sources]
 _dispatch.register(UPDATE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_update)
 
@@ -129,14 +164,14 @@ def _resolve_duplicates(index, priority, eps, alpha):
 
 def _parallel_update(kernel_update):
     """An update launcher around a parallel kernel: validation and duplicate resolution with tensor ops first."""
-    def launch(tree, min_tree, index, priority, eps, alpha, limit):
+    def launch(tree, min_tree, levels, index, priority, eps, alpha, limit):
         index, priority = index.to(tree.device), priority.to(tree.device)
         status = _check(index, priority, limit)
         if status:
             return status, 0.0
         if index.numel() == 0:
             return 0, 0.0
-        kernel_update(tree, min_tree, *_resolve_duplicates(index, priority, eps, alpha))
+        kernel_update(tree, min_tree, levels.to(tree.device), *_resolve_duplicates(index, priority, eps, alpha))
         return 0, float((priority + eps).max())
 
     return launch
@@ -145,21 +180,21 @@ def _parallel_update(kernel_update):
 # ---------------------------------------------------------------------------------------------------- cuda
 
 
-def _cuda_update_kernel(tree, min_tree, index, value):
+def _cuda_update_kernel(tree, min_tree, levels, index, value):
     with torch.cuda.device(tree.device):
-        _ext.cuda.sum_tree_update(tree.data_ptr(), min_tree.data_ptr(), index.data_ptr(), value.data_ptr(),
-                                  index.numel(), tree.numel() // 2, _ext.cuda_stream(tree.device))
+        _ext.cuda.sum_tree_update(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
+                                  index.data_ptr(), value.data_ptr(), index.numel(), _ext.cuda_stream(tree.device))
 
 
 @_dispatch.register(SAMPLE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_ext.cuda_unavailable)
-def cuda_sample(tree, min_tree, offsets, beta):
-    offsets = offsets.to(tree.device).contiguous()
+def cuda_sample(tree, min_tree, levels, offsets, beta):
+    offsets, levels = offsets.to(tree.device).contiguous(), levels.to(tree.device)
     index = torch.empty(offsets.numel(), dtype=torch.int64, device=tree.device)
     weight = torch.empty(offsets.numel(), dtype=torch.float64, device=tree.device)
     with torch.cuda.device(tree.device):
-        _ext.cuda.sum_tree_sample(tree.data_ptr(), min_tree.data_ptr(), offsets.data_ptr(), index.data_ptr(),
-                                  weight.data_ptr(), offsets.numel(), tree.numel() // 2, float(beta),
-                                  _ext.cuda_stream(tree.device))
+        _ext.cuda.sum_tree_sample(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
+                                  offsets.data_ptr(), index.data_ptr(), weight.data_ptr(), offsets.numel(),
+                                  float(beta), _ext.cuda_stream(tree.device))
     return index, weight
 
 
@@ -169,43 +204,44 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
 
 @_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
                     available=_ext.cuda_unavailable)
-def cuda_sample_gather(tree, min_tree, offsets, beta, sources):
-    offsets = offsets.to(tree.device).contiguous()
+def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+    offsets, levels = offsets.to(tree.device).contiguous(), levels.to(tree.device)
     batch = offsets.numel()
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
     outs, table = _gather_table(sources, batch)
     table = table.to(tree.device)
     with torch.cuda.device(tree.device):
-        _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), offsets.data_ptr(), index.data_ptr(),
-                                         weight.data_ptr(), table.data_ptr(), table.shape[0], batch,
-                                         tree.numel() // 2, float(beta), _ext.cuda_stream(tree.device))
+        _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
+                                         offsets.data_ptr(), index.data_ptr(), weight.data_ptr(), table.data_ptr(),
+                                         table.shape[0], batch, float(beta), _ext.cuda_stream(tree.device))
     return index, weight, outs
 
 
 # ---------------------------------------------------------------------------------------------------- triton
 @_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
                     available=_ext.triton_unavailable("sum_tree"))
-def triton_sample(tree, min_tree, offsets, beta):
+def triton_sample(tree, min_tree, levels, offsets, beta):
     from dlcore.kernels import sum_tree as kernel
 
-    return kernel.sample(tree, min_tree, offsets.to(tree.device), beta)
+    return kernel.sample(tree, min_tree, levels.to(tree.device), offsets.to(tree.device), beta)
 
 
 @_dispatch.register(SAMPLE_GATHER_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
                     available=_ext.triton_unavailable("sum_tree"))
-def triton_sample_gather(tree, min_tree, offsets, beta, sources):
+def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources):
     from dlcore.kernels import sum_tree as kernel
 
     outs, table = _gather_table(sources, offsets.numel())
-    index, weight = kernel.sample_gather(tree, min_tree, offsets.to(tree.device), beta, table.to(tree.device))
+    index, weight = kernel.sample_gather(tree, min_tree, levels.to(tree.device), offsets.to(tree.device), beta,
+                                         table.to(tree.device))
     return index, weight, outs
 
 
-def _triton_update_kernel(tree, min_tree, index, value):
+def _triton_update_kernel(tree, min_tree, levels, index, value):
     from dlcore.kernels import sum_tree as kernel
 
-    kernel.update(tree, min_tree, index, value)
+    kernel.update(tree, min_tree, levels, index, value)
 
 
 _dispatch.register(UPDATE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
@@ -215,36 +251,54 @@ _dispatch.register(UPDATE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.f
 # ---------------------------------------------------------------------------------------------------- numba (CPU)
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _pick(m, left, right):
+        """One binary step: (go right?, mass left over). Right when the mass lies at or past the left sum and the
+        right subtree is not empty (rounding can leave a mass just past the left sum): an unwritten (zero) leaf is
+        never returned. Selects, not branches: the direction is a coin flip the CPU cannot predict."""
+        right_ = (m >= left) & (right > 0.0)
+        return right_, m - (left if right_ else 0.0)
+
     @numba.njit(cache=True, nogil=True)
-    def _sample_kernel(tree, min_tree, offsets, beta, out_index, out_weight):
-        size = tree.shape[0] // 2
+    def _sample_kernel(tree, min_tree, levels, offsets, beta, out_index, out_weight):
+        depth = levels.shape[0] - 2
         batch = offsets.shape[0]
-        total = tree[1]
-        node = np.ones(batch, dtype=np.int64)
+        total = tree[0]
+        node = np.zeros(batch, dtype=np.int64)
         mass = np.empty(batch, dtype=np.float64)
         for b in range(batch):
             mass[b] = min((b + offsets[b]) * (total / batch), total * (1.0 - 2.0 ** -52))
-        width = 1
-        while width < size:  # one level of every descent per pass
+        for level in range(1, depth + 1):  # one 8-ary level (three binary levels) of every descent per pass
+            base = levels[level]
             for b in range(batch):
-                left = 2 * node[b]
-                left_sum, m = tree[left], mass[b]
-                # Go right when the mass lies past the left sum and the right subtree is not empty (float rounding
-                # can leave a mass just past the left sum): an unwritten (zero) leaf is never returned. Written
-                # without a branch (LLVM emits selects): the direction is a coin flip the CPU cannot predict, and
-                # mispredictions cost more than the cache misses (32 → 17 µs for 256 descents in 2^20 leaves).
-                right = (m >= left_sum) & (tree[left + 1] > 0.0)
-                node[b] = left + np.int64(right)
-                mass[b] = m - (left_sum if right else 0.0)
-            width *= 2
-        inv_min = 1.0 / min_tree[1]
+                c = base + 8 * node[b]
+                s01, s23 = tree[c] + tree[c + 1], tree[c + 2] + tree[c + 3]
+                s45, s67 = tree[c + 4] + tree[c + 5], tree[c + 6] + tree[c + 7]
+                r1, m = _pick(mass[b], s01 + s23, s45 + s67)
+                r2, m = _pick(m, s45 if r1 else s01, s67 if r1 else s23)
+                k = 4 * np.int64(r1) + 2 * np.int64(r2)
+                r3, m = _pick(m, tree[c + k], tree[c + k + 1])
+                node[b] = 8 * node[b] + k + np.int64(r3)
+                mass[b] = m
+        leaf0 = levels[depth]
+        inv_min = 1.0 / min_tree[0]
         for b in range(batch):
-            out_index[b] = node[b] - size
-            out_weight[b] = (tree[node[b]] * inv_min) ** (-beta)
+            out_index[b] = node[b]
+            out_weight[b] = (tree[leaf0 + node[b]] * inv_min) ** (-beta)
+
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _recompute(tree, min_tree, node, c):
+        """tree[node] and min_tree[node] from the 8 children at c, pairwise (the binary tree's sums)."""
+        tree[node] = (((tree[c] + tree[c + 1]) + (tree[c + 2] + tree[c + 3]))
+                      + ((tree[c + 4] + tree[c + 5]) + (tree[c + 6] + tree[c + 7])))
+        m = min_tree[c]
+        for i in range(1, 8):
+            m = min(m, min_tree[c + i])
+        min_tree[node] = m
 
     @numba.njit(cache=True, nogil=True)
-    def _update_kernel(tree, min_tree, index, priority, eps, alpha, limit):
-        size = tree.shape[0] // 2
+    def _update_kernel(tree, min_tree, levels, index, priority, eps, alpha, limit):
+        depth = levels.shape[0] - 2
         n = index.shape[0]
         top = 0.0
         for k in range(n):  # validate everything before writing anything
@@ -255,24 +309,23 @@ if numba is not None:
                 return BAD_INDEX, 0.0
             top = max(top, p + eps)
         node = np.empty(n, dtype=np.int64)
+        leaf0 = levels[depth]
         for k in range(n):
             v = (priority[k] + eps) ** alpha
-            tree[size + index[k]] = v
-            min_tree[size + index[k]] = v if v > 0.0 else np.inf
-            node[k] = (size + index[k]) // 2
-        width = size // 2  # nodes [width, 2·width) form the level being recomputed
-        while width > n:  # every touched ancestor, one level per pass
-            for k in range(n):
-                j = node[k]
-                tree[j] = tree[2 * j] + tree[2 * j + 1]
-                min_tree[j] = min(min_tree[2 * j], min_tree[2 * j + 1])
-                node[k] = j // 2
-            width //= 2
-        while width >= 1:  # levels no wider than the batch: all of it, in order (same sums, fewer, no scatter)
-            for j in range(width, 2 * width):
-                tree[j] = tree[2 * j] + tree[2 * j + 1]
-                min_tree[j] = min(min_tree[2 * j], min_tree[2 * j + 1])
-            width //= 2
+            tree[leaf0 + index[k]] = v
+            min_tree[leaf0 + index[k]] = v if v > 0.0 else np.inf
+            node[k] = index[k] // 8
+        for level in range(depth - 1, -1, -1):  # every touched ancestor, one level per pass
+            base, children = levels[level], levels[level + 1]
+            width = (levels[level + 2] - children) // 8  # nodes of this level
+            if width > n:
+                for k in range(n):
+                    j = node[k]
+                    _recompute(tree, min_tree, base + j, children + 8 * j)
+                    node[k] = j // 8
+            else:  # no more nodes than updates: all of them, in memory order (same sums, no scatter)
+                for j in range(width):
+                    _recompute(tree, min_tree, base + j, children + 8 * j)
         return 0, top
 
 
@@ -280,52 +333,97 @@ def _numba_available():
     return _numba_error
 
 
-@_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
-def cpu_sample(tree, min_tree, offsets, beta):
+@_dispatch.register(SAMPLE_OP, "numba", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
+def numba_sample(tree, min_tree, levels, offsets, beta):
     index = np.empty(offsets.numel(), dtype=np.int64)
     weight = np.empty(offsets.numel(), dtype=np.float64)
-    _sample_kernel(tree.numpy(), min_tree.numpy(), offsets.numpy(), float(beta), index, weight)
+    _sample_kernel(tree.numpy(), min_tree.numpy(), levels.numpy(), offsets.numpy(), float(beta), index, weight)
     return torch.from_numpy(index), torch.from_numpy(weight)
 
 
-@_dispatch.register(SAMPLE_GATHER_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
-def cpu_sample_gather(tree, min_tree, offsets, beta, sources):
+@_dispatch.register(SAMPLE_GATHER_OP, "numba", devices=("cpu",), dtypes=(torch.float64,),
+                    available=_numba_available)
+def numba_sample_gather(tree, min_tree, levels, offsets, beta, sources):
     from dlcore.rl.gather import cpu_gather_rows
 
-    index, weight = cpu_sample(tree, min_tree, offsets, beta)
+    index, weight = numba_sample(tree, min_tree, levels, offsets, beta)
     return index, weight, cpu_gather_rows(sources, index, min(s.shape[0] for s in sources))
 
 
-@_dispatch.register(UPDATE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
-def cpu_update(tree, min_tree, index, priority, eps, alpha, limit):
-    return _update_kernel(tree.numpy(), min_tree.numpy(), index.numpy(), priority.numpy(), float(eps), float(alpha),
-                          int(limit))
+@_dispatch.register(UPDATE_OP, "numba", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
+def numba_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
+    return _update_kernel(tree.numpy(), min_tree.numpy(), levels.numpy(), index.numpy(), priority.numpy(),
+                          float(eps), float(alpha), int(limit))
+
+
+# ---------------------------------------------------------------------------------------------------- C++ (CPU)
+def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+    from dlcore.rl.gather import _outputs, _row_bytes
+
+    batch = offsets.numel()
+    index = torch.empty(batch, dtype=torch.int64)
+    weight = torch.empty(batch, dtype=torch.float64)
+    outs = _outputs(sources, batch)
+    status = _ext.cpu.sum_tree_sample_gather(
+        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2, offsets.data_ptr(), batch,
+        float(beta), index.data_ptr(), weight.data_ptr(), [s.data_ptr() for s in sources],
+        [o.data_ptr() for o in outs], [_row_bytes(s) for s in sources],
+        min((s.shape[0] for s in sources), default=0))
+    if status:  # a drawn leaf past a source's rows: the caller's sources are shorter than the tree's written part
+        raise IndexError(f"sampled index {int(index.max())} is past the rows of a source "
+                         f"({min(s.shape[0] for s in sources)})")
+    return index, weight, outs
+
+
+@_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_ext.cpu_unavailable)
+def cpu_sample(tree, min_tree, levels, offsets, beta):
+    index, weight, _ = _cpu_sample_gather(tree, min_tree, levels, offsets, beta, [])
+    return index, weight
+
+
+_dispatch.register(SAMPLE_GATHER_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,),
+                   available=_ext.cpu_unavailable)(_cpu_sample_gather)
+
+
+@_dispatch.register(UPDATE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_ext.cpu_unavailable)
+def cpu_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
+    return _ext.cpu.sum_tree_update(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
+                                    index.data_ptr(), priority.data_ptr(), index.numel(), float(eps), float(alpha),
+                                    int(limit))
 
 
 # ---------------------------------------------------------------------------------------------------- the tree
 class SumTree:
-    """Sum and min trees over `capacity` leaves (float64) on `device`: the numba kernels on the CPU, the Triton
-    kernels on a GPU (dispatch as for every op)."""
+    """Sum and min trees over `capacity` leaves (float64) on `device`, in the 8-ary layout of the module docstring:
+    the C++ (or numba) kernels on the CPU, the Triton or CUDA kernels on a GPU (dispatch as for every op)."""
 
     def __init__(self, capacity: int, device: "str | torch.device" = "cpu"):
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = int(capacity)
-        self.size = tree_size(self.capacity)
         self.device = torch.device(device)
-        self.sum = torch.zeros(2 * self.size, dtype=torch.float64, device=self.device)
-        self.min = torch.full((2 * self.size,), float("inf"), dtype=torch.float64, device=self.device)
+        layout = tree_layout(self.capacity)
+        self.leaf_offset = layout[-2]
+        self.levels = torch.tensor(layout, dtype=torch.int64)  # host copy: the CPU kernels read it as numpy
+        self._levels_dev = self.levels.to(self.device)
+        self.sum = torch.zeros(layout[-1], dtype=torch.float64, device=self.device)
+        self.min = torch.full((layout[-1],), float("inf"), dtype=torch.float64, device=self.device)
 
     @property
     def total(self) -> float:
-        return float(self.sum[1])
+        return float(self.sum[0])
 
     @property
     def min_leaf(self) -> float:
-        return float(self.min[1])
+        return float(self.min[0])
+
+    @property
+    def leaf_values(self) -> torch.Tensor:
+        """The `capacity` leaves (a view)."""
+        return self.sum[self.leaf_offset:self.leaf_offset + self.capacity]
 
     def leaves(self, index: torch.Tensor) -> torch.Tensor:
-        return self.sum[self.size + index]
+        return self.sum[self.leaf_offset + index]
 
     def update(self, index, priority, eps: float = 0.0, alpha: float = 1.0, limit: int | None = None) -> float:
         """Leaves `index` ← (priority + eps)^alpha. Raises on a negative or non-finite priority or an index outside
@@ -336,23 +434,31 @@ class SumTree:
             raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
         limit = self.capacity if limit is None else int(limit)
         _, launch = _dispatch.select(UPDATE_OP, self.device, torch.float64)
-        status, top = launch(self.sum, self.min, index, priority, eps, alpha, limit)
+        status, top = launch(self.sum, self.min, self._levels_dev, index, priority, eps, alpha, limit)
         if status == BAD_PRIORITY:
             raise ValueError("priorities must be finite and non-negative (pass |TD error|)")
         if status == BAD_INDEX:
             raise IndexError(f"index out of range [0, {limit}): min {int(index.min())}, max {int(index.max())}")
         return top
 
+    def load_trees(self, tree_sum: torch.Tensor, tree_min: torch.Tensor) -> None:
+        """Copy in trees saved by `state_dict`-style code (same capacity and layout); a clear error otherwise."""
+        if tree_sum.shape != self.sum.shape or tree_min.shape != self.min.shape:
+            raise ValueError(f"saved sum-tree has {tree_sum.numel()} nodes; a tree of capacity {self.capacity} in "
+                             f"the 8-ary layout has {self.sum.numel()} (saved by another layout or capacity)")
+        self.sum.copy_(tree_sum)
+        self.min.copy_(tree_min)
+
     def sample_gather(self, offsets: torch.Tensor, beta: float, sources: list[torch.Tensor]):
         """sample(), plus rows `index` of every tensor in `sources` (contiguous, on the tree's device, at least as
         many rows as the leaves that can be drawn): (index, weight, [rows of each source])."""
         offsets = as_vector(offsets, torch.float64, self.device)
         _, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
-        return launch(self.sum, self.min, offsets, beta, sources)
+        return launch(self.sum, self.min, self._levels_dev, offsets, beta, sources)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
         weight (p / p_min)^-β."""
         offsets = as_vector(offsets, torch.float64, self.device)
         _, launch = _dispatch.select(SAMPLE_OP, self.device, torch.float64)
-        return launch(self.sum, self.min, offsets, beta)
+        return launch(self.sum, self.min, self._levels_dev, offsets, beta)

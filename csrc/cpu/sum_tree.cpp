@@ -1,0 +1,148 @@
+// Sum-tree kernels for prioritized replay (the `cpu` backend of dlcore/rl/sum_tree.py's ops; the numba kernels
+// there are the `numba` backend and compute the same trees and draws bit for bit). The layout is that module's:
+// the binary sum-tree stored 8-ary, node j of level l at levels[l] + j, its 8 children at levels[l + 1] + 8j (one
+// 64-byte line), a node the pairwise sum ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)); root at [0]; min_tree alike.
+//
+// Why a C++ twin: a 1M-leaf tree (2 × 9.6 MB) is out of the caches between two learner steps, so the numba
+// descent waits on misses the out-of-order window overlaps only a few at a time. Here every level's pass
+// prefetches the child lines of the samples kPrefetchAhead places ahead (their nodes are known from the previous
+// pass), and the update prefetches all leaves before writing them; the sample and the batch's gather are one call.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace dlcore {
+int gather_rows(const std::vector<int64_t>& srcs, const std::vector<int64_t>& dsts,
+                const std::vector<int64_t>& row_bytes, int64_t index_addr, int64_t n, int64_t limit);
+}
+
+namespace {
+
+constexpr int64_t kPrefetchAhead = 16;
+constexpr int kBadPriority = 1, kBadIndex = 2;  // sum_tree.py's status codes
+
+// One binary step: right when the mass lies at or past the left sum and the right subtree is not empty (rounding
+// can leave a mass just past the left sum; an unwritten, zero leaf is never returned). A select, not a branch: the
+// direction is a coin flip the CPU cannot predict.
+inline int pick(double& mass, double left, double right) {
+  const bool go_right = (mass >= left) & (right > 0.0);
+  mass -= go_right ? left : 0.0;
+  return go_right;
+}
+
+void descend(const double* tree, const double* min_tree, const int64_t* levels, int depth, const double* offsets,
+             int64_t batch, double beta, int64_t* node, double* weight) {
+  const double total = tree[0];
+  std::vector<double> mass(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    // stratum b of B: mass (b + u_b)·total/B, kept below the total
+    mass[b] = std::min((double(b) + offsets[b]) * (total / double(batch)), total * (1.0 - 0x1p-52));
+    node[b] = 0;
+  }
+  for (int level = 1; level <= depth; ++level) {  // one 8-ary level (three binary levels) of every descent per pass
+    const double* base = tree + levels[level];
+    for (int64_t b = 0; b < std::min(batch, kPrefetchAhead); ++b) __builtin_prefetch(base + 8 * node[b], 0, 0);
+    for (int64_t b = 0; b < batch; ++b) {
+      if (b + kPrefetchAhead < batch) __builtin_prefetch(base + 8 * node[b + kPrefetchAhead], 0, 0);
+      const double* c = base + 8 * node[b];
+      const double s01 = c[0] + c[1], s23 = c[2] + c[3], s45 = c[4] + c[5], s67 = c[6] + c[7];
+      double m = mass[b];
+      const int r1 = pick(m, s01 + s23, s45 + s67);
+      const int r2 = pick(m, r1 ? s45 : s01, r1 ? s67 : s23);
+      const int k = 4 * r1 + 2 * r2;
+      const int r3 = pick(m, c[k], c[k + 1]);
+      node[b] = 8 * node[b] + k + r3;
+      mass[b] = m;
+    }
+  }
+  const double* leaves = tree + levels[depth];
+  const double inv_min = 1.0 / min_tree[0];
+  for (int64_t b = 0; b < batch; ++b) weight[b] = std::pow(leaves[node[b]] * inv_min, -beta);  // (p / p_min)^-β
+}
+
+// Returns 0, or 1 when a gathered row index is out of [0, limit) (cannot happen for a consistent tree).
+int sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int depth, int64_t offsets, int64_t batch,
+                  double beta, int64_t out_index, int64_t out_weight, const std::vector<int64_t>& srcs,
+                  const std::vector<int64_t>& dsts, const std::vector<int64_t>& row_bytes, int64_t limit) {
+  descend(reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
+          reinterpret_cast<const int64_t*>(levels), depth, reinterpret_cast<const double*>(offsets), batch, beta,
+          reinterpret_cast<int64_t*>(out_index), reinterpret_cast<double*>(out_weight));
+  return srcs.empty() ? 0 : dlcore::gather_rows(srcs, dsts, row_bytes, out_index, batch, limit);
+}
+
+inline void recompute(double* tree, double* min_tree, int64_t node, int64_t c) {
+  const double* t = tree + c;
+  const double* m = min_tree + c;
+  tree[node] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));  // the binary tree's order
+  min_tree[node] = std::min(std::min(std::min(m[0], m[1]), std::min(m[2], m[3])),
+                            std::min(std::min(m[4], m[5]), std::min(m[6], m[7])));
+}
+
+// Leaves index[k] ← (priority[k] + eps)^alpha in order (the last write of a duplicate wins), then every touched
+// ancestor from its children, level by level. Returns (status, max(priority + eps)); nothing is written unless the
+// status is 0 (1: a priority is negative or not finite; 2: an index is outside [0, limit)).
+std::tuple<int, double> update(int64_t tree_addr, int64_t min_addr, int64_t levels_addr, int depth,
+                               int64_t index_addr, int64_t priority_addr, int64_t n, double eps, double alpha,
+                               int64_t limit) {
+  auto* tree = reinterpret_cast<double*>(tree_addr);
+  auto* min_tree = reinterpret_cast<double*>(min_addr);
+  const auto* levels = reinterpret_cast<const int64_t*>(levels_addr);
+  const auto* index = reinterpret_cast<const int64_t*>(index_addr);
+  const auto* priority = reinterpret_cast<const double*>(priority_addr);
+  const int64_t leaf0 = levels[depth];
+  double top = 0.0;
+  for (int64_t k = 0; k < n; ++k) {  // validate everything before writing anything; start fetching the leaves
+    const double p = priority[k];
+    if (!(p >= 0.0 && p < INFINITY)) return {kBadPriority, 0.0};
+    if (index[k] < 0 || index[k] >= limit) return {kBadIndex, 0.0};
+    top = std::max(top, p + eps);
+    __builtin_prefetch(tree + leaf0 + index[k], 1, 0);
+    __builtin_prefetch(min_tree + leaf0 + index[k], 1, 0);
+  }
+  std::vector<int64_t> node(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) {
+    const double v = std::pow(priority[k] + eps, alpha);
+    tree[leaf0 + index[k]] = v;
+    min_tree[leaf0 + index[k]] = v > 0.0 ? v : INFINITY;  // a 0 leaf is never drawn
+    node[k] = index[k] / 8;
+  }
+  for (int level = depth - 1; level >= 0; --level) {
+    const int64_t base = levels[level], children = levels[level + 1];
+    const int64_t width = (levels[level + 2] - children) / 8;  // nodes of this level
+    if (width > n) {  // every touched ancestor; its parent's line is fetched while this level is summed
+      for (int64_t k = 0; k < n; ++k) {
+        __builtin_prefetch(tree + base + node[k], 1, 0);
+        __builtin_prefetch(min_tree + base + node[k], 1, 0);
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        recompute(tree, min_tree, base + node[k], children + 8 * node[k]);
+        node[k] /= 8;
+      }
+    } else {  // no more nodes than updates: all of them, in memory order (same sums, no scatter)
+      for (int64_t j = 0; j < width; ++j) recompute(tree, min_tree, base + j, children + 8 * j);
+    }
+  }
+  return {0, top};
+}
+
+}  // namespace
+
+void register_sum_tree(py::module_& m) {
+  m.def("sum_tree_sample_gather", &sample_gather,
+        "Stratified descents of the 8-ary sum-tree (leaf index, weight (p/p_min)^-beta), then rows index of every "
+        "source (addresses and row sizes in bytes; none: no gather); 1 if a row index is out of [0, limit)",
+        py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("offsets"),
+        py::arg("batch"), py::arg("beta"), py::arg("out_index"), py::arg("out_weight"), py::arg("srcs"),
+        py::arg("dsts"), py::arg("row_bytes"), py::arg("limit"));
+  m.def("sum_tree_update", &update,
+        "Leaves <- (priority + eps)^alpha, then their ancestors; (status, max(priority + eps))", py::arg("tree"),
+        py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("index"), py::arg("priority"),
+        py::arg("n"), py::arg("eps"), py::arg("alpha"), py::arg("limit"));
+}
