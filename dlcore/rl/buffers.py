@@ -17,7 +17,7 @@ import torch
 
 from dlcore import _dispatch
 from dlcore.rl import gather as _gather_op
-from dlcore.rl.sum_tree import SumTree, as_vector
+from dlcore.rl.sum_tree import SumTree
 
 FieldSpec = Mapping[str, tuple]  # name -> (shape, dtype)
 
@@ -218,9 +218,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def update_priorities(self, index, priority) -> None:
         """Set p = |priority| + eps for the transitions at `index` (e.g. |TD error|); the last of duplicates wins."""
         with self._lock:
-            index = as_vector(index, torch.int64, self.device)
-            priority = as_vector(priority, torch.float64, self.device)
-            # one call: validation (finite, non-negative, index < transitions stored), leaves, ancestors
+            # one call (SumTree.update converts index and priority once): validation (finite, non-negative, index < transitions stored), leaves, ancestors
             top = self._tree.update(index, priority, eps=self.eps, alpha=self.alpha, limit=self._size)
             self._max_priority = max(self._max_priority, top)
 
