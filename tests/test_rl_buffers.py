@@ -204,6 +204,15 @@ def test_seeded_reproducible_and_exact_save_load(cls, tmp_path):
         assert torch.equal(restored._storage[name], a._storage[name])
     x, y = a.sample(16), restored.sample(16)
     assert all(torch.equal(x[k], y[k]) for k in x)
+    if cls is PrioritizedReplayBuffer:  # trees of another layout (the binary one before 8-ary) are refused, not misread
+        state = a.state_dict()
+        state["tree_sum"], state["tree_min"] = torch.zeros(128, dtype=torch.float64), torch.zeros(128)
+        before = restored.state_dict()
+        with pytest.raises(ValueError, match="layout"):
+            restored.load_state_dict(state)
+        after = restored.state_dict()  # nothing replaced
+        assert torch.equal(after["tree_sum"], before["tree_sum"]) and after["size"] == before["size"]
+        assert all(torch.equal(after["storage"][k], v) for k, v in before["storage"].items())
 
 
 def test_actor_adds_while_learner_samples():

@@ -231,6 +231,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
+            self._tree.check_saved(state["tree_sum"], state["tree_min"])  # before anything is replaced
             super().load_state_dict(state)
             self._tree.load_trees(state["tree_sum"], state["tree_min"])
             self._max_priority = float(state["max_priority"])

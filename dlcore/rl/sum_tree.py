@@ -442,11 +442,15 @@ class SumTree:
             raise IndexError(f"index out of range [0, {limit}): min {int(index.min())}, max {int(index.max())}")
         return top
 
-    def load_trees(self, tree_sum: torch.Tensor, tree_min: torch.Tensor) -> None:
-        """Copy in trees saved by `state_dict`-style code (same capacity and layout); a clear error otherwise."""
+    def check_saved(self, tree_sum: torch.Tensor, tree_min: torch.Tensor) -> None:
+        """Raise ValueError unless saved trees have this tree's capacity and layout."""
         if tree_sum.shape != self.sum.shape or tree_min.shape != self.min.shape:
             raise ValueError(f"saved sum-tree has {tree_sum.numel()} nodes; a tree of capacity {self.capacity} in "
                              f"the 8-ary layout has {self.sum.numel()} (saved by another layout or capacity)")
+
+    def load_trees(self, tree_sum: torch.Tensor, tree_min: torch.Tensor) -> None:
+        """Copy in trees saved from a SumTree of the same capacity (`check_saved` first)."""
+        self.check_saved(tree_sum, tree_min)
         self.sum.copy_(tree_sum)
         self.min.copy_(tree_min)
 
