@@ -89,3 +89,43 @@ def test_bad_input():
         LinearReLUDropout(4, 4, p=-0.1)
     with pytest.raises(TypeError, match="input"):
         dropout(torch.ones(3, dtype=torch.int64), 0.5)
+
+
+def _autograd_nodes(t):
+    """Names of every node of t's autograd graph."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.skipif(getattr(dlcore._ext.cpu, "simd", None) != "avx512", reason="the skinny GEMM needs AVX-512")
+@pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((7,), 17, 5), ((2, 8), 1000, 129), ((64,), 15, 33),
+                                      ((3, 11), 300, 7)])
+def test_skinny_linear_matches_float64(lead, k, n):
+    """linear_act's CPU matmul for ≤ 64 rows (csrc/cpu/skinny_linear.cpp: 4×4 tiles, masked K tail, tail tiles)
+    against float64, output and every gradient; more rows and use_backend("reference") stay on torch's GEMM."""
+    gen = torch.Generator().manual_seed(SEED + k + n)
+    x = torch.randn(*lead, k, generator=gen, requires_grad=True)
+    w = torch.randn(n, k, generator=gen, requires_grad=True)
+    b = torch.randn(n, generator=gen, requires_grad=True)
+    y = linear_act(x, w, b, "identity")
+    assert "_SkinnyLinearBackward" in _autograd_nodes(y), "the skinny GEMM did not run"
+    dy = torch.randn(y.shape, generator=gen)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.linear(*leaves)
+    ref.backward(dy.double())
+    scale = k ** 0.5 * 1e-6  # fp32 accumulation over k terms
+    torch.testing.assert_close(y.double(), ref, atol=10 * scale, rtol=1e-5)
+    for got, want in zip((x.grad, w.grad, b.grad), (t.grad for t in leaves)):
+        torch.testing.assert_close(got.double(), want, atol=10 * scale * max(1, n ** 0.5), rtol=1e-5)
+    with dlcore.use_backend("reference"):
+        assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(x, w, b))
+    many = torch.randn(65, k)
+    assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(many, w, b))

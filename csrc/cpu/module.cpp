@@ -35,6 +35,7 @@ void register_batch_norm(py::module_& m);
 void register_nt_xent(py::module_& m);
 void register_pool_epilogue(py::module_& m);
 void register_sum_tree(py::module_& m);
+void register_skinny_linear(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -50,6 +51,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("input"), py::arg("output"), py::arg("n"), py::arg("input_dtype"), py::arg("output_dtype"));
   register_adam(m);
   register_sum_tree(m);
+  register_skinny_linear(m);
   register_gather(m);
   register_attention(m);
   register_layer_norm(m);

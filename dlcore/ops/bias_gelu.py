@@ -221,11 +221,56 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True) -> torch
     return bias_act(input, None, "identity", p, training)
 
 
+SKINNY_MAX_ROWS = 64  # measured on the 2-core AMD VM: ours 1.1–3.4× torch's sgemm up to 64 rows, even at 128
+
+
+class _SkinnyLinear(torch.autograd.Function):
+    """y = x·Wᵀ for x [M ≤ 64, K], W [N, K] fp32 on the CPU by csrc/cpu/skinny_linear.cpp (a stream over W, 16 FMAs
+    per weight; torch's sgemm runs this shape far below peak), and dx = dy·W there too. dW = dyᵀ·x stays torch's:
+    its output (as large as W) is written once either way, and a kernel of ours was not faster (page faults of the
+    fresh output dominate both)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        y = x.new_empty((x.shape[0], weight.shape[0]))
+        _ext.cpu.skinny_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0],
+                               x.shape[1])
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_y = grad_y.contiguous()
+            grad_x = torch.zeros_like(x)
+            _ext.cpu.skinny_linear_grad_input(grad_y.data_ptr(), weight.data_ptr(), grad_x.data_ptr(), x.shape[0],
+                                              weight.shape[0], x.shape[1])
+        grad_w = grad_y.t() @ x if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def _matmul_nt(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(input, weight): our skinny GEMM for few rows of fp32 on the CPU when the cpu backend is the one
+    chosen (so use_backend("reference") stays pure torch) and not under torch.compile; torch's otherwise (which
+    also raises torch's errors for mismatched shapes)."""
+    if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous() and input.dim() >= 1
+            and input.shape[-1] == weight.shape[1] and 0 < input.numel() <= SKINNY_MAX_ROWS * weight.shape[1]
+            and weight.numel() > 0 and not torch.compiler.is_compiling()
+            and getattr(_ext.cpu, "simd", None) == "avx512"
+            and _dispatch.select(FORWARD, input.device, input.dtype)[0] == "cpu"):
+        x2 = input.reshape(-1, weight.shape[1]).contiguous()
+        return _SkinnyLinear.apply(x2, weight).view(*input.shape[:-1], weight.shape[0])
+    return F.linear(input, weight)
+
+
 def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: str = "relu", dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """dropout(act(F.linear(input, weight, bias))): the matmul without its bias, then the fused bias + activation
-    (+ dropout)."""
-    return bias_act(F.linear(input, weight), bias, activation, dropout_p, training)
+    (+ dropout). On the CPU, fp32 inputs of at most 64 rows use dlcore's skinny GEMM for the matmul's forward."""
+    return bias_act(_matmul_nt(input, weight), bias, activation, dropout_p, training)
 
 
 def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
