@@ -125,6 +125,9 @@ def test_skinny_linear_matches_float64(lead, k, n):
     torch.testing.assert_close(y.double(), ref, atol=10 * scale, rtol=1e-5)
     for got, want in zip((x.grad, w.grad, b.grad), (t.grad for t in leaves)):
         torch.testing.assert_close(got.double(), want, atol=10 * scale * max(1, n ** 0.5), rtol=1e-5)
+    (gx,) = torch.autograd.grad(linear_act(x, w, b, "identity").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # not silently wrong second derivatives
+        gx.sum().backward()
     with dlcore.use_backend("reference"):
         assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(x, w, b))
     many = torch.randn(65, k)

@@ -1,7 +1,7 @@
-// y = x·Wᵀ and the input gradient dx = dy·W for few rows (fp32): the GEMMs of dlcore.functional.linear_act on the CPU when the batch is small (an
-// AlexNet classifier layer in training: x [16, 9216], W [4096, 9216]). There the GEMM is a stream over W with 16
-// FMAs per weight, and torch's sgemm ran it at 25 GFLOP/s on the 2-core AMD VM (46.5 ms for fc6's forward); this
-// kernel runs it at ~78 (15.4 ms).
+// y = x·Wᵀ and the input gradient dx = dy·W for few rows (fp32): the GEMMs of dlcore.functional.linear_act on
+// the CPU when the batch is small (an AlexNet classifier layer in training: x [16, 9216], W [4096, 9216]). There
+// the GEMM is a stream over W with 16 FMAs per weight, and torch's sgemm ran it at 25 GFLOP/s on the 2-core AMD VM
+// (46.5 ms for fc6's forward); this kernel runs it at ~78 (15.4 ms).
 //
 // Tiling: 4 rows of W × 4 rows of x in 16 accumulators of 16 lanes, over all of K (masked tail); threads split W's
 // rows, so W is read once from memory, and the x rows (≤ 64 × K floats) stay in L2. Each output is one horizontal
@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -19,6 +20,18 @@ namespace py = pybind11;
 namespace {
 
 #if defined(__AVX512F__)
+// f(std::integral_constant<int, R>) for R = min(rows, 4) ≥ 1: a tile's row count as a template argument, so full
+// and tail tiles are one template.
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows >= 4 ? 4 : rows) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 template <int NB, int MB>
 void tile(const float* x, const float* w, float* y, int64_t m0, int64_t n0, int64_t N, int64_t K) {
   __m512 acc[NB][MB];
@@ -47,14 +60,8 @@ void tile(const float* x, const float* w, float* y, int64_t m0, int64_t n0, int6
 // The rows of W from n0 (nb ≤ 4 of them) against every row of x.
 template <int NB>
 void w_rows(const float* x, const float* w, float* y, int64_t n0, int64_t M, int64_t N, int64_t K) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) tile<NB, 4>(x, w, y, m0, n0, N, K);
-  switch (M - m0) {
-    case 3: tile<NB, 3>(x, w, y, m0, n0, N, K); break;
-    case 2: tile<NB, 2>(x, w, y, m0, n0, N, K); break;
-    case 1: tile<NB, 1>(x, w, y, m0, n0, N, K); break;
-    default: break;
-  }
+  for (int64_t m0 = 0; m0 < M; m0 += 4)
+    with_rows(M - m0, [&](auto mb) { tile<NB, decltype(mb)::value>(x, w, y, m0, n0, N, K); });
 }
 #endif
 
@@ -69,12 +76,7 @@ bool skinny_linear(int64_t x_addr, int64_t w_addr, int64_t y_addr, int64_t M, in
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t n0 = 4 * blk;
-    switch (N - n0 >= 4 ? 4 : N - n0) {
-      case 4: w_rows<4>(x, w, y, n0, M, N, K); break;
-      case 3: w_rows<3>(x, w, y, n0, M, N, K); break;
-      case 2: w_rows<2>(x, w, y, n0, M, N, K); break;
-      default: w_rows<1>(x, w, y, n0, M, N, K); break;
-    }
+    with_rows(N - n0, [&](auto nb) { w_rows<decltype(nb)::value>(x, w, y, n0, M, N, K); });
   }
   return true;
 #else
@@ -110,7 +112,8 @@ void grad_x_tile(const float* dy, const float* w, float* dx, int64_t m0, int64_t
 
 // dx = dy·W: dy [M, N], w [N, K], dx [M, K] (zeroed by the caller); fp32. Threads split K into 64-column pieces;
 // each walks W's rows in blocks of 128 (a block's pieces, 32 KB, stay in L1/L2 and its pages in the TLB while every
-// group of 4 rows of dy uses them), so W is read from memory once; per block a sum from zero (blocked summation). Returns false without an AVX-512 path.
+// group of 4 rows of dy uses them), so W is read from memory once; per block a sum from zero (blocked summation).
+// Returns false without an AVX-512 path.
 bool skinny_linear_grad_input(int64_t dy_addr, int64_t w_addr, int64_t dx_addr, int64_t M, int64_t N, int64_t K) {
 #if defined(__AVX512F__)
   const auto* dy = reinterpret_cast<const float*>(dy_addr);
@@ -128,14 +131,8 @@ bool skinny_linear_grad_input(int64_t dy_addr, int64_t w_addr, int64_t dx_addr, 
     }
     for (int64_t nb = 0; nb < N; nb += kRowsPerBlock) {
       const int64_t ne = nb + kRowsPerBlock < N ? nb + kRowsPerBlock : N;
-      int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) grad_x_tile<4>(dy, w, dx, m0, k0, nb, ne, N, K, mask);
-      switch (M - m0) {
-        case 3: grad_x_tile<3>(dy, w, dx, m0, k0, nb, ne, N, K, mask); break;
-        case 2: grad_x_tile<2>(dy, w, dx, m0, k0, nb, ne, N, K, mask); break;
-        case 1: grad_x_tile<1>(dy, w, dx, m0, k0, nb, ne, N, K, mask); break;
-        default: break;
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        with_rows(M - m0, [&](auto mb) { grad_x_tile<decltype(mb)::value>(dy, w, dx, m0, k0, nb, ne, N, K, mask); });
     }
   }
   return true;

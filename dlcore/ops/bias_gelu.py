@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from dlcore import _checks, _dispatch, _ext
 
@@ -239,6 +240,7 @@ class _SkinnyLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels are not recorded: a double backward must fail, not be silently wrong
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_x = None
@@ -269,7 +271,8 @@ def _matmul_nt(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: str = "relu", dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """dropout(act(F.linear(input, weight, bias))): the matmul without its bias, then the fused bias + activation
-    (+ dropout). On the CPU, fp32 inputs of at most 64 rows use dlcore's skinny GEMM for the matmul's forward."""
+    (+ dropout). On the CPU, fp32 inputs of at most 64 rows use dlcore's skinny GEMMs for the matmul's forward and
+    its input gradient."""
     return bias_act(_matmul_nt(input, weight), bias, activation, dropout_p, training)
 
 
