@@ -19,7 +19,8 @@ a slot out of sampling.
 Three ops behind the dispatch point, each with a C++ twin (`cpu`, csrc/cpu/sum_tree.cpp: prefetching descents and
 updates, sample and gather in one call), numba kernels (`numba`), Triton and CUDA C++ kernels for GPUs, and a
 plain-PyTorch reference; the CPU ones are one call from Python, validation included, because the targets are a few
-microseconds. `cpu` and `numba` compute the same trees and draws bit for bit:
+microseconds. `cpu` and `numba` compute the same trees and draws bit for bit (`levels`: the int64 tensor of
+tree_layout(capacity), on the tree's device):
   sum_tree_sample(tree, min_tree, levels, offsets, beta) -> (leaf index, importance weight)
       stratified: target mass (b + offsets[b])·total/B for b < B, one descent each; weight (p_i / p_min)^-β
   sum_tree_sample_gather(tree, min_tree, levels, offsets, beta, sources) -> (leaf index, weight, rows of each source)
@@ -172,7 +173,7 @@ def _parallel_update(kernel_update):
             return status, 0.0
         if index.numel() == 0:
             return 0, 0.0
-        kernel_update(tree, min_tree, levels.to(tree.device), *_resolve_duplicates(index, priority, eps, alpha))
+        kernel_update(tree, min_tree, levels, *_resolve_duplicates(index, priority, eps, alpha))
         return 0, float((priority + eps).max())
 
     return launch
@@ -189,7 +190,7 @@ def _cuda_update_kernel(tree, min_tree, levels, index, value):
 
 @_dispatch.register(SAMPLE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_ext.cuda_unavailable)
 def cuda_sample(tree, min_tree, levels, offsets, beta):
-    offsets, levels = offsets.to(tree.device).contiguous(), levels.to(tree.device)
+    offsets = offsets.to(tree.device).contiguous()
     index = torch.empty(offsets.numel(), dtype=torch.int64, device=tree.device)
     weight = torch.empty(offsets.numel(), dtype=torch.float64, device=tree.device)
     with torch.cuda.device(tree.device):
@@ -206,7 +207,7 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
 @_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
                     available=_ext.cuda_unavailable)
 def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources):
-    offsets, levels = offsets.to(tree.device).contiguous(), levels.to(tree.device)
+    offsets = offsets.to(tree.device).contiguous()
     batch = offsets.numel()
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
@@ -225,7 +226,7 @@ def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources):
 def triton_sample(tree, min_tree, levels, offsets, beta):
     from dlcore.kernels import sum_tree as kernel
 
-    return kernel.sample(tree, min_tree, levels.to(tree.device), offsets.to(tree.device), beta)
+    return kernel.sample(tree, min_tree, levels, offsets.to(tree.device), beta)
 
 
 @_dispatch.register(SAMPLE_GATHER_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
@@ -234,8 +235,7 @@ def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources):
     from dlcore.kernels import sum_tree as kernel
 
     outs, table = _gather_table(sources, offsets.numel())
-    index, weight = kernel.sample_gather(tree, min_tree, levels.to(tree.device), offsets.to(tree.device), beta,
-                                         table.to(tree.device))
+    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets.to(tree.device), beta, table.to(tree.device))
     return index, weight, outs
 
 
@@ -405,8 +405,7 @@ class SumTree:
         self.device = torch.device(device)
         layout = tree_layout(self.capacity)
         self.leaf_offset = layout[-2]
-        self.levels = torch.tensor(layout, dtype=torch.int64)  # host copy: the CPU kernels read it as numpy
-        self._levels_dev = self.levels.to(self.device)
+        self.levels = torch.tensor(layout, dtype=torch.int64, device=self.device)  # every op takes it beside the tree
         self.sum = torch.zeros(layout[-1], dtype=torch.float64, device=self.device)
         self.min = torch.full((layout[-1],), float("inf"), dtype=torch.float64, device=self.device)
 
@@ -435,7 +434,7 @@ class SumTree:
             raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
         limit = self.capacity if limit is None else int(limit)
         _, launch = _dispatch.select(UPDATE_OP, self.device, torch.float64)
-        status, top = launch(self.sum, self.min, self._levels_dev, index, priority, eps, alpha, limit)
+        status, top = launch(self.sum, self.min, self.levels, index, priority, eps, alpha, limit)
         if status == BAD_PRIORITY:
             raise ValueError("priorities must be finite and non-negative (pass |TD error|)")
         if status == BAD_INDEX:
@@ -459,11 +458,11 @@ class SumTree:
         many rows as the leaves that can be drawn): (index, weight, [rows of each source])."""
         offsets = as_vector(offsets, torch.float64, self.device)
         _, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
-        return launch(self.sum, self.min, self._levels_dev, offsets, beta, sources)
+        return launch(self.sum, self.min, self.levels, offsets, beta, sources)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
         weight (p / p_min)^-β."""
         offsets = as_vector(offsets, torch.float64, self.device)
         _, launch = _dispatch.select(SAMPLE_OP, self.device, torch.float64)
-        return launch(self.sum, self.min, self._levels_dev, offsets, beta)
+        return launch(self.sum, self.min, self.levels, offsets, beta)
