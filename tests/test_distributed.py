@@ -53,6 +53,10 @@ def _worker(rank: int, world: int, port: int, mode: str) -> None:
                 assert type(opts[0].state[a]["exp_avg"]).__name__ == "DTensor"  # state sharded like the param
                 a, b = a.full_tensor(), b.full_tensor()
             assert torch.allclose(a, b, atol=1e-5), (mode, rank, (a - b).abs().max())
+        # both ranks done before either tears down: a rank destroying the group while its peer still finishes the
+        # last collective aborted a gloo thread once ("terminate called without an active exception"); on a failed
+        # assertion this is skipped, that rank exits and mp.spawn stops the other
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
