@@ -65,4 +65,12 @@ def _worker(rank: int, world: int, port: int, mode: str) -> None:
 def test_two_processes_gloo(mode):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(2, _free_port(), mode), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), mode), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        # A worker killed by a signal (not an assertion: that raises ProcessRaisedException and is never retried):
+        # gloo aborted a thread at teardown in ~1 of 15 runs on the 2-core VMs ("terminate called without an active
+        # exception"). Run once more on a fresh port; a real crash repeats and fails here.
+        if exc.signal_name is None:
+            raise
+        mp.spawn(_worker, args=(2, _free_port(), mode), nprocs=2, join=True)
