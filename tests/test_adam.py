@@ -190,6 +190,25 @@ def test_grad_scale_and_found_inf(backend, device):
         assert torch.allclose(x, y, rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(dlcore._ext.cpu is None, reason="CPU extension not built")
+@pytest.mark.parametrize("state_dtype,amsgrad", [(torch.float32, True), (torch.bfloat16, False)])
+def test_cpu_counts_steps_as_the_scalar_table_does(state_dtype, amsgrad):
+    """fp32 host step counters: the C++ twin increments them and derives lr, alpha, eps_hat itself; float64
+    counters take the scalar_table path. Both must give the same bits, step after step (lr a host tensor too)."""
+    a = _rand_lists([1, 129, 70001], "cpu", torch.float32, state_dtype, amsgrad=amsgrad, seed=SEED)
+    b = [[t.clone() for t in lst] if isinstance(lst, list) else lst for lst in a]
+    b[5] = [s.double() for s in b[5]]
+    with dlcore.use_backend("cpu"):
+        for k in range(5):
+            lr = 1e-2 if k % 2 else torch.tensor(3e-3)
+            for lists in (a, b):
+                dlcore.functional.adam(*lists[:6], lr=lr, amsgrad=amsgrad, weight_decay=0.1, seed=5,
+                                       decoupled_weight_decay=True)
+    for x, y in zip(sum(a[:5], []), sum(b[:5], [])):
+        assert torch.equal(x, y)
+    assert [float(s) for s in a[5]] == [float(s) for s in b[5]] == [6.0, 7.0, 8.0]
+
+
 def test_with_torch_grad_scaler():
     net_a, net_b = small_net("cpu", seed=SEED), small_net("cpu", seed=SEED)
     opt_a = dlcore.optim.Adam(net_a.parameters(), lr=1e-2)

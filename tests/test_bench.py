@@ -64,6 +64,22 @@ def test_failed_setup_is_reported_not_raised():
     assert "no such device" in result.errors["setup"]
 
 
+def test_variants_are_timed_in_rounds_and_a_failing_one_is_dropped():
+    calls = []
+
+    def failing_on_third_call():
+        calls.append("b")
+        if calls.count("b") == 3:
+            raise ValueError("broke mid-run")
+
+    fns = {"a": lambda: calls.append("a"), "b": failing_on_third_call, "c": lambda: calls.append("c")}
+    times, errors = harness.time_interleaved(fns, "cpu", warmup=1, repeats=4)
+    assert calls[:3] == ["a", "b", "c"]                      # warm-up, one variant after another
+    assert calls[3:9] == ["a", "b", "c", "a", "b", "c"]      # then rounds: one call of each per round
+    assert errors == {"b": "ValueError: broke mid-run"} and set(times) == {"a", "c"}
+    assert len(times["a"]) == len(times["c"]) >= 4
+
+
 def test_input_sets_cover_twice_the_cache():
     case = harness.Case("adam", "x", "cpu", lambda n: {}, bytes=1 << 20)
     assert harness.input_sets_needed(case, 8 << 20) == 8

@@ -4,6 +4,9 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cmath>
+#include <vector>
+
 #include "common/adam.h"
 
 namespace py = pybind11;
@@ -27,32 +30,60 @@ __attribute__((noinline)) void adam_range(const int64_t* row, int64_t begin, int
 }
 
 template <int PD, int SD, bool AMS, bool MASTER>
-void adam_chunks(const int64_t* ptrs, const int64_t* numels, const float* scal, const int64_t* chunks,
-                 int64_t n_chunks, int64_t chunk_size, const AdamHyper& h, float grad_scale) {
+void adam_chunks(const int64_t* ptrs, int row_stride, const int64_t* numels, const float* scal,
+                 const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, const AdamHyper& h, float grad_scale) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t t = chunks[2 * c], begin = chunks[2 * c + 1];
     const int64_t end = std::min(begin + chunk_size, numels[t]);
     const AdamCoef coef = adam_coef(h, scal + kScalars * t, t, begin, grad_scale);
-    adam_range<PD, SD, AMS, MASTER>(ptrs + kSlots * t, begin, int(end - begin), coef);
+    adam_range<PD, SD, AMS, MASTER>(ptrs + row_stride * t, begin, int(end - begin), coef);
   }
 }
 
+// The step counters and the scalar rows on the host, for the `cpu` backend (counts_steps): row t's slot kSteps
+// holds the address of tensor t's fp32 step counter. step ← step + 1 (torch's _foreach_add_), then
+// [lr, α = lr·√(1−β2ᵗ)/(1−β1ᵗ), ε̂ = ε·√(1−β2ᵗ), t] in double, rounded to fp32: scalar_table's expressions in
+// dlcore/ops/adam.py with the same libm calls, so the same rows. Saves that path's ~6 tensor ops per step.
+constexpr int kSteps = kSlots;  // the extra slot after the six of common/adam.h
+std::vector<float> count_steps(const int64_t* ptrs, int row_stride, int64_t n, double lr, double eps, double beta1,
+                               double beta2) {
+  std::vector<float> scal(static_cast<size_t>(kScalars * n));
+  for (int64_t t = 0; t < n; ++t) {
+    float* step = reinterpret_cast<float*>(ptrs[row_stride * t + kSteps]);
+    *step += 1.0f;
+    const double s = *step, bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, s));
+    float* row = scal.data() + kScalars * t;
+    row[0] = float(lr);
+    row[1] = float(lr * bc2_sqrt / (1.0 - std::pow(beta1, s)));
+    row[2] = float(eps * bc2_sqrt);
+    row[3] = float(s);
+  }
+  return scal;
+}
+
+// counts_steps: the scalar rows are derived here from the step counters (see count_steps; `scal` is unused,
+// rows have kSlots + 1 addresses), after a found_inf skip (a skipped step does not count, as in torch's fused Adam).
 void adam_step(int64_t ptrs, int64_t numels, int64_t scal, int64_t chunks, int64_t n_chunks, int64_t chunk_size,
-               int param_dtype, int state_dtype, bool amsgrad, bool master, float beta1, float beta2, float one_minus_beta1,
-               float one_minus_beta2,
-               float weight_decay, bool decoupled, bool maximize, uint32_t seed, int64_t grad_scale_ptr,
-               int64_t found_inf_ptr) {
+               int param_dtype, int state_dtype, bool amsgrad, bool master, double beta1, double beta2,
+               float one_minus_beta1, float one_minus_beta2, float weight_decay, bool decoupled, bool maximize,
+               uint32_t seed, int64_t grad_scale_ptr, int64_t found_inf_ptr, bool counts_steps, int64_t n_tensors,
+               double lr, double eps) {
   if (chunk_size > (1 << 30)) throw std::invalid_argument("dlcore: chunk_size must fit 32-bit offsets");
   if (found_inf_ptr && *reinterpret_cast<const float*>(found_inf_ptr) != 0.0f) return;  // GradScaler: skip
   const float grad_scale = grad_scale_ptr ? *reinterpret_cast<const float*>(grad_scale_ptr) : 1.0f;
-  const AdamHyper h{beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, decoupled, maximize, seed};
+  const AdamHyper h{float(beta1), float(beta2), one_minus_beta1, one_minus_beta2, weight_decay, decoupled, maximize,
+                    seed};
+  const auto* table = reinterpret_cast<const int64_t*>(ptrs);
+  const int row_stride = counts_steps ? kSlots + 1 : kSlots;
+  std::vector<float> rows;
+  if (counts_steps) rows = count_steps(table, row_stride, n_tensors, lr, eps, beta1, beta2);
+  const float* scalars = counts_steps ? rows.data() : reinterpret_cast<const float*>(scal);
   py::gil_scoped_release release;
   dispatch_adam(param_dtype, state_dtype, amsgrad, master, [&](auto pd, auto sd, auto ams, auto mw) {
     adam_chunks<decltype(pd)::value, decltype(sd)::value, decltype(ams)::value, decltype(mw)::value>(
-        reinterpret_cast<const int64_t*>(ptrs), reinterpret_cast<const int64_t*>(numels),
-        reinterpret_cast<const float*>(scal), reinterpret_cast<const int64_t*>(chunks), n_chunks, chunk_size, h,
-        grad_scale);
+        table, row_stride, reinterpret_cast<const int64_t*>(numels), scalars,
+        reinterpret_cast<const int64_t*>(chunks), n_chunks, chunk_size, h, grad_scale);
   });
 }
 
@@ -66,5 +97,6 @@ void register_adam(py::module_& m) {
         py::arg("master"), py::arg("beta1"), py::arg("beta2"), py::arg("one_minus_beta1"),
         py::arg("one_minus_beta2"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("maximize"), py::arg("seed"), py::arg("grad_scale_ptr"),
-        py::arg("found_inf_ptr"));
+        py::arg("found_inf_ptr"), py::arg("counts_steps") = false, py::arg("n_tensors") = 0, py::arg("lr") = 0.0,
+        py::arg("eps") = 0.0);
 }

@@ -2,7 +2,8 @@
 
 A Case names an op, a shape and a device, and builds its variants: dlcore's implementation and its peers (stock
 PyTorch eager, torch.compile of the stock code). All variants of a case are timed in the same run: warm-up,
-device synchronisation, median of repeats, and enough independent input sets, used in rotation, that the
+device synchronisation, median of repeats taken in rounds (one call of each variant per round, so load from
+elsewhere on a shared machine falls on every variant alike), and enough independent input sets, used in rotation, that the
 working set exceeds the last-level cache (so caches do not flatter whoever runs second). Each case states the
 bytes it must move and the FLOPs it must do, so results read as GB/s or TFLOP/s and as a percentage of the
 device's peak, measured at start-up in the same run.
@@ -79,6 +80,59 @@ def time_callable(fn: Callable[[], object], device: str, warmup: int, repeats: i
             fn()
             times.append(time.perf_counter() - t0)
     return times
+
+
+def _timed_call(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
+                     min_seconds: float = 0.0, progress: Optional[Callable[[str], None]] = None
+                     ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Seconds per call of every variant, timed in rounds: one call of each variant per round, so a burst of
+    load from elsewhere on the machine lands on all of them alike (timing one variant's repeats after another's
+    let a noisy minute decide a ratio: 0.81x and 0.99x in two runs of the same case on a shared VM). At least
+    `repeats` rounds, more until `min_seconds` per variant. Returns (times, errors); a variant that raises is
+    dropped with its error."""
+    times: dict[str, list[float]] = {}
+    errors: dict[str, str] = {}
+    live = {}
+    for name, fn in fns.items():  # warm-up (and compilation) one variant at a time
+        if progress:
+            progress(name)
+        try:
+            for _ in range(warmup):
+                fn()
+            synchronize(device)
+        except Exception as exc:
+            errors[name] = _error_line(exc)
+            continue
+        live[name], times[name] = fn, []
+    start = time.perf_counter()
+    rounds = 0
+    while live and (rounds < repeats or (time.perf_counter() - start < min_seconds * len(live)
+                                         and rounds < 10 * repeats)):
+        for name in list(live):
+            try:
+                times[name].append(_timed_call(live[name], device))
+            except Exception as exc:
+                errors[name] = _error_line(exc)
+                del live[name], times[name]
+        rounds += 1
+    return times, errors
+
+
+def _error_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def last_level_cache_bytes(device: str) -> int:
@@ -180,14 +234,12 @@ def run_case(case: Case, quick: bool, llc_bytes: int, progress: Optional[Callabl
         result.errors["setup"] = f"{type(exc).__name__}: {exc}"
         return result
     variants.update(backend_variants(case, variants.get(DLCORE)))
-    for name, fn in variants.items():
-        if progress:
-            progress(f"{case.op}: {case.name} — {name}")
-        try:
-            times = sorted(time_callable(fn, case.device, warmup, repeats, min_seconds))
-        except Exception as exc:
-            result.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            continue
+    all_times, errors = time_interleaved(
+        variants, case.device, warmup, repeats, min_seconds,
+        progress=(lambda name: progress(f"{case.op}: {case.name} — {name}")) if progress else None)
+    result.errors.update(errors)
+    for name, times in all_times.items():
+        times = sorted(times)
         med = statistics.median(times)
         q = statistics.quantiles(times, n=4) if len(times) >= 4 else [med, med, med]
         result.times_ms[name] = med * 1e3

@@ -131,7 +131,7 @@ _dispatch.register(OP, "reference", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPE
 # Compiled backends: same signature, the plan tables from dlcore/_multi_tensor.py.
 # ---------------------------------------------------------------------------------------------------------------
 def _native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale, found_inf):
-    return dict(ptrs=plan.ptrs.data_ptr(), numels=plan.numels.data_ptr(), scal=scal.data_ptr(),
+    return dict(ptrs=plan.ptrs.data_ptr(), numels=plan.numels.data_ptr(), scal=address(scal),
                 chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks, chunk_size=plan.chunk_size,
                 param_dtype=_ext.DTYPE_CODE[param_dtype], state_dtype=_ext.DTYPE_CODE[state_dtype],
                 amsgrad=amsgrad, master=master, beta1=hyper.beta1, beta2=hyper.beta2,
@@ -146,6 +146,16 @@ def cpu_launch(slots, scal, hyper, *, param_dtype, state_dtype, amsgrad, master,
     plan = cached_plan(slots, CPU_CHUNK, torch.device("cpu"))
     _ext.cpu.adam_step(**_native_args(plan, scal, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale,
                                       found_inf))
+
+
+def cpu_counting_launch(slots, steps, lr: float, eps: float, hyper, *, param_dtype, state_dtype, amsgrad, master,
+                        grad_scale=None, found_inf=None):
+    """The whole step in one C++ call: the step counters (fp32 CPU tensors, a 7th slot of the plan) are
+    incremented and the scalar rows derived there, as _adam_impl and scalar_table do with ~6 tensor ops. The
+    Python around a large CPU step runs with cold caches, so each op removed saves several times its warm cost."""
+    plan = cached_plan([*slots, steps], CPU_CHUNK, torch.device("cpu"))
+    args = _native_args(plan, None, hyper, param_dtype, state_dtype, amsgrad, master, grad_scale, found_inf)
+    _ext.cpu.adam_step(**args, counts_steps=True, n_tensors=len(steps), lr=lr, eps=eps)
 
 
 @_dispatch.register(OP, "cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_ext.cuda_unavailable)
@@ -184,18 +194,31 @@ def _adam_impl(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     backend, launch = _dispatch.select(OP, device, param_dtype)
     if state_dtype not in KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ()):
         raise TypeError(f"adam: state dtype {state_dtype} is not supported by backend {backend!r}")
-    torch._foreach_add_(state_steps, 1.0)
-    table_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
-    scal = scalar_table(lr if lr_tensor is None else lr_tensor, beta1, beta2, eps, state_steps, device, table_dtype)
     hyper = AdamHyper(beta1, beta2, weight_decay, decoupled_weight_decay, maximize, seed & 0x7FFFFFFF)
     none = [None] * n
     slots = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else none,
              master_params if master_params else none]
+    kinds = dict(param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad, master=bool(master_params),
+                 grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "cpu" and _counts_on_host(state_steps, lr_tensor):
+        cpu_counting_launch(slots, state_steps, float(lr if lr_tensor is None else lr_tensor), eps, hyper, **kinds)
+        return
+    torch._foreach_add_(state_steps, 1.0)
+    table_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    scal = scalar_table(lr if lr_tensor is None else lr_tensor, beta1, beta2, eps, state_steps, device, table_dtype)
     if any(p.numel() for p in params):  # empty tensors have no chunks; a launch of zero programs is not valid
-        launch(slots, scal, hyper, param_dtype=param_dtype, state_dtype=state_dtype, amsgrad=amsgrad,
-               master=bool(master_params), grad_scale=grad_scale, found_inf=found_inf)
+        launch(slots, scal, hyper, **kinds)
     if found_inf is not None:  # a skipped step does not count, as in torch's fused Adam
         torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
+
+
+def _counts_on_host(steps: list[torch.Tensor], lr_tensor: Optional[torch.Tensor]) -> bool:
+    """Whether the C++ twin can count the steps itself: fp32 counters of one element in host memory (dlcore's
+    optimizers make them so; the functional form may be handed others), and lr a number or a host tensor."""
+    if lr_tensor is not None and lr_tensor.device.type != "cpu":
+        return False
+    f32, cpu = torch.float32, torch.device("cpu")
+    return all(s.dtype == f32 and s.device == cpu and s.numel() == 1 for s in steps)
 
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params")
@@ -208,9 +231,10 @@ def run_adam_op(*args) -> None:
     parameters, most of it bumping them one by one)."""
     if torch.compiler.is_compiling():
         return adam_op(*args)
-    _adam_impl(*args)
     params, _, exp_avgs, exp_avg_sqs, max_sqs, steps, masters = args[:7]
+    # before the step, while the caches still hold these tensor objects (a large step evicts them)
     torch._C._increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_sqs, *steps, *masters])
+    _adam_impl(*args)
 
 
 @adam_op.register_fake

@@ -29,8 +29,6 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The local shard of a DTensor (it shares storage), or the tensor itself."""
-    if type(t) in _PLAIN:  # the common case, without the failing attribute lookup (~5 per parameter and step)
-        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
 
@@ -167,7 +165,7 @@ class Adam(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         name = type(self).__name__
         for gi, group in enumerate(self.param_groups):
-            buckets: dict[tuple, list[list]] = {}
+            buckets: dict[tuple, list[tuple]] = {}  # (device, dtypes, master?) -> one row of tensors per param
             amsgrad = group["amsgrad"]
             for p in group["params"]:
                 g = p.grad
@@ -188,26 +186,22 @@ class Adam(torch.optim.Optimizer):
                 state = self._init_state(p, group)
                 master = state.get("master_param")
                 key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
-                lists = buckets.get(key)
-                if lists is None:
-                    lists = buckets[key] = [[], [], [], [], [], [], []]
-                lists[0].append(_local(p))
-                lists[1].append(_local(g))
-                lists[2].append(_local(state["exp_avg"]))
-                lists[3].append(_local(state["exp_avg_sq"]))
-                if amsgrad:
-                    lists[4].append(_local(state["max_exp_avg_sq"]))
-                lists[5].append(state["step"])
-                if master is not None:
-                    lists[6].append(_local(master))
+                rows = buckets.get(key)
+                if rows is None:
+                    rows = buckets[key] = []
+                row = (p, g, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if amsgrad else None,
+                       state["step"], master)
+                rows.append(row if type(p) in _PLAIN else tuple(map(_local, row)))  # DTensors: their shards
             if len({k[0] for k in buckets}) > 1:
                 raise ValueError(f"{name}: param group {gi} holds parameters on several devices "
                                  f"({sorted(str(k[0]) for k in buckets)}); give each device its own group")
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            for (device, *_), (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters) in buckets.items():
+            for (device, *_, has_master), rows in buckets.items():
+                params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters = map(list, zip(*rows))
                 adam_op.run_adam_op(
-                    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
+                    params, grads, exp_avgs, exp_avg_sqs, max_sqs if amsgrad else [], steps,
+                    masters if has_master else [],
                     adam_op.check_float_scalar(grad_scale, "grad_scale", device),
                     adam_op.check_float_scalar(found_inf, "found_inf", device),
                     0.0 if isinstance(lr, torch.Tensor) else float(lr), lr if isinstance(lr, torch.Tensor) else None,
