@@ -273,14 +273,15 @@ def test_sample_gather_equals_sample_then_rows(row_shape, dtype):
     tree.update(torch.arange(0, 1000, 3), torch.rand(334, generator=gen, dtype=torch.float64) + 1e-3)
     sources = [(torch.rand((1000, *row_shape), generator=gen) * 100).to(dtype),
                torch.randn(1000, 2, generator=gen, dtype=torch.float64)]
-    offsets = torch.rand(77, generator=gen, dtype=torch.float64)
-    for backend in BACKENDS:
-        with dlcore.use_backend(backend):
-            index, weight = tree.sample(offsets, 0.4)
-            fused_index, fused_weight, rows = tree.sample_gather(offsets, 0.4, sources)
-        assert torch.equal(fused_index, index) and torch.equal(fused_weight, weight), backend
-        for source, got in zip(sources, rows):
-            assert got.dtype == source.dtype and torch.equal(got, source.index_select(0, index)), backend
+    for batch in (1, 77, 301):  # from 128 draws on, the C++ call splits draws and rows over two threads
+        offsets = torch.rand(batch, generator=gen, dtype=torch.float64)
+        for backend in BACKENDS:
+            with dlcore.use_backend(backend):
+                index, weight = tree.sample(offsets, 0.4)
+                fused_index, fused_weight, rows = tree.sample_gather(offsets, 0.4, sources)
+            assert torch.equal(fused_index, index) and torch.equal(fused_weight, weight), backend
+            for source, got in zip(sources, rows):
+                assert got.dtype == source.dtype and torch.equal(got, source.index_select(0, index)), backend
 
 
 @pytest.mark.gpu

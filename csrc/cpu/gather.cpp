@@ -19,6 +19,7 @@ namespace {
 
 constexpr int kPrefetchAhead = 8;
 constexpr int64_t kParallelBytes = 1 << 20;  // below this, thread start-up costs more than it saves
+constexpr int64_t kWholeRowBytes = 1024, kWholeRowAhead = 3;
 
 inline void prefetch_row(const char* row, int64_t bytes) {
   for (int64_t o = 0; o < bytes && o < 256; o += 64) __builtin_prefetch(row + o, 0, 0);
@@ -39,12 +40,21 @@ void copy_rows(const char* src, char* dst, const int64_t* index, int64_t n) {
 }
 
 // dst[b] = src[index[b]] for rows of rb bytes (Atari frames: 7 KB); index −1 writes a row of zeros. Over OpenMP
-// threads when `parallel`.
+// threads when `parallel`. Rows of a kilobyte or more are prefetched whole, kWholeRowAhead rows ahead, into L2
+// (prefetcht2): the hardware streamer starts only after a row's first lines have missed. 256 random 7 KB rows of
+// 1.4 GB on 2 threads (AMD EPYC VM, huge pages): 117-137 us with the first 256 bytes 8 rows ahead, 105-110 whole.
 void copy_large_rows(const char* src, char* dst, const int64_t* index, int64_t n, int64_t rb, bool parallel) {
+  const bool whole = rb >= kWholeRowBytes;
+  const int64_t ahead = whole ? kWholeRowAhead : kPrefetchAhead;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t b = 0; b < n; ++b) {
-    if (b + kPrefetchAhead < n && index[b + kPrefetchAhead] >= 0)
-      prefetch_row(src + index[b + kPrefetchAhead] * rb, rb);
+    if (b + ahead < n && index[b + ahead] >= 0) {
+      const char* row = src + index[b + ahead] * rb;
+      if (whole)
+        for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + o, 0, 1);
+      else
+        prefetch_row(row, rb);
+    }
     if (index[b] >= 0)
       std::memcpy(dst + b * rb, src + index[b] * rb, size_t(rb));
     else

@@ -8,6 +8,7 @@
 // prefetches the child lines of the samples kPrefetchAhead places ahead (their nodes are known from the previous
 // pass), and the update prefetches all leaves before writing them; the sample and the batch's gather are one call.
 #include <immintrin.h>
+#include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -27,6 +28,7 @@ int gather_rows(const std::vector<int64_t>& srcs, const std::vector<int64_t>& ds
 namespace {
 
 constexpr int64_t kPrefetchAhead = 16;
+constexpr int64_t kSplitBatch = 128;  // from this batch on, two threads take half the draws (and rows) each
 constexpr int kBadPriority = 1, kBadIndex = 2;  // sum_tree.py's status codes
 
 // One binary step: right when the mass lies at or past the left sum and the right subtree is not empty (rounding
@@ -94,13 +96,15 @@ inline int64_t level_avx512(const double* base, int64_t* node, double* mass, int
 }
 #endif
 
+// Draws [b0, b1) of a batch of `batch`: node/weight/offsets point at draw b0.
 void descend(const double* tree, const double* min_tree, const int64_t* levels, int depth, const double* offsets,
-             int64_t batch, double beta, int64_t* node, double* weight) {
+             int64_t b0, int64_t b1, int64_t batch_total, double beta, int64_t* node, double* weight) {
   const double total = tree[0];
+  const int64_t batch = b1 - b0;
   std::vector<double> mass(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
     // stratum b of B: mass (b + u_b)·total/B, kept below the total
-    mass[b] = std::min((double(b) + offsets[b]) * (total / double(batch)), total * (1.0 - 0x1p-52));
+    mass[b] = std::min((double(b0 + b) + offsets[b]) * (total / double(batch_total)), total * (1.0 - 0x1p-52));
     node[b] = 0;
   }
   for (int level = 1; level <= depth; ++level) {  // one 8-ary level (three binary levels) of every descent per pass
@@ -120,10 +124,22 @@ void descend(const double* tree, const double* min_tree, const int64_t* levels, 
 int sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int depth, int64_t offsets, int64_t batch,
                   double beta, int64_t out_index, int64_t out_weight, const std::vector<int64_t>& srcs,
                   const std::vector<int64_t>& dsts, const std::vector<int64_t>& row_bytes, int64_t limit) {
-  descend(reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
-          reinterpret_cast<const int64_t*>(levels), depth, reinterpret_cast<const double*>(offsets), batch, beta,
-          reinterpret_cast<int64_t*>(out_index), reinterpret_cast<double*>(out_weight));
-  return srcs.empty() ? 0 : dlcore::gather_rows(srcs, dsts, row_bytes, out_index, batch, limit);
+  int status = 0;
+  const bool split = batch >= kSplitBatch;
+#pragma omp parallel num_threads(2) if (split) reduction(| : status)
+  {
+    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+    const int64_t b0 = batch * part / parts, b1 = batch * (part + 1) / parts;
+    descend(reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
+            reinterpret_cast<const int64_t*>(levels), depth, reinterpret_cast<const double*>(offsets) + b0, b0, b1,
+            batch, beta, reinterpret_cast<int64_t*>(out_index) + b0, reinterpret_cast<double*>(out_weight) + b0);
+    if (!srcs.empty() && b1 > b0) {
+      std::vector<int64_t> dst_part(dsts);
+      for (size_t f = 0; f < dsts.size(); ++f) dst_part[f] += b0 * row_bytes[f];
+      status |= dlcore::gather_rows(srcs, dst_part, row_bytes, out_index + b0 * 8, b1 - b0, limit);
+    }
+  }
+  return status;
 }
 
 inline void recompute(double* tree, double* min_tree, int64_t node, int64_t c) {

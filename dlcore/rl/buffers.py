@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from dlcore import _dispatch
+from dlcore.rl import _memory
 from dlcore.rl import gather as _gather_op
 from dlcore.rl.sum_tree import SumTree
 
@@ -51,7 +52,7 @@ class ReplayBuffer:
     def _allocate(self, spec: dict[str, tuple]) -> None:
         if not spec:
             raise ValueError("a transition needs at least one field")
-        self._storage = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
+        self._storage = {name: _memory.rows((self.capacity, *shape), dtype, self.device)
                          for name, (shape, dtype) in spec.items()}
 
     @property
@@ -146,7 +147,8 @@ class ReplayBuffer:
         with self._lock:
             if state["capacity"] != self.capacity:
                 raise ValueError(f"state has capacity {state['capacity']}, this buffer {self.capacity}")
-            self._storage = {k: v.to(self.device).clone() for k, v in state["storage"].items()}
+            self._storage = {k: _memory.rows(tuple(v.shape), v.dtype, self.device).copy_(v)
+                             for k, v in state["storage"].items()}
             self._pos, self._size = int(state["pos"]), int(state["size"])
             self._gen.set_state(state["generator"])
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from dlcore import _dispatch, _ext
+from dlcore.rl import _memory
 
 SAMPLE_OP, UPDATE_OP, SAMPLE_GATHER_OP = "sum_tree_sample", "sum_tree_update", "sum_tree_sample_gather"
 _dispatch.define_op(SAMPLE_OP, gpu_order=("cuda", "triton"))  # not yet measured on a GPU
@@ -406,8 +407,8 @@ class SumTree:
         layout = tree_layout(self.capacity)
         self.leaf_offset = layout[-2]
         self.levels = torch.tensor(layout, dtype=torch.int64, device=self.device)  # every op takes it beside the tree
-        self.sum = torch.zeros(layout[-1], dtype=torch.float64, device=self.device)
-        self.min = torch.full((layout[-1],), float("inf"), dtype=torch.float64, device=self.device)
+        self.sum = _memory.zeros((layout[-1],), torch.float64, self.device)  # huge pages on Linux hosts
+        self.min = _memory.full((layout[-1],), float("inf"), torch.float64, self.device)
 
     @property
     def total(self) -> float:
