@@ -24,22 +24,27 @@ def _bench(args) -> int:
     except ImportError:
         Progress = None
     results = []
+    meta = {"versions": _info.collect()["versions"], "quick": args.quick, "argv": sys.argv[1:]}
+
+    def done(result):  # the report so far, after every case: a run cut short (a time limit) still leaves one
+        results.append(result)
+        report.write(results, peaks, info, {**meta, "partial": f"{len(results)} of {len(cases)} cases"}, args.out,
+                     png=False)
+
     if Progress is not None:
         with Progress(transient=True) as progress:
             task = progress.add_task("measuring peaks", total=len(cases) + 1)
             peaks = harness.measure_peaks(device, quick=args.quick)
             progress.advance(task)
             for case in cases:
-                results.append(harness.run_case(case, args.quick, llc,
-                                                lambda text: progress.update(task, description=text)))
+                done(harness.run_case(case, args.quick, llc, lambda text: progress.update(task, description=text)))
                 progress.advance(task)
     else:
         peaks = harness.measure_peaks(device, quick=args.quick)
         for i, case in enumerate(cases):
             print(f"[{i + 1}/{len(cases)}] {case.op}: {case.name}", flush=True)
-            results.append(harness.run_case(case, args.quick, llc))
+            done(harness.run_case(case, args.quick, llc))
     report.print_table(results, peaks, info)
-    meta = {"versions": _info.collect()["versions"], "quick": args.quick, "argv": sys.argv[1:]}
     paths = report.write(results, peaks, info, meta, args.out)
     print("wrote " + ", ".join(paths.values()))
     failed = [r for r in results if r.errors]

@@ -86,6 +86,27 @@ def test_input_sets_cover_twice_the_cache():
     assert harness.input_sets_needed(harness.Case("adam", "x", "cpu", lambda n: {}, bytes=1 << 30), 8 << 20) == 1
 
 
+def test_cli_report_is_written_after_every_case(tmp_path, monkeypatch):
+    """A bench cut short (the GPU check's time limit) leaves the cases measured so far in its JSON report."""
+    import argparse
+
+    from dlcore import cli
+
+    def interrupted(n_sets):
+        raise KeyboardInterrupt  # what `timeout --signal=INT` delivers
+
+    cases = [_tiny_case(), harness.Case("adam", "cut", "cpu", interrupted)]
+    monkeypatch.setattr(bench, "all_cases", lambda device, ops, quick: cases)
+    monkeypatch.setattr(harness, "measure_peaks", lambda device, quick=False: {
+        "bandwidth_GBps": 30.0, "bandwidth_kind": "test", "matmul_TFLOPs": 0.2, "matmul_kind": "test"})
+    args = argparse.Namespace(device="cpu", op=None, quick=True, out=str(tmp_path), strict=False)
+    with pytest.raises(KeyboardInterrupt):
+        cli._bench(args)
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    assert data["meta"]["partial"] == "1 of 2 cases" and {r["case"] for r in data["results"]} == {"tiny"}
+
+
 def test_cli_rejects_unknown_op():
     proc = subprocess.run([sys.executable, "-m", "dlcore.cli", "bench", "--op", "conv"], capture_output=True,
                           text=True, timeout=300)

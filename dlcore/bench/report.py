@@ -104,8 +104,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
 
 
-def write(results: list[Result], peaks: dict, device_info: dict, meta: dict, out_dir: str) -> dict[str, str]:
-    """Write <device>-<date>.json / .md / .png under out_dir; returns the paths."""
+def write(results: list[Result], peaks: dict, device_info: dict, meta: dict, out_dir: str,
+          png: bool = True) -> dict[str, str]:
+    """Write <device>-<date>.json / .md (/ .png) under out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d")
     base = os.path.join(out_dir, f"{slug(device_info['device'] + '-' + device_info['name'])}-{stamp}")
@@ -117,7 +118,7 @@ def write(results: list[Result], peaks: dict, device_info: dict, meta: dict, out
         json.dump(data, f, indent=1)
     with open(paths["md"], "w") as f:
         f.write(markdown(data))
-    if not plot(results, device_info, paths["png"]):
+    if not png or not plot(results, device_info, paths["png"]):
         paths.pop("png")
     return paths
 
