@@ -54,6 +54,24 @@ def test_update_kernels_agree_exactly_with_duplicates(capacity):
     assert ref.min_leaf == min([v for v in written.values() if v > 0], default=float("inf"))
 
 
+def test_float32_priorities_give_the_trees_of_their_float64_values():
+    """fp32 TD errors go to the kernels unconverted; each widens them exactly, so the trees (and the returned
+    max) are those of the same values given as float64, on every backend; bad fp32 values are still refused."""
+    gen = torch.Generator().manual_seed(SEED)
+    index = torch.randint(0, 1000, (300,), generator=gen)
+    narrow = torch.rand(300, generator=gen) * 3
+    for backend in BACKENDS:
+        a, b = SumTree(1000), SumTree(1000)
+        with dlcore.use_backend(backend):
+            top_a = a.update(index, narrow, eps=1e-6, alpha=0.6)
+            top_b = b.update(index, narrow.double(), eps=1e-6, alpha=0.6)
+            assert top_a == top_b, backend
+            assert torch.equal(a.sum, b.sum) and torch.equal(a.min, b.min), backend
+            with pytest.raises(ValueError, match="finite and non-negative"):
+                a.update(index[:3], torch.tensor([1.0, float("nan"), 2.0]))
+            assert torch.equal(a.sum, b.sum), backend  # nothing written
+
+
 def test_total_does_not_drift_after_a_million_updates():
     gen = torch.Generator().manual_seed(SEED)
     tree = SumTree(1 << 16)

@@ -152,19 +152,16 @@ inline void recompute(double* tree, double* min_tree, int64_t node, int64_t c) {
 
 // Leaves index[k] ← (priority[k] + eps)^alpha in order (the last write of a duplicate wins), then every touched
 // ancestor from its children, level by level. Returns (status, max(priority + eps)); nothing is written unless the
-// status is 0 (1: a priority is negative or not finite; 2: an index is outside [0, limit)).
-std::tuple<int, double> update(int64_t tree_addr, int64_t min_addr, int64_t levels_addr, int depth,
-                               int64_t index_addr, int64_t priority_addr, int64_t n, double eps, double alpha,
-                               int64_t limit) {
-  auto* tree = reinterpret_cast<double*>(tree_addr);
-  auto* min_tree = reinterpret_cast<double*>(min_addr);
-  const auto* levels = reinterpret_cast<const int64_t*>(levels_addr);
-  const auto* index = reinterpret_cast<const int64_t*>(index_addr);
-  const auto* priority = reinterpret_cast<const double*>(priority_addr);
+// status is 0 (1: a priority is negative or not finite; 2: an index is outside [0, limit)). Priorities are float64
+// or float32 (TD errors usually are: read as they are, widened exactly, instead of a conversion call from Python).
+template <typename P>
+std::tuple<int, double> update_leaves(double* tree, double* min_tree, const int64_t* levels, int depth,
+                                      const int64_t* index, const P* priority, int64_t n, double eps, double alpha,
+                                      int64_t limit) {
   const int64_t leaf0 = levels[depth];
   double top = 0.0;
   for (int64_t k = 0; k < n; ++k) {  // validate everything before writing anything; start fetching the leaves
-    const double p = priority[k];
+    const double p = double(priority[k]);
     if (!(p >= 0.0 && p < INFINITY)) return {kBadPriority, 0.0};
     if (index[k] < 0 || index[k] >= limit) return {kBadIndex, 0.0};
     top = std::max(top, p + eps);
@@ -173,7 +170,7 @@ std::tuple<int, double> update(int64_t tree_addr, int64_t min_addr, int64_t leve
   }
   std::vector<int64_t> node(static_cast<size_t>(n));
   for (int64_t k = 0; k < n; ++k) {
-    const double v = std::pow(priority[k] + eps, alpha);
+    const double v = std::pow(double(priority[k]) + eps, alpha);
     tree[leaf0 + index[k]] = v;
     min_tree[leaf0 + index[k]] = v > 0.0 ? v : INFINITY;  // a 0 leaf is never drawn
     node[k] = index[k] / 8;
@@ -197,6 +194,18 @@ std::tuple<int, double> update(int64_t tree_addr, int64_t min_addr, int64_t leve
   return {0, top};
 }
 
+std::tuple<int, double> update(int64_t tree, int64_t min_tree, int64_t levels, int depth, int64_t index,
+                               int64_t priority, bool priority_is_f32, int64_t n, double eps, double alpha,
+                               int64_t limit) {
+  auto run = [&](const auto* p) {
+    return update_leaves(reinterpret_cast<double*>(tree), reinterpret_cast<double*>(min_tree),
+                         reinterpret_cast<const int64_t*>(levels), depth, reinterpret_cast<const int64_t*>(index), p,
+                         n, eps, alpha, limit);
+  };
+  return priority_is_f32 ? run(reinterpret_cast<const float*>(priority))
+                         : run(reinterpret_cast<const double*>(priority));
+}
+
 }  // namespace
 
 void register_sum_tree(py::module_& m) {
@@ -209,5 +218,5 @@ void register_sum_tree(py::module_& m) {
   m.def("sum_tree_update", &update,
         "Leaves <- (priority + eps)^alpha, then their ancestors; (status, max(priority + eps))", py::arg("tree"),
         py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("index"), py::arg("priority"),
-        py::arg("n"), py::arg("eps"), py::arg("alpha"), py::arg("limit"));
+        py::arg("priority_is_f32"), py::arg("n"), py::arg("eps"), py::arg("alpha"), py::arg("limit"));
 }

@@ -27,6 +27,7 @@ tree_layout(capacity), on the tree's device):
       the sample and the replay batch's gather in one call: one kernel launch on a GPU (triton, cuda), one C++
       call on the CPU (numba: its descent, then the C++ gather_rows)
   sum_tree_update(tree, min_tree, levels, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
+      (priority float64 or float32, widened exactly before any arithmetic)
       leaf ← (priority + eps)^alpha (the last write of a duplicate index wins), then every ancestor is recomputed
       from its children; status 1: a priority is negative or not finite, 2: an index is outside [0, limit);
       nothing is written unless status is 0
@@ -124,6 +125,7 @@ def rebuild(tree, min_tree, levels) -> None:
 
 
 def reference_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
+    priority = priority.double()
     status = _check(index, priority, limit)
     if status:
         return status, 0.0
@@ -168,7 +170,7 @@ def _resolve_duplicates(index, priority, eps, alpha):
 def _parallel_update(kernel_update):
     """An update launcher around a parallel kernel: validation and duplicate resolution with tensor ops first."""
     def launch(tree, min_tree, levels, index, priority, eps, alpha, limit):
-        index, priority = index.to(tree.device), priority.to(tree.device)
+        index, priority = index.to(tree.device), priority.to(tree.device, torch.float64)
         status = _check(index, priority, limit)
         if status:
             return status, 0.0
@@ -390,8 +392,8 @@ _dispatch.register(SAMPLE_GATHER_OP, "cpu", devices=("cpu",), dtypes=(torch.floa
 @_dispatch.register(UPDATE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_ext.cpu_unavailable)
 def cpu_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
     return _ext.cpu.sum_tree_update(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
-                                    index.data_ptr(), priority.data_ptr(), index.numel(), float(eps), float(alpha),
-                                    int(limit))
+                                    index.data_ptr(), priority.data_ptr(), priority.dtype == torch.float32,
+                                    index.numel(), float(eps), float(alpha), int(limit))
 
 
 # ---------------------------------------------------------------------------------------------------- the tree
@@ -430,7 +432,9 @@ class SumTree:
         """Leaves `index` ← (priority + eps)^alpha. Raises on a negative or non-finite priority or an index outside
         [0, limit) (default: capacity), before writing anything. Returns max(priority + eps)."""
         index = as_vector(index, torch.int64, self.device)
-        priority = as_vector(priority, torch.float64, self.device)
+        # fp32 priorities (TD errors) reach the kernels as they are: each widens them exactly (saves a conversion)
+        wide = torch.float32 if isinstance(priority, torch.Tensor) and priority.dtype == torch.float32 else torch.float64
+        priority = as_vector(priority, wide, self.device)
         if index.numel() != priority.numel():
             raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
         limit = self.capacity if limit is None else int(limit)
