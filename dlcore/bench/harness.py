@@ -59,30 +59,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_callable(fn: Callable[[], object], device: str, warmup: int, repeats: int,
-                  min_seconds: float = 0.0) -> list[float]:
-    """Seconds per call: `warmup` untimed calls, then at least `repeats` calls (more until `min_seconds`)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start_all < min_seconds and len(times) < 10 * repeats):
-        if device.startswith("cuda"):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def _timed_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds for one call: CUDA events on a GPU, the host clock on the CPU."""
     if device.startswith("cuda"):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -93,6 +71,19 @@ def _timed_call(fn: Callable[[], object], device: str) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def time_callable(fn: Callable[[], object], device: str, warmup: int, repeats: int,
+                  min_seconds: float = 0.0) -> list[float]:
+    """Seconds per call: `warmup` untimed calls, then at least `repeats` calls (more until `min_seconds`)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start_all < min_seconds and len(times) < 10 * repeats):
+        times.append(_timed_call(fn, device))
+    return times
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
