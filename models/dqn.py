@@ -43,8 +43,9 @@ from dlcore.models._training import Progress, add_dataclass_arguments
 # ---------------------------------------------------------------------------------------------------- networks
 class QMLP(nn.Module):
     """Q-values for vector observations: Linear → ReLU per hidden width, then one output per action.
-    Input [B, obs_dim] float32, output [B, n_actions]. dlcore and stock share this layout (no fused op applies
-    at these widths: the fused Linear+ReLU lands with issue 3's dropout work)."""
+    Input [B, obs_dim] float32, output [B, n_actions]. dlcore and stock share this layout: dlcore.nn's fused
+    LinearReLUDropout(p=0) measured slower here (fwd+bwd, CPU, B64: 4→256 0.44×, 256→256 0.63× nn.Linear + ReLU;
+    its autograd.Function costs more than the ReLU pass it saves; the Nature head 3136→512 at B32: 0.98–1.07×)."""
 
     def __init__(self, obs_dim: int, n_actions: int, hidden=(256, 256), stock: bool = False):
         super().__init__()
