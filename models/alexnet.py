@@ -62,6 +62,11 @@ class AlexNet(nn.Module):
         self.stock = stock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.stock and x.device.type == "cpu" and x.dim() == 4:
+            # The CPU convolutions compute channels-last whatever they are given, and each returns its input's
+            # layout: an NCHW batch would be converted in and out at every layer. Once here instead (B16 224²,
+            # AMD VM, one process: inference 130.7 -> 124.5 ms, training fwd+bwd 447.6 -> 413.7 ms).
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 

@@ -125,7 +125,7 @@ int sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int depth, int
                   double beta, int64_t out_index, int64_t out_weight, const std::vector<int64_t>& srcs,
                   const std::vector<int64_t>& dsts, const std::vector<int64_t>& row_bytes, int64_t limit) {
   int status = 0;
-  const bool split = batch >= kSplitBatch;
+  const bool split = batch >= kSplitBatch && omp_get_max_threads() > 1;  // torch.set_num_threads(1) holds
 #pragma omp parallel num_threads(2) if (split) reduction(| : status)
   {
     const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
