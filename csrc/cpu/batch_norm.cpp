@@ -97,9 +97,20 @@ void stats(const void* x_, float* mean_out, float* var_out, int64_t outer, int64
             chunk_m2[c] += d * d;
           }
         }
+        // chan_merge for every channel at once: the same expressions (the same bits), as one vector loop. The
+        // scalar calls (two double divisions per channel and chunk) took over half of the channels_last stats
+        // time ([8,64,56,56] fp32: 0.40 ms, where streaming x once takes ~0.15).
+        double* __restrict n_t = &part.n[part.at(t, 0)];
+        double* __restrict mean_t = &part.a[part.at(t, 0)];
+        double* __restrict m2_t = &part.b[part.at(t, 0)];
+        const double nb = double(rows);
+#pragma omp simd
         for (int64_t c = 0; c < channels; ++c) {
-          const size_t at = part.at(t, c);
-          chan_merge(part.n[at], part.a[at], part.b[at], double(rows), chunk_mean[c], chunk_m2[c]);
+          const double total = n_t[c] + nb;  // > 0: the chunk has rows
+          const double d = double(chunk_mean[c]) - mean_t[c];
+          mean_t[c] += d * nb / total;
+          m2_t[c] += double(chunk_m2[c]) + d * d * n_t[c] * nb / total;
+          n_t[c] = total;
         }
       }
     }
