@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore.ops.batch_norm import batch_norm_act
-from dlcore.ops.conv_pool import conv2d_relu_maxpool2d
+from dlcore.ops.conv_pool import conv2d_relu_maxpool2d, cpu_maxpool_inference
 from dlcore.ops.conv_relu import conv2d_relu
 
 
@@ -118,7 +118,9 @@ class FoldedConv2d(nn.Conv2d):
             if residual is not None:
                 raise ValueError("a FoldedConv2d with a max pool takes no residual")
             if _onednn_usable(self, x, None):  # oneDNN's conv + ReLU beats conv + our pool epilogue here (~1 ms)
-                return self.pool(self._onednn_forward(x, None))
+                z = self._onednn_forward(x, None)
+                y = cpu_maxpool_inference(z, self.pool)  # our pool without argmax; torch's keeps indices
+                return self.pool(z) if y is None else y
             p = self.pool
             return conv2d_relu_maxpool2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                          self.groups, p.kernel_size, p.stride, p.padding, p.ceil_mode)

@@ -172,3 +172,40 @@ def test_bad_input():
         conv2d_relu_maxpool2d(x, w.double())
     with pytest.raises(ValueError, match="empty"):
         conv2d_relu_maxpool2d(torch.randn(0, 4, 8, 8), w)
+
+
+@pytest.mark.skipif(dlcore._ext.cpu is None, reason="CPU extension not built")
+@pytest.mark.parametrize("shape,pool", [((2, 64, 112, 112), (3, 2, 1, False)), ((3, 19, 7, 9), (3, 2, 1, True)),
+                                        ((1, 5, 1, 1), (1, 1, 0, False)), ((2, 33, 17, 13), (2, 2, 0, True))])
+def test_inference_pool_without_argmax_equals_torch(shape, pool):
+    """The folded ResNet stem's pool in inference (the C++ epilogue keeping no offsets), against F.max_pool2d on
+    a non-negative channels-last input with NaNs and ties; and the folded stem end to end against the stock stem."""
+    kernel, stride, padding, ceil = pool
+    gen = torch.Generator().manual_seed(SEED)
+    z = torch.rand(shape, generator=gen).mul(4).floor()  # ties
+    z.view(-1)[torch.randint(0, z.numel(), (max(1, z.numel() // 50),), generator=gen)] = float("nan")
+    z = z.contiguous(memory_format=torch.channels_last)
+    module = torch.nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil)
+    got = conv_pool.cpu_maxpool_inference(z, module)
+    want = F.max_pool2d(z, kernel, stride, padding, ceil_mode=ceil)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    if shape[2] * shape[3] > 1:  # (a 1×1 image is both layouts)
+        assert conv_pool.cpu_maxpool_inference(z.contiguous(), module) is None  # NCHW: the caller pools with torch
+
+
+def test_folded_stem_with_the_inference_pool_matches_stock():
+    from dlcore import blocks
+
+    gen = torch.Generator().manual_seed(SEED)
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(16)).eval()
+    with torch.no_grad():
+        stem[1].running_mean.uniform_(-1, 1, generator=gen)
+        stem[1].running_var.uniform_(0.5, 2, generator=gen)
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    folded = blocks.FoldedConv2d.fold(stem[0], stem[1], relu=True, pool=pool)
+    x = torch.randn(2, 3, 45, 37, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = pool(torch.relu(stem(x)))
+        got = folded(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

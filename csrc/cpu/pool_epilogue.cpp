@@ -9,6 +9,8 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include <type_traits>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -29,8 +31,9 @@ struct Geometry {
 inline bool better(float v, float best) { return v > best || (std::isnan(v) && !std::isnan(best)); }
 
 // Channels in registers: 16 at a time (a vf of running maxima, a vi of argmax offsets) over the window, then bias,
-// ReLU and the stores; a scalar loop for the channel tail.
-template <int DT>
+// ReLU and the stores; a scalar loop for the channel tail. ARG = false (inference: `arg` null) keeps no offsets:
+// the blends that track them cost more than the loads (8×64×112×112 → 56×56, 3×3/2: 3.3 ms with offsets).
+template <int DT, bool ARG>
 void forward_channels_last(const typename Storage<DT>::T* z, const float* bias, typename Storage<DT>::T* y,
                            uint8_t* arg, const Geometry& g) {
   using St = Storage<DT>;
@@ -49,10 +52,13 @@ void forward_channels_last(const typename Storage<DT>::T* z, const float* bias, 
             for (int64_t e = e0; e < e1; ++e) {
               const auto* px = z + ((n * g.h + h0 + a) * g.w + w0 + e) * g.c + c;
               vf v;
-              for (int l = 0; l < VW; ++l) v[l] = St::load(px[l]);
+              if constexpr (DT == kF32)
+                std::memcpy(&v, px, sizeof(vf));  // one vector load (the element loop did not become one)
+              else
+                for (int l = 0; l < VW; ++l) v[l] = St::load(px[l]);
               const vi take = (v > best) | ((v != v) & (best == best));
               best = take ? v : best;
-              best_k = take ? (vi{} + int(a * g.kw + e)) : best_k;
+              if (ARG) best_k = take ? (vi{} + int(a * g.kw + e)) : best_k;
             }
           vf b = {};
           if (bias) std::memcpy(&b, bias + c, sizeof(vf));
@@ -60,7 +66,7 @@ void forward_channels_last(const typename Storage<DT>::T* z, const float* bias, 
           const vf r = (o > 0.f) | (o != o) ? o : vf{};
           for (int l = 0; l < VW; ++l) {
             y[out + c + l] = St::store(r[l]);
-            arg[out + c + l] = uint8_t(best_k[l]);
+            if (ARG) arg[out + c + l] = uint8_t(best_k[l]);
           }
         }
         for (int64_t c = full; c < g.c; ++c) {
@@ -73,7 +79,7 @@ void forward_channels_last(const typename Storage<DT>::T* z, const float* bias, 
             }
           const float o = best + (bias ? bias[c] : 0.f);
           y[out + c] = St::store(o > 0.f || std::isnan(o) ? o : 0.f);
-          arg[out + c] = uint8_t(best_k);
+          if (ARG) arg[out + c] = uint8_t(best_k);
         }
       }
 }
@@ -140,11 +146,19 @@ void register_pool_epilogue(py::module_& m) {
         dispatch_dtype(dtype, "z", [&](auto dt) {
           constexpr int DT = decltype(dt)::value;
           using T = typename Storage<DT>::T;
-          forward_channels_last<DT>(reinterpret_cast<const T*>(z), reinterpret_cast<const float*>(bias), reinterpret_cast<T*>(y),
-             reinterpret_cast<uint8_t*>(arg), g);
+          auto run = [&](auto with_arg) {
+            forward_channels_last<DT, decltype(with_arg)::value>(reinterpret_cast<const T*>(z),
+                                                                 reinterpret_cast<const float*>(bias),
+                                                                 reinterpret_cast<T*>(y),
+                                                                 reinterpret_cast<uint8_t*>(arg), g);
+          };
+          if (arg)
+            run(std::true_type{});
+          else
+            run(std::false_type{});
         });
       },
-      "channels_last: y = relu(maxpool(z) + bias[c]), argmax offsets as bytes; geometry (N, C, H, W, OH, OW, kH, kW, sH, sW, pH, pW)",
+      "channels_last: y = relu(maxpool(z) + bias[c]), argmax offsets as bytes (argmax 0: none kept); geometry (N, C, H, W, OH, OW, kH, kW, sH, sW, pH, pW)",
       py::arg("z"), py::arg("bias"), py::arg("y"), py::arg("argmax"), py::arg("geometry"), py::arg("dtype"));
   m.def(
       "maxpool_bias_relu_backward",

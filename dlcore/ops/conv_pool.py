@@ -112,6 +112,23 @@ def cpu_forward(x, weight, bias, conv, pool):
     return (y, argmax) if _channels_last(x) else (y.contiguous(), argmax.contiguous())
 
 
+def cpu_maxpool_inference(z: torch.Tensor, pool: torch.nn.MaxPool2d) -> Optional[torch.Tensor]:
+    """relu(maxpool(z)) for a non-negative channels-last CPU tensor z (after a conv + ReLU), no argmax kept: the
+    pool of the folded ResNet stem in inference (the C++ epilogue without its offsets: 8×64×112×112, 3×3/2 →
+    see blocks.FoldedConv2d). None when it does not apply (then the caller pools with torch)."""
+    if (_ext.cpu is None or z.dtype not in channel_ops.LOW or not _channels_last(z) or z.requires_grad
+            or pool.dilation not in (1, (1, 1)) or pool.return_indices):
+        return None
+    k, st, pad = _pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None else pool.kernel_size), \
+        _pair(pool.padding)
+    if k[0] * k[1] > 256 or 2 * pad[0] > k[0] or 2 * pad[1] > k[1]:
+        return None  # torch's own limits and errors
+    geometry = _geometry(z.shape, (*k, *st, *pad, bool(pool.ceil_mode)))
+    y = torch.empty((geometry[0], geometry[1], geometry[4], geometry[5]), dtype=z.dtype, memory_format=CL)
+    _ext.cpu.maxpool_bias_relu_forward(z.data_ptr(), 0, y.data_ptr(), 0, geometry, _ext.DTYPE_CODE[z.dtype])
+    return y
+
+
 @_dispatch.register(BACKWARD, "cpu", devices=("cpu",), dtypes=channel_ops.LOW, available=_ext.cpu_unavailable)
 def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     geometry = _geometry(conv_output_shape(x, weight, conv), pool)
