@@ -24,7 +24,8 @@ def _bench(args) -> int:
     except ImportError:
         Progress = None
     results = []
-    meta = {"versions": _info.collect()["versions"], "quick": args.quick, "argv": sys.argv[1:]}
+    meta = {"versions": _info.collect()["versions"], "quick": args.quick, "argv": sys.argv[1:],
+            "allocator": report.allocator_setting()}
 
     def done(result):  # the report so far, after every case: a run cut short (a time limit) still leaves one
         results.append(result)

@@ -105,6 +105,7 @@ def test_cli_report_is_written_after_every_case(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("*.json")
     data = json.loads(path.read_text())
     assert data["meta"]["partial"] == "1 of 2 cases" and {r["case"] for r in data["results"]} == {"tiny"}
+    assert data["meta"]["allocator"] and "Host allocator:" in next(tmp_path.glob("*.md")).read_text()
 
 
 def test_cli_rejects_unknown_op():

@@ -123,12 +123,25 @@ def write(results: list[Result], peaks: dict, device_info: dict, meta: dict, out
     return paths
 
 
+ALLOCATOR_VARS = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def allocator_setting() -> str:
+    """How the host allocator was set up for this run: large CPU tensors page-fault back in after every free under
+    glibc's defaults, which moves CPU timings by whole factors on a VM (README, "CPU allocator")."""
+    import os
+
+    set_vars = [f"{k}={os.environ[k]}" for k in ALLOCATOR_VARS if os.environ.get(k)]
+    return ", ".join(set_vars) if set_vars else "default malloc (no LD_PRELOAD or MALLOC_* tuning)"
+
+
 def markdown(data: dict) -> str:
     d, p = data["device"], data["peaks"]
     lines = [f"# dlcore bench — {d['name']} ({d['device']}), {data['date']}", "",
              f"Peaks measured in this run: {p['bandwidth_GBps']:.1f} GB/s ({p['bandwidth_kind']}), "
              f"{p['matmul_TFLOPs']:.3f} TFLOP/s ({p['matmul_kind']}). Versions: "
-             + ", ".join(f"{k} {v}" for k, v in data["meta"].get("versions", {}).items()), "",
+             + ", ".join(f"{k} {v}" for k, v in data["meta"].get("versions", {}).items())
+             + (f". Host allocator: {data['meta']['allocator']}" if data["meta"].get("allocator") else ""), "",
              "| op | case | variant | time (ms) | dlcore speed-up | GB/s | % peak BW |", "|---|---|---|---:|---:|---:|---:|"]
     for r in data["results"]:
         if "error" in r:
