@@ -112,6 +112,21 @@ def cpu_forward(x, weight, bias, conv, pool):
     return (y, argmax) if _channels_last(x) else (y.contiguous(), argmax.contiguous())
 
 
+def pool_args(kernel_size, stride, padding) -> tuple[list[int], list[int], list[int]]:
+    """(kernel, stride, padding) as pairs, stride None meaning the kernel size (torch's rule); ValueError for what
+    the kernels cannot pool (windows over 256 elements, padding over half the window)."""
+    kernel = _pair(kernel_size)
+    pstride = kernel if stride is None else _pair(stride)
+    ppad = _pair(padding)
+    if any(k < 1 for k in kernel) or any(s < 1 for s in pstride) or kernel[0] * kernel[1] > 256:
+        raise ValueError(f"pool_kernel_size must be positive with at most 256 elements and pool_stride positive, "
+                         f"got {tuple(kernel)} and {tuple(pstride)}")
+    if any(p < 0 or 2 * p > k for p, k in zip(ppad, kernel)):
+        raise ValueError(f"pool_padding should be at most half of pool_kernel_size, got {tuple(ppad)} for "
+                         f"{tuple(kernel)}")
+    return kernel, pstride, ppad
+
+
 def cpu_maxpool_inference(z: torch.Tensor, pool: torch.nn.MaxPool2d) -> Optional[torch.Tensor]:
     """relu(maxpool(z)) for a non-negative channels-last CPU tensor z (after a conv + ReLU), no argmax kept: the
     pool of the folded ResNet stem in inference (the C++ epilogue without its offsets: 8×64×112×112, 3×3/2 →
@@ -119,10 +134,10 @@ def cpu_maxpool_inference(z: torch.Tensor, pool: torch.nn.MaxPool2d) -> Optional
     if (_ext.cpu is None or z.dtype not in channel_ops.LOW or not _channels_last(z) or z.requires_grad
             or pool.dilation not in (1, (1, 1)) or pool.return_indices):
         return None
-    k, st, pad = _pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None else pool.kernel_size), \
-        _pair(pool.padding)
-    if k[0] * k[1] > 256 or 2 * pad[0] > k[0] or 2 * pad[1] > k[1]:
-        return None  # torch's own limits and errors
+    try:
+        k, st, pad = pool_args(pool.kernel_size, pool.stride, pool.padding)
+    except ValueError:
+        return None  # torch's pool gives its own result or error
     geometry = _geometry(z.shape, (*k, *st, *pad, bool(pool.ceil_mode)))
     y = torch.empty((geometry[0], geometry[1], geometry[4], geometry[5]), dtype=z.dtype, memory_format=CL)
     _ext.cpu.maxpool_bias_relu_forward(z.data_ptr(), 0, y.data_ptr(), 0, geometry, _ext.DTYPE_CODE[z.dtype])
@@ -286,15 +301,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                                      pool_kernel_size, pool_stride, pool_padding, ceil_mode).squeeze(0)
     check_groups(x, weight, groups)
     conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
-    kernel = _pair(pool_kernel_size)
-    pstride = kernel if pool_stride is None else _pair(pool_stride)
-    ppad = _pair(pool_padding)
-    if any(k < 1 for k in kernel) or any(s < 1 for s in pstride) or kernel[0] * kernel[1] > 256:
-        raise ValueError(f"pool_kernel_size must be positive with at most 256 elements and pool_stride positive, "
-                         f"got {tuple(kernel)} and {tuple(pstride)}")
-    if any(p < 0 or 2 * p > k for p, k in zip(ppad, kernel)):
-        raise ValueError(f"pool_padding should be at most half of pool_kernel_size, got {tuple(ppad)} for "
-                         f"{tuple(kernel)}")
+    kernel, pstride, ppad = pool_args(pool_kernel_size, pool_stride, pool_padding)
     z_hw = conv_output_shape(x, weight, conv)[2:]
     if any(s <= 0 for s in z_hw):
         raise ValueError(f"the convolution's output would be empty ({tuple(z_hw)}) for input {tuple(x.shape)}")

@@ -26,7 +26,7 @@ def zeros(shape: tuple, dtype: torch.dtype, device: "str | torch.device" = "cpu"
     """torch.zeros(shape, dtype=dtype, device=device); a large CPU tensor's memory is advised for huge pages."""
     device = torch.device(device)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype, device=device)
     # anonymous and private (the default, MAP_SHARED, is shmem, whose huge pages are a separate setting, mostly
@@ -49,7 +49,7 @@ def full(shape: tuple, value: float, dtype: torch.dtype, device: "str | torch.de
 def rows(shape: tuple, dtype: torch.dtype, device: "str | torch.device" = "cpu") -> torch.Tensor:
     """Zeroed storage of shape[0] rows read at random: on huge pages (zeros) when a row is smaller than a page,
     torch.zeros otherwise (see SMALL_ROW_BYTES)."""
-    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
     if row_bytes < SMALL_ROW_BYTES:
         return zeros(shape, dtype, device)
     return torch.zeros(shape, dtype=dtype, device=device)
