@@ -32,13 +32,18 @@ def test_use_backend_forces_and_nests(backend):
 
 
 def test_env_var_is_honoured_and_checked(monkeypatch):
+    monkeypatch.delenv("DLCORE_BACKEND", raising=False)
+    default = _dispatch.select("adam", torch.device("cpu"), torch.float32)[0]  # cached: a change must still count
     monkeypatch.setenv("DLCORE_BACKEND", "reference")
     assert _dispatch.select("adam", torch.device("cpu"), torch.float32)[0] == "reference"
+    assert _dispatch.select("adam", "cpu", torch.float32)[0] == "reference"  # a device given by name alike
     with dlcore.use_backend("cpu"):  # the context manager wins over the environment
         assert _dispatch.select("adam", torch.device("cpu"), torch.float32)[0] == "cpu"
     monkeypatch.setenv("DLCORE_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="DLCORE_BACKEND='cudnn' is not a dlcore backend"):
         _dispatch.select("adam", torch.device("cpu"), torch.float32)
+    monkeypatch.delenv("DLCORE_BACKEND")
+    assert _dispatch.select("adam", torch.device("cpu"), torch.float32)[0] == default
 
 
 def test_unknown_names_are_errors():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dlcore
+from dlcore import _dispatch
 from dlcore.rl import PrioritizedReplayBuffer, ReplayBuffer, SumTree
 from dlcore.rl import sum_tree as st
 from dlcore.testing import backend_device_pairs
@@ -300,6 +301,22 @@ def test_sample_gather_equals_sample_then_rows(row_shape, dtype):
             assert torch.equal(fused_index, index) and torch.equal(fused_weight, weight), backend
             for source, got in zip(sources, rows):
                 assert got.dtype == source.dtype and torch.equal(got, source.index_select(0, index)), backend
+
+
+def test_sample_gather_refuses_a_source_shorter_than_the_drawn_leaves():
+    """A leaf drawn past the shortest source's rows is an IndexError on every backend (never a read past it)."""
+    tree = SumTree(64)
+    tree.update(torch.arange(40, 64), torch.ones(24, dtype=torch.float64))  # only leaves 40..63 can be drawn
+    sources = [torch.zeros(64, 3), torch.zeros(40, dtype=torch.int64)]  # the second stops at row 39
+    offsets = torch.rand(7, dtype=torch.float64)
+    for backend in BACKENDS:
+        with dlcore.use_backend(backend), pytest.raises(IndexError, match="40 rows"):
+            tree.sample_gather(offsets, 0.4, sources)
+    impls = _dispatch.get_op(st.SAMPLE_GATHER_OP).impls
+    for backend in ("cpu", "numba", "reference"):  # these check the drawn rows themselves too (GPU kernels do not)
+        if backend in BACKENDS:
+            with pytest.raises(IndexError):
+                impls[backend].fn(tree.sum, tree.min, tree.levels, offsets, 0.4, sources)
 
 
 @pytest.mark.gpu
