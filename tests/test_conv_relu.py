@@ -61,6 +61,43 @@ def test_forward_backward_match_float64(backend, device, dtype, shape, channels_
         assert err <= TOL[dtype] * (1 + want.abs().max().item()), f"grad {name}: {err}"
 
 
+# (N, C_in, H, W, C_out, (kH, kW), (sH, sW), (pH, pW)): AlexNet/DQN-like, non-square, KW·C = 64 (8 vectors),
+# stride past the kernel (rows and columns no window reaches: dx 0), 1×1, 129 output channels
+FEW_CHANNEL_GEOMETRIES = [(2, 3, 35, 29, 5, (11, 11), (4, 4), (2, 2)), (1, 1, 9, 12, 3, (5, 3), (1, 2), (2, 0)),
+                          (3, 4, 17, 19, 7, (16, 16), (3, 3), (1, 1)), (2, 2, 10, 11, 4, (2, 2), (3, 3), (0, 0)),
+                          (1, 3, 1, 1, 2, (1, 1), (1, 1), (0, 0)), (2, 3, 13, 11, 129, (3, 3), (2, 1), (1, 1))]
+
+
+@pytest.mark.skipif(dlcore._ext.cpu is None, reason="CPU extension not built")
+@pytest.mark.parametrize("geometry", FEW_CHANNEL_GEOMETRIES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_few_channel_input_grad_matches_float64(geometry, channels_last, monkeypatch):
+    """The CPU backends' dx for C_in ≤ 4 (csrc/cpu/conv_input_grad.cpp; dw still torch's) against float64."""
+    from dlcore.ops import conv_relu
+
+    n, c, h, w, co, k, s, p = geometry
+    gen = torch.Generator().manual_seed(SEED + sum(geometry[:5]))
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    wt = torch.randn(co, c, *k, generator=gen, dtype=torch.float64)
+    dz = torch.randn(F.conv2d(x, wt, None, s, p).shape, generator=gen, dtype=torch.float64)
+    want_dx, want_dw, _ = torch.ops.aten.convolution_backward(dz, x, wt, None, s, p, [1, 1], False, [0, 0], 1,
+                                                              [True, True, False])
+    asked = []
+    torch_grads = conv_relu._conv_grads
+    monkeypatch.setattr(conv_relu, "_conv_grads", lambda *a: asked.append(a[-1]) or torch_grads(*a))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x32 = x.float().contiguous(memory_format=fmt)
+    dx, dw = conv_relu.cpu_conv_grads(dz.float().contiguous(memory_format=fmt), x32, wt.float(), list(s), list(p),
+                                      [1, 1], 1, (True, True))
+    assert asked == [(False, True)]  # torch was asked for dw only
+    assert dx.is_contiguous(memory_format=fmt) and dx.dtype == torch.float32
+    for name, got, want in (("dx", dx, want_dx), ("dw", dw, want_dw)):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2e-5 * (1 + want.abs().max().item()), f"{name}: {err}"
+    if s[0] > k[0]:  # rows no window reaches get exactly 0
+        assert torch.equal(dx[:, :, k[0]:s[0]], torch.zeros_like(dx[:, :, k[0]:s[0]]))
+
+
 def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(SEED)
     x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)

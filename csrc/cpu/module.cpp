@@ -36,6 +36,7 @@ void register_nt_xent(py::module_& m);
 void register_pool_epilogue(py::module_& m);
 void register_sum_tree(py::module_& m);
 void register_skinny_linear(py::module_& m);
+void register_conv_input_grad(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -52,6 +53,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_adam(m);
   register_sum_tree(m);
   register_skinny_linear(m);
+  register_conv_input_grad(m);
   register_gather(m);
   register_attention(m);
   register_layer_norm(m);

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dlcore import _dispatch, _ext
 from dlcore.ops import batch_norm as channel_ops
-from dlcore.ops.conv_relu import _conv_grads, _pair, check_conv_args, check_groups, conv_output_shape
+from dlcore.ops.conv_relu import _conv_grads, _pair, check_conv_args, check_groups, conv_output_shape, cpu_conv_grads
 
 FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
@@ -152,7 +152,7 @@ def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
     db = torch.empty(geometry[1], dtype=torch.float32) if has_bias and mask[2] else None
     _ext.cpu.maxpool_bias_relu_backward(grad_y.data_ptr(), y.data_ptr(), argmax.data_ptr(), dz.data_ptr(),
                                         0 if db is None else db.data_ptr(), geometry, _ext.DTYPE_CODE[y.dtype])
-    dx, dw = _conv_grads(dz, x.contiguous(memory_format=CL), weight, *conv, mask)
+    dx, dw = cpu_conv_grads(dz, x.contiguous(memory_format=CL), weight, *conv, mask)
     if dx is not None and not _channels_last(x):
         dx = dx.contiguous()
     return dx, dw, None if db is None else db.to(weight.dtype)
