@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dlcore import _checks, _dispatch, _ext
+from dlcore import _checks, _dispatch, _eager, _ext
 
 FORWARD, BACKWARD = "additive_attention", "additive_attention_backward"
 for _name in (FORWARD, BACKWARD):
@@ -140,10 +140,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_context, _grad_alpha):
     ws, uh, v, h, lengths, alpha = ctx.saved_tensors
-    return (*additive_attention_backward_op(grad_context, ws, uh, v, h, lengths, alpha), None)
+    return (*_additive_attention_backward(grad_context, ws, uh, v, h, lengths, alpha), None)
 
 
 additive_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_additive_attention = _eager.eager_autograd(additive_attention_op, _setup_context, _backward)
+_additive_attention_backward = _eager.direct(additive_attention_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -171,7 +173,7 @@ def additive_attention(query_proj: torch.Tensor, keys_proj: torch.Tensor, v: tor
         raise ValueError(f"lengths is on {lengths.device} but values is on {values.device}")
     if B and (int(lengths.min()) < 1 or int(lengths.max()) > S):
         raise ValueError(f"lengths must lie in [1, {S}]")
-    return additive_attention_op(query_proj.contiguous(), keys_proj.contiguous(), v.contiguous(),
+    return _additive_attention(query_proj.contiguous(), keys_proj.contiguous(), v.contiguous(),
                                  values.contiguous(), lengths.to(torch.int64).contiguous())
 
 

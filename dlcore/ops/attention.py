@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from dlcore import _dispatch, _ext
+from dlcore import _dispatch, _eager, _ext
 
 FORWARD, BACKWARD = "attention", "attention_backward"
 for _name in (FORWARD, BACKWARD):
@@ -268,16 +268,6 @@ def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
 attention_op = torch.library.custom_op("dlcore::flash_attention", mutates_args=())(_attention_impl)
 
 
-def run_attention_op(q, k, v, bias, *args) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.ops.dlcore.flash_attention when torch.compile traces or a gradient is wanted; otherwise (eager
-    inference) its implementation directly: the custom-op and autograd layers cost ~0.2 ms per call once the
-    kernel has flushed the caches (B4 H8 L512 fp32 forward: 0.55 -> 0.37 ms outside the 10.3 ms kernel)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, bias))):
-        return attention_op(q, k, v, bias, *args)
-    return _attention_impl(q, k, v, bias, *args)
-
-
 @attention_op.register_fake
 def _(q, k, v, bias, klen, scale, window_left, window_right, dropout_p, seed):
     o = q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -313,11 +303,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, bias, klen = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = attention_backward_op(grad_o, q, k, v, o, lse, bias, bias_grad, klen, *ctx.conf)
+    dq, dk, dv, dbias = _attention_backward(grad_o, q, k, v, o, lse, bias, bias_grad, klen, *ctx.conf)
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None), None, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+# eager calls skip the custom-op and autograd layers (dlcore/_eager.py); for inference that took the B4 H8 L512
+# fp32 forward from 0.55 to 0.37 ms outside its 10.3 ms kernel on the Xeon VM
+_attention = _eager.eager_autograd(attention_op, _setup_context, _backward)
+_attention_backward = _eager.direct(attention_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -429,7 +423,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return query.new_zeros((*lead, hq, lq, value.shape[-1]))
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
     q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
-    o, _ = run_attention_op(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    o, _ = _attention(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
     return o.reshape(*lead, hq, lq, value.shape[-1])
 
 
@@ -486,7 +480,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if q.shape[0] == 0:
         out, lse = q.new_zeros((0, q.shape[1], v.shape[-1])), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
         return (out, lse) if return_lse else out
-    o, lse = attention_op(pad(q, where_q, lq), pad(k, where_k, lk), pad(v, where_k, lk), None,
-                          len_k.to(torch.int32), scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    o, lse = _attention(pad(q, where_q, lq), pad(k, where_k, lk), pad(v, where_k, lk), None,
+                        len_k.to(torch.int32), scale, left, right, float(dropout_p), _draw_seed(dropout_p))
     out = o.transpose(1, 2)[where_q]
     return (out, lse.permute(1, 0, 2)[:, where_q[0], where_q[1]]) if return_lse else out

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from dlcore import _checks, _dispatch, _ext
+from dlcore import _checks, _dispatch, _eager, _ext
 
 FORWARD, BACKWARD = "bias_gelu", "bias_gelu_backward"
 for _name in (FORWARD, BACKWARD):
@@ -168,11 +168,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    dx, db = bias_gelu_backward_op(grad_y, x, bias, *ctx.conf)
+    dx, db = _bias_gelu_backward(grad_y, x, bias, *ctx.conf)
     return dx, (db if bias is not None and ctx.needs_input_grad[1] else None), None, None, None
 
 
 bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_bias_gelu = _eager.eager_autograd(bias_gelu_op, _setup_context, _backward)
+_bias_gelu_backward = _eager.direct(bias_gelu_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -204,7 +206,7 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activatio
     x2 = input.reshape(-1, cols).contiguous()
     if x2.numel() == 0:
         return reference_forward(x2, bias, code).view(input.shape)
-    return bias_gelu_op(x2, bias, code, p, seed).view(input.shape)
+    return _bias_gelu(x2, bias, code, p, seed).view(input.shape)
 
 
 def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none",

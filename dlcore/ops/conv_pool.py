@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dlcore import _dispatch, _ext
+from dlcore import _dispatch, _eager, _ext
 from dlcore.ops import batch_norm as channel_ops
 from dlcore.ops.conv_relu import _conv_grads, _pair, check_conv_args, check_groups, conv_output_shape, cpu_conv_grads
 
@@ -280,11 +280,13 @@ def _backward(ctx, grad_y, _grad_argmax):
     x, weight, y, argmax = ctx.saved_tensors
     has_bias = ctx.conf[0]
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-    dx, dw, db = conv2d_relu_maxpool2d_backward_op(grad_y, x, weight, y, argmax, *ctx.conf, mask)
+    dx, dw, db = _conv2d_relu_maxpool2d_backward(grad_y, x, weight, y, argmax, *ctx.conf, mask)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + (None,) * 8
 
 
 conv2d_relu_maxpool2d_op.register_autograd(_backward, setup_context=_setup_context)
+_conv2d_relu_maxpool2d = _eager.eager_autograd(conv2d_relu_maxpool2d_op, _setup_context, _backward)
+_conv2d_relu_maxpool2d_backward = _eager.direct(conv2d_relu_maxpool2d_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -310,7 +312,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError(f"pool window {tuple(kernel)} is larger than the padded convolution output {tuple(z_hw)}")
     if x.numel() == 0:
         raise ValueError(f"input is empty (shape {tuple(x.shape)})")
-    y, _ = conv2d_relu_maxpool2d_op(x, weight, bias, *conv, kernel, pstride, ppad, bool(ceil_mode))
+    y, _ = _conv2d_relu_maxpool2d(x, weight, bias, *conv, kernel, pstride, ppad, bool(ceil_mode))
     return y
 
 

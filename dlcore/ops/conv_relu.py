@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dlcore import _checks, _dispatch
+from dlcore import _checks, _dispatch, _eager
 from dlcore.ops import batch_norm as channel_ops
 
 FORWARD, BACKWARD = "conv2d_relu", "conv2d_relu_backward"
@@ -197,13 +197,15 @@ def _backward(ctx, grad_y):
     x, weight, y = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups = ctx.conf
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-    dx, dw, db, dz = conv2d_relu_backward_op(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups,
+    dx, dw, db, dz = _conv2d_relu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups,
                                              mask)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
             dz if ctx.needs_input_grad[3] else None, None, None, None, None)
 
 
 conv2d_relu_op.register_autograd(_backward, setup_context=_setup_context)
+_conv2d_relu = _eager.eager_autograd(conv2d_relu_op, _setup_context, _backward)
+_conv2d_relu_backward = _eager.direct(conv2d_relu_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -221,4 +223,4 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     if residual is not None:
         _checks.shape("residual", residual, conv_output_shape(x, weight, conv))
-    return conv2d_relu_op(x, weight, bias, residual, *conv)
+    return _conv2d_relu(x, weight, bias, residual, *conv)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from dlcore import _checks, _dispatch, _ext
+from dlcore import _checks, _dispatch, _eager, _ext
 
 FORWARD, BACKWARD = "cross_entropy", "cross_entropy_backward"
 for _name in (FORWARD, BACKWARD):
@@ -151,10 +151,12 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
     logits, target, lse = ctx.saved_tensors
-    return cross_entropy_backward_op(grad_loss, logits, target, lse, *ctx.conf), None, None, None
+    return _cross_entropy_backward(grad_loss, logits, target, lse, *ctx.conf), None, None, None
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+_cross_entropy = _eager.eager_autograd(cross_entropy_op, _ce_setup, _ce_backward)
+_cross_entropy_backward = _eager.direct(cross_entropy_backward_op)
 
 
 def _chunk_rows(rows: int, V: int, H: int) -> int:
@@ -225,6 +227,7 @@ def _lce_backward(ctx, grad_loss, *_):
 
 
 linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+_linear_cross_entropy = _eager.eager_autograd(linear_cross_entropy_op, _lce_setup, _lce_backward)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -265,7 +268,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, ignore_index: int =
     tgt = tgt.reshape(-1)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    losses, _ = cross_entropy_op(logits, tgt, ignore_index, float(label_smoothing))
+    losses, _ = _cross_entropy(logits, tgt, ignore_index, float(label_smoothing))
     out = _reduce(losses, tgt, ignore_index, reduction)
     return out[0] if reduction == "none" and input.dim() == 1 else out
 
@@ -306,6 +309,6 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     rows = chunk_rows or _chunk_rows(x.shape[0], weight.shape[0], weight.shape[1])
     if rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    loss, *_ = linear_cross_entropy_op(x, weight.contiguous(), bias, tgt.reshape(-1), ignore_index,
+    loss, *_ = _linear_cross_entropy(x, weight.contiguous(), bias, tgt.reshape(-1), ignore_index,
                                        float(label_smoothing), reduction == "sum", grads, rows)
     return loss

@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from dlcore import _checks, _dispatch, _ext
+from dlcore import _checks, _dispatch, _eager, _ext
 
 FORWARD, BACKWARD = "layer_norm", "layer_norm_backward"
 for _name in (FORWARD, BACKWARD):
@@ -159,11 +159,13 @@ def _backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
     has_residual, has_weight, has_bias = ctx.flags
     if grad_y is None:
         grad_y = torch.zeros_like(h)
-    dx, dw, db = layer_norm_backward_op(grad_y, grad_h if has_residual else None, h, weight, mean, rstd)
+    dx, dw, db = _layer_norm_backward(grad_y, grad_h if has_residual else None, h, weight, mean, rstd)
     return (dx, dx if has_residual else None, dw if has_weight else None, db if has_bias else None, None)
 
 
 layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm = _eager.eager_autograd(layer_norm_op, _setup_context, _backward)
+_layer_norm_backward = _eager.direct(layer_norm_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -203,6 +205,6 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     if x2.shape[0] == 0:  # nothing to normalise: the reference handles empty batches (no kernel launch)
         y, h, _, _ = reference_forward(x2, r2, w, b, eps)
     else:
-        y, h, _, _ = layer_norm_op(x2, r2, w, b, float(eps))
+        y, h, _, _ = _layer_norm(x2, r2, w, b, float(eps))
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))

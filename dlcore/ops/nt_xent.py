@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlcore import _checks, _dispatch, _ext
+from dlcore import _checks, _dispatch, _eager, _ext
 
 FORWARD, BACKWARD = "nt_xent", "nt_xent_backward"
 for _name in (FORWARD, BACKWARD):
@@ -129,10 +129,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_lse):
     z, lse = ctx.saved_tensors
-    return nt_xent_backward_op(grad_loss, z, lse, ctx.temperature), None
+    return _nt_xent_backward(grad_loss, z, lse, ctx.temperature), None
 
 
 nt_xent_op.register_autograd(_backward, setup_context=_setup_context)
+_nt_xent = _eager.eager_autograd(nt_xent_op, _setup_context, _backward)
+_nt_xent_backward = _eager.direct(nt_xent_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -151,5 +153,5 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
         raise ValueError(f"z1 is empty (shape {tuple(z1.shape)})")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    loss, _ = nt_xent_op(torch.cat([z1, z2]), float(temperature))
+    loss, _ = _nt_xent(torch.cat([z1, z2]), float(temperature))
     return loss
