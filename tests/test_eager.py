@@ -71,6 +71,18 @@ def test_second_derivatives_raise_on_both_paths():
             gx.sum().backward()
 
 
+def test_linear_cross_entropy_refuses_a_second_derivative():
+    """Its gradients are formed in the forward pass: under create_graph they must raise when differentiated."""
+    gen = torch.Generator().manual_seed(SEED)
+    x, w = _leaves(gen, (6, 5), (9, 5))
+    target = torch.randint(0, 9, (6,), generator=gen)
+    loss = cross_entropy.linear_cross_entropy(x, w, target) + x.pow(3).sum()
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad(F.cross_entropy(x @ w.t(), target) + x.pow(3).sum(), x)[0])
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gx.sum().backward()
+
+
 def test_attention_lse_stays_non_differentiable_in_eager():
     gen = torch.Generator().manual_seed(SEED)
     q, k, v = _leaves(gen, (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))

@@ -222,8 +222,10 @@ def _lce_setup(ctx, inputs, output):
 def _lce_backward(ctx, grad_loss, *_):
     dx, dw, db = ctx.saved_tensors
     g = grad_loss.to(dx.dtype) if dx.numel() else grad_loss
-    return (dx * g if ctx.grads[0] else None, dw * grad_loss.to(dw.dtype) if ctx.grads[1] else None,
-            db * grad_loss.to(db.dtype) if ctx.grads[2] else None, None, None, None, None, None, None)
+    grads = _eager.first_order_only("linear_cross_entropy", (
+        dx * g if ctx.grads[0] else None, dw * grad_loss.to(dw.dtype) if ctx.grads[1] else None,
+        db * grad_loss.to(db.dtype) if ctx.grads[2] else None))
+    return (*grads, None, None, None, None, None, None)
 
 
 linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup)
