@@ -61,8 +61,13 @@ def test_fp32_training_step_tracks_the_twin():
             opt.step()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) < 1e-4
-    for p, q in zip(ours.parameters(), twin.parameters()):
-        assert max_error(p, q) < 1e-4
+    # Adam moves an element by ~lr whatever its gradient's size, so one whose gradient is ~0 can step either way
+    # on the two sides (fused vs stock rounding): a few such elements may differ by up to 2·lr a step (seen: 6e-5
+    # in 40 seeds, and one flaky failure at 1e-4); everything else must agree closely
+    for (name, p), q in zip(ours.named_parameters(), twin.parameters()):
+        err = (p.detach().double() - q.detach().double()).abs()
+        assert err.max().item() < 2 * 1e-3 * 3, name
+        assert int((err > 1e-5).sum()) <= max(2, err.numel() // 1000), name
 
 
 def test_bf16_autocast_within_twice_the_stock_error():
