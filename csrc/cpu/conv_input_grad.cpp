@@ -64,7 +64,9 @@ void input_grad(const float* dz, const v8* wt, float* dx, const Geometry& s) {
   constexpr int OB = NV <= 2 ? 6 : NV <= 4 ? 3 : 2;  // OB·NV accumulators + NV weights within 32 registers
   const int64_t row_floats = ((s.ow - 1) * s.sw + s.kw) * s.c + NV * L;  // every segment, whole vectors
   const int64_t buf_floats = std::max(row_floats, (s.w + s.pw) * s.c);
-#pragma omp parallel
+  // one thread for small problems: a parallel region costs more than ~64K multiply-adds (torch's grain is 32K)
+  const bool parallel = s.n * s.h * s.ow * s.co * s.kw * s.c > (int64_t(1) << 16);
+#pragma omp parallel if (parallel)
   {
     std::vector<float> buf(static_cast<size_t>(buf_floats));
 #pragma omp for schedule(static)
