@@ -6,7 +6,6 @@ import copy
 import math
 import os
 import statistics
-import time
 from dataclasses import asdict, fields
 from typing import Optional
 
@@ -142,40 +141,38 @@ class _PeakMemory:
 def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple, tokens: int, device: torch.device,
                      steps: int = 3, autocast: bool = False, compile_stock: bool = False) -> list[dict]:
     """Time a training step (model(*inputs) → loss, backward, AdamW step) of the dlcore model with dlcore's AdamW
-    and of its stock twin with torch's (and of the torch.compile'd twin): median of `steps` steps after two
-    warm-up steps, then one step under _PeakMemory. Rows: variant, step_s, tokens_per_s, peak_mib,
-    speedup_vs_eager."""
+    and of its stock twin with torch's (and of the torch.compile'd twin): two warm-up steps each, then `steps`
+    rounds of one step per variant (interleaved, as `dlcore bench` times: on a shared machine a noisy minute then
+    falls on every variant; one after another, a Seq2Seq profile read 0.90× and 1.35× on the same code), median;
+    then one step of each under _PeakMemory. Rows: variant, step_s, tokens_per_s, peak_mib, speedup_vs_eager."""
     import dlcore.optim
+    from dlcore.bench.harness import time_interleaved
 
     runs = [("dlcore", ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
             ("torch eager", twin, torch.optim.AdamW(twin.parameters(), lr=1e-4))]
     if compile_stock:
         other = copy.deepcopy(twin)
         runs.append(("torch.compile", torch.compile(other), torch.optim.AdamW(other.parameters(), lr=1e-4)))
-    rows = []
-    for name, model, opt in runs:
+
+    def make_step(model, opt):
         def step():
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(*inputs)
             loss.backward()
             opt.step()
+        return step
 
-        for _ in range(2):  # warm-up: compilation, optimizer state allocation
-            step()
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+    step_fns = {name: make_step(model, opt) for name, model, opt in runs}
+    times, errors = time_interleaved(step_fns, str(device), warmup=2, repeats=steps)
+    if errors:
+        raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
+    rows = []
+    for name, _, opt in runs:
         opt.zero_grad(set_to_none=True)
         with _PeakMemory(device) as mem:
-            step()
-        seconds = statistics.median(times)
+            step_fns[name]()
+        seconds = statistics.median(times[name])
         rows.append({"variant": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
                      "peak_mib": mem.peak / 2 ** 20})
     eager = next(r["step_s"] for r in rows if r["variant"] == "torch eager")
