@@ -102,10 +102,11 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
             compile_stock: bool = False, device: Optional[str] = None, top: int = 8) -> list[dict]:
     """Training-step images/s and peak memory (dlcore.models._training.profile_training), then inference
     images/s, dlcore vs its stock twin, same run; prints torch.profiler's top kernels of one dlcore step."""
-    import time
+    import statistics
 
     import torch.nn.functional as F
 
+    from dlcore.bench.harness import time_interleaved
     from dlcore.models._training import profile_training
     from dlcore.models.resnet import WithLoss
 
@@ -116,21 +117,21 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
     x = torch.randn(batch, 3, image_size, image_size, device=dev)
     labels = torch.randint(0, 1000, (batch,), device=dev)
     rows = profile_training(WithLoss(ours), WithLoss(twin), (x, labels), batch, dev, steps, autocast, compile_stock)
-    for name, model in (("dlcore inference", ours), ("torch eager inference", twin)):
-        model.eval()
-        with torch.no_grad():
-            for _ in range(2):
-                model(x)
-            times = []
-            for _ in range(steps):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                model(x)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times.append(time.perf_counter() - t0)
-        seconds = sorted(times)[len(times) // 2]
+
+    def inference(model):
+        @torch.no_grad()
+        def run():
+            model(x)
+        return run
+
+    ours.eval()
+    twin.eval()
+    names = {"dlcore inference": ours, "torch eager inference": twin}
+    times, errors = time_interleaved({name: inference(m) for name, m in names.items()}, str(dev), 2, steps)
+    if errors:
+        raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
+    for name in names:  # in rounds, as the training steps (see profile_training)
+        seconds = statistics.median(times[name])
         rows.append({"variant": name, "step_s": seconds, "tokens_per_s": batch / seconds, "peak_mib": float("nan")})
     eager_inf = rows[-1]["step_s"]
     rows[-2]["speedup_vs_eager"], rows[-1]["speedup_vs_eager"] = eager_inf / rows[-2]["step_s"], 1.0
