@@ -174,7 +174,7 @@ def additive_attention(query_proj: torch.Tensor, keys_proj: torch.Tensor, v: tor
     if B and (int(lengths.min()) < 1 or int(lengths.max()) > S):
         raise ValueError(f"lengths must lie in [1, {S}]")
     return _additive_attention(query_proj.contiguous(), keys_proj.contiguous(), v.contiguous(),
-                                 values.contiguous(), lengths.to(torch.int64).contiguous())
+                               values.contiguous(), lengths.to(torch.int64).contiguous())
 
 
 class BahdanauAttention(nn.Module):

@@ -320,7 +320,7 @@ def _backward(ctx, grad_y, _gm, _gi, _gv):
     x, y, weight, mean, invstd = ctx.saved_tensors
     training, activation, slope, has_residual = ctx.conf
     dx, dr, dw, db = _batch_norm_act_backward(grad_y, x, y, weight, mean, invstd, training, activation, slope,
-                                                has_residual, ctx.needs_input_grad[0])
+                                              has_residual, ctx.needs_input_grad[0])
     return (dx if ctx.needs_input_grad[0] else None, dr if has_residual else None,
             dw if weight is not None else None, db if ctx.needs_input_grad[3] else None,
             None, None, None, None, None, None)
@@ -382,7 +382,7 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor], ru
 
     rm, rv = (None, None) if training else (cast(running_mean, True), cast(running_var, True))
     y, mean, _invstd, var = _batch_norm_act(x, r, cast(weight), cast(bias), rm, rv, bool(training),
-                                              float(eps), ACTIVATIONS[activation], float(negative_slope))
+                                            float(eps), ACTIVATIONS[activation], float(negative_slope))
     if training:
         _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return y

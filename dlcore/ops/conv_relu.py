@@ -198,7 +198,7 @@ def _backward(ctx, grad_y):
     has_bias, stride, padding, dilation, groups = ctx.conf
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
     dx, dw, db, dz = _conv2d_relu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups,
-                                             mask)
+                                           mask)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
             dz if ctx.needs_input_grad[3] else None, None, None, None, None)
 

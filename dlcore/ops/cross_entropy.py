@@ -312,5 +312,5 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     loss, *_ = _linear_cross_entropy(x, weight.contiguous(), bias, tgt.reshape(-1), ignore_index,
-                                       float(label_smoothing), reduction == "sum", grads, rows)
+                                     float(label_smoothing), reduction == "sum", grads, rows)
     return loss
