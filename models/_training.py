@@ -138,6 +138,18 @@ class _PeakMemory:
             self.peak = max(self.peak, current)
 
 
+def time_variants(fns: dict, device: torch.device, steps: int) -> dict[str, float]:
+    """Median seconds per call of each variant: two warm-up calls each, then `steps` rounds of one call per variant
+    (dlcore.bench.harness.time_interleaved: a noisy minute on a shared machine falls on every variant alike).
+    Raises if a variant fails."""
+    from dlcore.bench.harness import time_interleaved
+
+    times, errors = time_interleaved(fns, str(device), warmup=2, repeats=steps)
+    if errors:
+        raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple, tokens: int, device: torch.device,
                      steps: int = 3, autocast: bool = False, compile_stock: bool = False) -> list[dict]:
     """Time a training step (model(*inputs) → loss, backward, AdamW step) of the dlcore model with dlcore's AdamW
@@ -146,7 +158,6 @@ def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple
     falls on every variant; one after another, a Seq2Seq profile read 0.90× and 1.35× on the same code), median;
     then one step of each under _PeakMemory. Rows: variant, step_s, tokens_per_s, peak_mib, speedup_vs_eager."""
     import dlcore.optim
-    from dlcore.bench.harness import time_interleaved
 
     runs = [("dlcore", ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
             ("torch eager", twin, torch.optim.AdamW(twin.parameters(), lr=1e-4))]
@@ -164,15 +175,13 @@ def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple
         return step
 
     step_fns = {name: make_step(model, opt) for name, model, opt in runs}
-    times, errors = time_interleaved(step_fns, str(device), warmup=2, repeats=steps)
-    if errors:
-        raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
+    medians = time_variants(step_fns, device, steps)
     rows = []
     for name, _, opt in runs:
         opt.zero_grad(set_to_none=True)
         with _PeakMemory(device) as mem:
             step_fns[name]()
-        seconds = statistics.median(times[name])
+        seconds = medians[name]
         rows.append({"variant": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
                      "peak_mib": mem.peak / 2 ** 20})
     eager = next(r["step_s"] for r in rows if r["variant"] == "torch eager")

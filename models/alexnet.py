@@ -102,12 +102,9 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
             compile_stock: bool = False, device: Optional[str] = None, top: int = 8) -> list[dict]:
     """Training-step images/s and peak memory (dlcore.models._training.profile_training), then inference
     images/s, dlcore vs its stock twin, same run; prints torch.profiler's top kernels of one dlcore step."""
-    import statistics
-
     import torch.nn.functional as F
 
-    from dlcore.bench.harness import time_interleaved
-    from dlcore.models._training import profile_training
+    from dlcore.models._training import profile_training, time_variants
     from dlcore.models.resnet import WithLoss
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -126,12 +123,9 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
 
     ours.eval()
     twin.eval()
-    names = {"dlcore inference": ours, "torch eager inference": twin}
-    times, errors = time_interleaved({name: inference(m) for name, m in names.items()}, str(dev), 2, steps)
-    if errors:
-        raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
-    for name in names:  # in rounds, as the training steps (see profile_training)
-        seconds = statistics.median(times[name])
+    medians = time_variants({"dlcore inference": inference(ours), "torch eager inference": inference(twin)}, dev,
+                            steps)
+    for name, seconds in medians.items():  # in rounds, as the training steps
         rows.append({"variant": name, "step_s": seconds, "tokens_per_s": batch / seconds, "peak_mib": float("nan")})
     eager_inf = rows[-1]["step_s"]
     rows[-2]["speedup_vs_eager"], rows[-1]["speedup_vs_eager"] = eager_inf / rows[-2]["step_s"], 1.0
