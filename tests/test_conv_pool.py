@@ -135,11 +135,38 @@ def test_gradcheck_opcheck_compile():
     b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: conv2d_relu_maxpool2d(*a, pool_kernel_size=2, pool_stride=1), (x, w, b))
     x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x, w, b))
-    torch.library.opcheck(conv_pool.conv2d_relu_maxpool2d_op, (x32, w32, b32, [1, 1], [0, 0], [1, 1], 1, [3, 3],
-                                                               [2, 2], [0, 0], False))
+    conf = ([1, 1], [0, 0], [1, 1], 1, [3, 3], [2, 2], [0, 0], False)
+    torch.library.opcheck(conv_pool.conv2d_relu_maxpool2d_op, (x32, w32, b32, *conf, True))
+    # keep_argmax False (inference) on inputs wanting no gradient, as the public function passes it
+    torch.library.opcheck(conv_pool.conv2d_relu_maxpool2d_op, (x32.detach(), w32.detach(), b32.detach(), *conf, False))
     fn = torch.compile(lambda x, w, b: conv2d_relu_maxpool2d(x, w, b, pool_kernel_size=3, pool_stride=2).sum(),
                        fullgraph=True)
     torch.testing.assert_close(fn(x32, w32, b32), F.max_pool2d(F.relu(F.conv2d(x32, w32, b32)), 3, 2).sum())
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c[2] == torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_keeps_no_argmax_and_matches_training_forward(backend, device, dtype, channels_last):
+    """Without a gradient wanted the forward keeps no pool argmax (the CPU epilogue then skips its offsets); y is
+    the training forward's, bit for bit; a backward through an argmax-free forward raises instead of guessing."""
+    gen = torch.Generator().manual_seed(SEED)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 5, 23, 19, generator=gen).to(device).contiguous(memory_format=fmt)
+    w = torch.randn(7, 5, 3, 3, generator=gen).to(device) / 6
+    b = torch.randn(7, generator=gen).to(device)
+    conf = ([2, 2], [1, 1], [1, 1], 1, [3, 3], [2, 2], [0, 0], False)
+    with dlcore.use_backend(backend):
+        y_train, argmax = conv_pool.conv2d_relu_maxpool2d_op(x, w, b, *conf, True)
+        y_infer, none = conv_pool.conv2d_relu_maxpool2d_op(x, w, b, *conf, False)
+        with torch.no_grad():
+            y_public = conv2d_relu_maxpool2d(x.requires_grad_(), w, b, 2, 1, pool_kernel_size=3, pool_stride=2)
+        y_nograd_inputs = conv2d_relu_maxpool2d(x.detach(), w, b, 2, 1, pool_kernel_size=3, pool_stride=2)
+        assert argmax.shape == y_train.shape and none.numel() == 0
+        for y in (y_infer, y_public, y_nograd_inputs):
+            assert torch.equal(y, y_train) and y.stride() == y_train.stride()
+        y_bad, _ = conv_pool._conv2d_relu_maxpool2d(x, w.requires_grad_(), b, *conf, False)
+        with pytest.raises(RuntimeError, match="kept no pool argmax"):
+            y_bad.sum().backward()
 
 
 def test_module_is_a_drop_in():

@@ -99,13 +99,13 @@ def cpu_conv_grads(dz, x, weight, stride, padding, dilation, groups, mask):
     from dlcore import _ext
 
     n, _, h, w = x.shape
-    dzc = dz.contiguous(memory_format=torch.channels_last)
+    dzc = channel_ops.as_layout(dz, True)
     dx = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
     _ext.cpu.conv2d_input_grad(dzc.data_ptr(), weight.contiguous().data_ptr(), dx.data_ptr(), n, c_in, h, w,
                                weight.shape[0], weight.shape[2], kw, dz.shape[2], dz.shape[3], stride[0], stride[1],
                                padding[0], padding[1])
     if not x.is_contiguous(memory_format=torch.channels_last):
-        dx = dx.contiguous()  # x's layout, as torch's backward gives it
+        dx = channel_ops.as_layout(dx, False)  # x's layout, as torch's backward gives it
     return dx, _conv_grads(dz, x, weight, stride, padding, dilation, groups, (False, mask[1]))[1]
 
 
@@ -131,7 +131,7 @@ def _epilogue_backends(backend: str, dtypes):
             from dlcore.ops import conv_pool
 
             launch = _dispatch.get_op(conv_pool.FORWARD).impls[backend].fn
-            return launch(x, weight, bias, (stride, padding, dilation, groups), conv_pool.NO_POOL)[0]
+            return launch(x, weight, bias, (stride, padding, dilation, groups), conv_pool.NO_POOL, False)[0]
         y = channel_ops.dense_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
         r = None if residual is None else channel_ops.dense_like(residual, y)
         return affine.fn(y, r, None, None if bias is None else bias.float(), y, channel_ops.channel_dims(y),
