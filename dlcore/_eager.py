@@ -34,6 +34,18 @@ def plain_eager(args) -> bool:
     return True
 
 
+def _wants_grad(args) -> bool:
+    """Whether any tensor argument (or a tensor in a list/tuple argument: Tensor[] in a schema) requires grad."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif (isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)
+              and any(t.requires_grad for t in a if isinstance(t, torch.Tensor))):
+            return True
+    return False
+
+
 def _body(op) -> Callable:
     """The Python function a torch.library.custom_op was made from (one implementation for every device)."""
     fn = getattr(op, "_init_fn", None)
@@ -58,7 +70,8 @@ def direct(op) -> Callable:
 
 def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
     """A callable with op's signature: op(*args), with op's autograd (setup_context, backward) outside the op in
-    plain eager mode. Register the same pair with op.register_autograd so compiled and traced calls agree."""
+    plain eager mode (the body alone when grad mode is off or no tensor argument requires grad). Register the
+    same pair with op.register_autograd so compiled and traced calls agree."""
     body = _body(op)
 
     def forward(ctx, *args):
@@ -74,8 +87,8 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
     def call(*args):
         if not plain_eager(args):
             return op(*args)
-        if not torch.is_grad_enabled():
-            return body(*args)  # inference: no graph to record
+        if not torch.is_grad_enabled() or not _wants_grad(args):
+            return body(*args)  # inference, or no input wants a gradient: no graph to record
         return Function.apply(*args)
 
     call.__name__ = call.__qualname__ = f"eager_{op._name}"

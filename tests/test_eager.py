@@ -58,6 +58,21 @@ def test_eager_path_matches_the_custom_op_and_is_the_one_taken(index):
     with torch.no_grad():  # inference: the body alone, no graph
         out = eager(*make_args())
         assert (out if pick is None else out[pick]).grad_fn is None
+    # grad mode on but no input wants a gradient: the body alone too, same output
+    frozen = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    out = eager(*frozen)
+    y = out if pick is None else out[pick]
+    assert y.grad_fn is None and not y.requires_grad and torch.equal(y, y_eager)
+    # one input wanting a gradient is enough to record the graph
+    first = [a.detach().requires_grad_() if i == 0 else a for i, a in enumerate(frozen)]
+    out = eager(*first)
+    assert type((out if pick is None else out[pick]).grad_fn).__name__ == f"{name}_eagerBackward"
+
+
+def test_wants_grad_looks_into_tensor_lists():
+    leaf = torch.zeros(2, requires_grad=True)
+    assert _eager._wants_grad((torch.zeros(1), [torch.zeros(1), leaf], 3))
+    assert not _eager._wants_grad((torch.zeros(1), (torch.zeros(1),), None, 1.5))
 
 
 def test_second_derivatives_raise_on_both_paths():

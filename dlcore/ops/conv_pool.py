@@ -327,8 +327,9 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError(f"input is empty (shape {tuple(x.shape)})")
     # the pool's argmax only when a backward can follow (and always under tracing and transforms, where
     # requires_grad may not tell)
-    keep_argmax = (not _eager.plain_eager((x, weight, bias)) or torch.is_grad_enabled()
-                   and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    keep_argmax = (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                or (bias is not None and bias.requires_grad))
+                   or not _eager.plain_eager((x, weight, bias)))
     y, _ = _conv2d_relu_maxpool2d(x, weight, bias, *conv, kernel, pstride, ppad, bool(ceil_mode), keep_argmax)
     return y
 
