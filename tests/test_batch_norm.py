@@ -174,3 +174,8 @@ def test_bad_input():
         blocks.BatchNorm2dReLU(3)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="at least 2 dims"):
         batch_norm_act(torch.randn(5), None, None, None, None, True)
+    # running statistics that cannot be written in place: refused before anything (num_batches_tracked) moves
+    tracked = torch.tensor(3)
+    with pytest.raises(ValueError, match="running_var is updated in place and must not be an expanded tensor"):
+        batch_norm_act(x, torch.zeros(3), torch.ones(1).expand(3), w, None, True, num_batches_tracked=tracked)
+    assert tracked.item() == 3

@@ -89,6 +89,10 @@ def test_bad_input():
         LinearReLUDropout(4, 4, p=-0.1)
     with pytest.raises(TypeError, match="input"):
         dropout(torch.ones(3, dtype=torch.int64), 0.5)
+    # empty inputs, including an empty last dim: torch's result (an empty tensor), not a reshape error
+    for shape in [(3, 0), (0, 5), (2, 0, 4)]:
+        empty = torch.randn(shape)
+        assert dropout(empty, 0.5).shape == shape and bias_act(empty, torch.randn(shape[-1]), "gelu").shape == shape
 
 
 def _autograd_nodes(t):

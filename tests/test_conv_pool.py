@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dlcore
-from dlcore.functional import conv2d_relu_maxpool2d
+from dlcore.functional import conv2d_relu, conv2d_relu_maxpool2d
 from dlcore.nn import Conv2dReLUMaxPool2d
 from dlcore.ops import conv_pool
 from dlcore.testing import backend_device_pairs
@@ -199,6 +199,13 @@ def test_bad_input():
         conv2d_relu_maxpool2d(x, w.double())
     with pytest.raises(ValueError, match="empty"):
         conv2d_relu_maxpool2d(torch.randn(0, 4, 8, 8), w)
+    for bad, match in [(dict(stride=0), r"stride must be at least 1, got \(0, 0\)"),
+                       (dict(padding=(1, -1)), r"padding must be at least 0, got \(1, -1\)"),
+                       (dict(dilation=0), "dilation must be at least 1")]:
+        with pytest.raises(ValueError, match=match):
+            conv2d_relu_maxpool2d(x, w, **bad)
+        with pytest.raises(ValueError, match=match):
+            conv2d_relu(x, w, **bad)
 
 
 @pytest.mark.skipif(dlcore._ext.cpu is None, reason="CPU extension not built")

@@ -291,6 +291,16 @@ def test_cross_entropy_gradcheck_opcheck_and_compile():
     assert abs(compiled(z.float()).item() - F.cross_entropy(z.float(), t).item()) < 1e-5
 
 
+def test_linear_cross_entropy_of_empty_features_is_torchs():
+    """K = 0 features (all logits zero: loss log V) and zero rows give torch's result, not a reshape error."""
+    for rows, k in [(3, 0), (0, 4)]:
+        x, w = torch.randn(rows, k, requires_grad=True), torch.randn(5, k, requires_grad=True)
+        t = torch.randint(0, 5, (rows,))
+        want = F.cross_entropy(F.linear(x, w), t)
+        got = linear_cross_entropy(x, w, t)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.allclose(got.nan_to_num(), want.nan_to_num())
+
+
 def test_linear_cross_entropy_never_forms_full_logits():
     """The largest tensor allocated in the dlcore op is the [chunk, V] buffer: a profiler with memory tracking
     sees no allocation of [rows, V] floats (stock allocates several)."""

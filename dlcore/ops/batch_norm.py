@@ -393,6 +393,10 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor], ru
         raise ValueError(f"eps must be positive, got {eps}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if training and t is not None and t.numel() > 1 and 0 in t.stride():
+            # checked before anything is written: num_batches_tracked must not move without the statistics
+            raise ValueError(f"{name} is updated in place and must not be an expanded tensor (stride 0)")
     count = input.numel() // c if c else 0
     if training and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")

@@ -203,7 +203,7 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activatio
         _checks.tensor("bias", bias, like=input, same_dtype=False)
         _checks.shape("bias", bias, (cols,))
         bias = bias.to(math_dtype(input.dtype))
-    x2 = input.reshape(-1, cols).contiguous()
+    x2 = input.reshape(math.prod(input.shape[:-1]), cols).contiguous()  # (-1 is ambiguous when cols = 0)
     if x2.numel() == 0:
         return reference_forward(x2, bias, code).view(input.shape)
     return _bias_gelu(x2, bias, code, p, seed).view(input.shape)

@@ -63,6 +63,16 @@ def check_conv_args(x, weight, bias, extra: dict, padding) -> None:
         raise ValueError("string padding ('same'/'valid') is not supported yet; pass integers")
 
 
+def conv_pairs(stride, padding, dilation, groups) -> tuple:
+    """(stride, padding, dilation, groups) with the first three as pairs; ValueError naming the argument for a
+    stride or dilation below 1 or a negative padding (torch raises a RuntimeError without the name)."""
+    conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    for name, pair, least in (("stride", conv[0], 1), ("padding", conv[1], 0), ("dilation", conv[2], 1)):
+        if any(v < least for v in pair):
+            raise ValueError(f"{name} must be at least {least}, got {tuple(pair)}")
+    return conv
+
+
 def check_groups(x, weight, groups: int) -> None:
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or x.shape[1] // groups != weight.shape[1]:
         raise ValueError(f"groups={groups} does not fit input channels {x.shape[1]}, weight {tuple(weight.shape)}")
@@ -220,7 +230,7 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         r = None if residual is None else residual.unsqueeze(0)
         return conv2d_relu(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, residual=r).squeeze(0)
     check_groups(x, weight, groups)
-    conv = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    conv = conv_pairs(stride, padding, dilation, groups)
     if residual is not None:
         _checks.shape("residual", residual, conv_output_shape(x, weight, conv))
     return _conv2d_relu(x, weight, bias, residual, *conv)

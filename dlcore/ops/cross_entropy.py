@@ -298,11 +298,11 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         low = torch.get_autocast_dtype(device_type)
         input, weight = input.to(low), weight.to(low)
         bias = bias.to(low) if bias is not None else None
-    x = input.reshape(-1, input.shape[-1]).contiguous()
+    x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1]).contiguous()  # (-1: ambiguous if K = 0)
     tgt = _checks.class_targets("target", target, weight.shape[0], ignore_index, input)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
-    if x.shape[0] == 0:
+    if x.numel() == 0:  # no rows, or no features (logits all zero): torch's own result
         return F.cross_entropy(F.linear(x, weight, bias), tgt.reshape(-1), ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing)
     track = torch.is_grad_enabled()
