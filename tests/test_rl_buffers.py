@@ -195,6 +195,14 @@ def test_bad_input_errors():
         ReplayBuffer(0)
     with pytest.raises(IndexError, match="out of range"):
         SumTree(4).update(torch.tensor([4]), torch.tensor([1.0]))
+    before = buf._tree.sum.clone()
+    for bad_index in (torch.tensor([0.7]), [1.5], torch.tensor([True])):  # never truncated to a position
+        with pytest.raises(TypeError, match="index must hold integer positions"):
+            buf.update_priorities(bad_index, [1.0])
+    assert torch.equal(buf._tree.sum, before)
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+            buf.sample(2, beta=beta)
 
 
 @pytest.mark.parametrize("cls", [ReplayBuffer, PrioritizedReplayBuffer])

@@ -204,6 +204,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         with self._lock:
             self._check_batch_size(batch_size)
             beta = self.beta if beta is None else float(beta)
+            if not 0 <= beta <= 1:
+                raise ValueError(f"beta must be in [0, 1], got {beta}")
             offsets = torch.rand(batch_size, generator=self._gen, dtype=torch.float64)
             # w_i = (N·P(i))^-β / max_j (N·P(j))^-β = (p_i / p_min)^-β: the max weight belongs to the min priority
             if self._gathers_fields:  # the draw and the gather of every field in one call (one launch on a GPU)

@@ -62,6 +62,9 @@ except ImportError as exc:  # reported by `dlcore info`, never faked
     _numba_error = f"numba is not installed: {exc}"
 
 
+_INDEX_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 def as_vector(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """x as a contiguous 1-D tensor of dtype on device; a tensor that already is one is returned as it is (the
     replay ops are a few microseconds, and each conversion call costs one)."""
@@ -433,6 +436,10 @@ class SumTree:
     def update(self, index, priority, eps: float = 0.0, alpha: float = 1.0, limit: int | None = None) -> float:
         """Leaves `index` ← (priority + eps)^alpha. Raises on a negative or non-finite priority or an index outside
         [0, limit) (default: capacity), before writing anything. Returns max(priority + eps)."""
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+        if index.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"index must hold integer positions, got {index.dtype}")
         index = as_vector(index, torch.int64, self.device)
         # fp32 priorities (TD errors) reach the kernels as they are: each widens them exactly (saves a conversion)
         wide = torch.float32 if isinstance(priority, torch.Tensor) and priority.dtype == torch.float32 else torch.float64
