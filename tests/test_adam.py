@@ -308,6 +308,24 @@ def test_channels_last_parameters():
     assert torch.allclose(conv_a.weight, conv_b.weight, atol=1e-6)
 
 
+def test_float64_params_with_bf16_state():
+    """fp64 params (the reference backend, math in fp64) with bf16 moments: the stochastic rounding reads the
+    moments' fp32 bits (it read fp64 words as pairs of int32 and failed on a shape mismatch); the params follow
+    fp64 Adam within the bf16 state's rounding."""
+    gen = torch.Generator().manual_seed(SEED)
+    w = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    ours, ref = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    opt = dlcore.optim.AdamW([ours], lr=1e-2, state_dtype=torch.bfloat16)
+    stock = torch.optim.AdamW([ref], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        stock.step()
+    assert opt.state[ours]["exp_avg"].dtype == torch.bfloat16
+    assert (ours.detach() - ref.detach()).abs().max().item() < 3e-2 * 1e-2 * 3  # 3 steps of lr, within ~3% each
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_input_errors():
     emb = nn.Embedding(10, 3, sparse=True)

@@ -80,6 +80,7 @@ def _store(value: torch.Tensor, dtype: torch.dtype, random16: Optional[torch.Ten
     """Round fp32 `value` to `dtype`: stochastically for bf16 state (random16 given), else to nearest."""
     if random16 is None or dtype != torch.bfloat16:
         return value.to(dtype)
+    value = value.float()  # fp64 params (math in fp64): round to fp32 first, the bit trick reads 32-bit words
     bits = value.view(torch.int32).to(torch.int64) & _M32
     rounded = (((bits + random16) & 0xFFFF0000) - ((bits + random16) & 0x80000000) * 2).to(torch.int32)
     sr = rounded.view(torch.float32)
