@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcore.ops.batch_norm import batch_norm_act
+from dlcore.ops.batch_norm import batch_norm_act, dense_like
 from dlcore.ops.conv_pool import conv2d_relu_maxpool2d, cpu_maxpool_inference
 from dlcore.ops.conv_relu import conv2d_relu
 
@@ -149,16 +149,11 @@ class FoldedConv2d(nn.Conv2d):
         pointwise = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
             return pointwise(x, self._packed, self.bias, *conf, act, [], "")
-        residual = residual.contiguous(memory_format=_memory_format(x))
+        residual = dense_like(residual, x)
         return pointwise.binary(x, residual, self._packed, self.bias, *conf, "add", None, act, [], "")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
 
 
 def _onednn_usable(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
