@@ -1,12 +1,16 @@
 // Layout changes of 4-D activations between NCHW and channels_last: per image a 2-D transpose of an [R, K] matrix
-// into [K, R] (NCHW → channels_last: R = C, K = H·W; back: R = H·W, K = C), copied as raw 1-, 2- or 4-byte words.
-// torch's .contiguous(memory_format=...) walks these through its strided iterator: 0.9 ms for AlexNet conv5's
-// input [16, 256, 13, 13] fp32 (3 GB/s) on the AMD VM. Here each task moves a tile of TILE rows × TILE columns,
-// read along rows and written along columns, so both sides stay in L1 and whole cache lines move.
+// into [K, R] (NCHW → channels_last: R = C, K = H·W; back: R = H·W, K = C), copied as raw 1-, 2-, 4- or 8-byte
+// words.
+// torch's .contiguous(memory_format=...) moves these one element at a time through its strided iterator. Here each
+// task moves a kTile × kTile tile as 8 × 8 blocks transposed in vector registers (4- and 2-byte words; scalar
+// edges and 1/8-byte words), so both sides stay in L1 and whole cache lines move; images of C ≤ 4 channels take
+// a compiler-vectorised interleave instead.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#if defined(__AVX2__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -43,6 +47,25 @@ inline void block8x8(const uint32_t* s, int64_t s_stride, uint32_t* d, int64_t d
     _mm256_storeu_ps(reinterpret_cast<float*>(d + (j + 4) * d_stride), hi);
   }
 }
+// The same for 2-byte words (bf16, fp16): 8 rows of 8 in 128-bit registers, interleaved by 16, 32, then 64 bits.
+inline void block8x8(const uint16_t* s, int64_t s_stride, uint16_t* d, int64_t d_stride) {
+  __m128i r[8], a[8], b[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i * s_stride));
+  for (int i = 0; i < 8; i += 2) {  // a[i]: columns 0-3 of rows i, i+1 interleaved; a[i+1]: columns 4-7
+    a[i] = _mm_unpacklo_epi16(r[i], r[i + 1]);
+    a[i + 1] = _mm_unpackhi_epi16(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4)  // rows h..h+3: b[h + q] holds columns 2q, 2q+1
+    for (int q = 0; q < 2; ++q) {
+      b[h + 2 * q] = _mm_unpacklo_epi32(a[h + q], a[h + q + 2]);
+      b[h + 2 * q + 1] = _mm_unpackhi_epi32(a[h + q], a[h + q + 2]);
+    }
+  for (int q = 0; q < 4; ++q) {  // column 2q and 2q+1 of all 8 rows
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * q * d_stride), _mm_unpacklo_epi64(b[q], b[q + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (2 * q + 1) * d_stride), _mm_unpackhi_epi64(b[q], b[q + 4]));
+  }
+}
+
 #endif
 
 template <typename W>
@@ -50,7 +73,7 @@ void transpose_tile(const W* __restrict s, W* __restrict d, int64_t rows, int64_
                     int64_t k0, int64_t k1) {
   int64_t r_vec = r0, k_vec = k0;
 #if defined(__AVX2__)
-  if constexpr (sizeof(W) == 4) {
+  if constexpr (sizeof(W) == 4 || sizeof(W) == 2) {
     r_vec = r0 + (r1 - r0) / 8 * 8;
     k_vec = k0 + (k1 - k0) / 8 * 8;
     for (int64_t r = r0; r < r_vec; r += 8)
