@@ -150,17 +150,28 @@ def time_variants(fns: dict, device: torch.device, steps: int) -> dict[str, floa
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+FUSED_STOCK = "torch eager + fused AdamW"
+
+
 def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple, tokens: int, device: torch.device,
                      steps: int = 3, autocast: bool = False, compile_stock: bool = False) -> list[dict]:
     """Time a training step (model(*inputs) → loss, backward, AdamW step) of the dlcore model with dlcore's AdamW
-    and of its stock twin with torch's (and of the torch.compile'd twin): two warm-up steps each, then `steps`
-    rounds of one step per variant (interleaved, as `dlcore bench` times: on a shared machine a noisy minute then
-    falls on every variant; one after another, a Seq2Seq profile read 0.90× and 1.35× on the same code), median;
+    and of its stock twin with torch's, default and fused=True (and of the torch.compile'd twin): two warm-up
+    steps each, then `steps` rounds of one step per variant (interleaved, as `dlcore bench` times: on a shared
+    machine a noisy minute then falls on every variant; one after another, a Seq2Seq profile read 0.90× and 1.35×
+    on the same code), median;
     then one step of each under _PeakMemory. Rows: variant, step_s, tokens_per_s, peak_mib, speedup_vs_eager."""
     import dlcore.optim
 
     runs = [("dlcore", ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
             ("torch eager", twin, torch.optim.AdamW(twin.parameters(), lr=1e-4))]
+    # the stock twin with torch's own fused AdamW as well (torch.optim's default is foreach): how much of the
+    # speed-up is the layers and how much the optimizer (AlexNet B16 on the CPU: most of it was the optimizer)
+    fused_twin = copy.deepcopy(twin)
+    try:
+        runs.append((FUSED_STOCK, fused_twin, torch.optim.AdamW(fused_twin.parameters(), lr=1e-4, fused=True)))
+    except (RuntimeError, ValueError):  # a device or dtype torch's fused AdamW does not take
+        pass
     if compile_stock:
         other = copy.deepcopy(twin)
         runs.append(("torch.compile", torch.compile(other), torch.optim.AdamW(other.parameters(), lr=1e-4)))
@@ -192,9 +203,10 @@ def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple
 
 def print_profile(title: str, rows: list[dict]) -> None:
     print(title)
-    print(f"{'variant':<15}{'step s':>9}{'tokens/s':>11}{'peak MiB':>10}{'vs eager':>10}")
+    width = max(15, *(len(r["variant"]) + 1 for r in rows))
+    print(f"{'variant':<{width}}{'step s':>9}{'tokens/s':>11}{'peak MiB':>10}{'vs eager':>10}")
     for r in rows:
-        print(f"{r['variant']:<15}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.0f}"
+        print(f"{r['variant']:<{width}}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.0f}"
               f"{r['speedup_vs_eager']:>9.2f}×")
 
 

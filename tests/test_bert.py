@@ -130,4 +130,4 @@ def test_profile_bert_reports_both_variants():
         rows = bert.profile("test-tiny", batch=2, length=16, steps=1)
     finally:
         del bert.PROFILE_CONFIGS["test-tiny"]
-    assert [r["variant"] for r in rows] == ["dlcore", "torch eager"] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["dlcore", "torch eager", "torch eager + fused AdamW"] and all(r["tokens_per_s"] > 0 for r in rows)

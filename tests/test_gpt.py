@@ -155,7 +155,7 @@ def test_profile_reports_both_variants():
         rows = profile("test-tiny", batch=2, steps=1)
     finally:
         del gpt.CONFIGS["test-tiny"]
-    assert [r["variant"] for r in rows] == ["dlcore", "torch eager"]
+    assert [r["variant"] for r in rows] == ["dlcore", "torch eager", "torch eager + fused AdamW"]
     assert all(r["tokens_per_s"] > 0 and r["peak_mib"] >= 0 for r in rows)
 
 
