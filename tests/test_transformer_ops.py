@@ -317,6 +317,19 @@ def test_linear_cross_entropy_never_forms_full_logits():
     assert biggest < full / 4, f"an allocation of {biggest} bytes (full logits: {full})"
 
 
+def test_chunk_rows_rule():
+    """Liger's rule (about as many logits as inputs) on a GPU; on the CPU chunks of at least 32 MiB of logits
+    (wider GEMMs), never more rows than there are."""
+    from dlcore.ops.cross_entropy import CPU_CHUNK_BYTES, _chunk_rows
+
+    assert _chunk_rows(2048, 8192, 768, "cuda") == 256
+    assert _chunk_rows(2048, 8192, 768, "cpu") == 1024 and 1024 * 8192 * 4 == CPU_CHUNK_BYTES
+    assert _chunk_rows(2048, 8192, 768, "cpu", itemsize=2) == 2048
+    big = _chunk_rows(4096, 50257, 768, "cpu")
+    assert big == 128 and big * 50257 * 4 <= CPU_CHUNK_BYTES
+    assert _chunk_rows(10, 8192, 768, "cpu") == 10 and _chunk_rows(4096, 10 ** 9, 768, "cpu") == 64
+
+
 def test_cross_entropy_bad_input():
     z = torch.randn(4, 10)
     with pytest.raises(IndexError, match="target holds 10"):
