@@ -79,7 +79,7 @@ def reference_forward(x, weight, bias, conv, pool, keep_argmax=True):
     pooled, indices = F.max_pool2d(z, pool[:2], pool[2:4], pool[4:6], 1, pool[6], return_indices=True)
     if bias is not None:
         pooled = pooled + bias.to(pooled.dtype)[:, None, None]
-    return F.relu(pooled), _window_offsets(indices, geometry) if keep_argmax else _no_argmax(x)
+    return F.relu(pooled), _window_offsets(indices, geometry) if keep_argmax else None
 
 
 @_dispatch.register(BACKWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
@@ -100,6 +100,13 @@ def _channels_last(t: torch.Tensor) -> bool:
     return channel_ops.channel_dims(t)[2] == 1 and t.shape[1] > 1
 
 
+def _in_layout_of(x: torch.Tensor, y: torch.Tensor, argmax: Optional[torch.Tensor]) -> tuple:
+    """(y, argmax) computed channels-last, returned in x's layout (argmax None: none kept)."""
+    if _channels_last(x):
+        return y, argmax
+    return as_layout(y, False), None if argmax is None else as_layout(argmax, False)
+
+
 # oneDNN's convolutions and our pool epilogue are both fastest channels-last (AlexNet conv1, B16: the eager NCHW
 # chain 34 ms, channels-last 20 ms): the cpu backend computes in channels-last whatever the input's layout and
 # returns y in the input's layout.
@@ -113,11 +120,11 @@ def cpu_forward(x, weight, bias, conv, pool, keep_argmax=True):
     shape = (geometry[0], geometry[1], geometry[4], geometry[5])
     y = torch.empty(shape, dtype=z.dtype, memory_format=CL)
     # without argmax (inference) the epilogue keeps no offsets: AlexNet conv1+pool B16 epilogue 1.40 → 0.78 ms
-    argmax = torch.empty(shape, dtype=torch.uint8, memory_format=CL) if keep_argmax else _no_argmax(x)
+    argmax = torch.empty(shape, dtype=torch.uint8, memory_format=CL) if keep_argmax else None
     b = None if bias is None else bias.float().contiguous()
     _ext.cpu.maxpool_bias_relu_forward(z.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                                       argmax.data_ptr() if keep_argmax else 0, geometry, _ext.DTYPE_CODE[z.dtype])
-    return (y, argmax) if _channels_last(x) else (as_layout(y, False), as_layout(argmax, False))
+                                       0 if argmax is None else argmax.data_ptr(), geometry, _ext.DTYPE_CODE[z.dtype])
+    return _in_layout_of(x, y, argmax)
 
 
 def pool_args(kernel_size, stride, padding) -> tuple[list[int], list[int], list[int]]:
@@ -197,12 +204,10 @@ def triton_forward(x, weight, bias, conv, pool, keep_argmax=True):
     if conv[3] == 1:  # v2: the implicit-GEMM convolution with the epilogue fused, in x's layout
         x, wt, y, arg, dims = fused_problem(x, weight, conv, pool)
         kernels.fused_forward(x, wt, b, y, arg, dims)
-        return y, arg if keep_argmax else _no_argmax(x)
+        return y, arg
     z = as_layout(F.conv2d(as_layout(x, True), weight, None, *conv), True)
     y, argmax = kernels.forward(z, b, _geometry(z.shape, pool))
-    if not keep_argmax:
-        argmax = _no_argmax(x)
-    return (y, argmax) if _channels_last(x) else (as_layout(y, False), as_layout(argmax, False))
+    return _in_layout_of(x, y, argmax if keep_argmax else None)
 
 
 @_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=channel_ops.LOW,
@@ -231,7 +236,7 @@ def cuda_forward(x, weight, bias, conv, pool, keep_argmax=True):
     with torch.cuda.device(x.device):
         _ext.cuda.conv_pool_forward(x.data_ptr(), wt.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
                                     arg.data_ptr(), dims, _ext.DTYPE_CODE[x.dtype], _ext.cuda_stream(x.device))
-    return y, arg if keep_argmax else _no_argmax(x)
+    return y, arg
 
 
 _dispatch.register(BACKWARD, "cuda", devices=("cuda",), dtypes=channel_ops.LOW,
@@ -246,7 +251,9 @@ def conv2d_relu_maxpool2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Option
                              ceil_mode: bool, keep_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
     conv = (list(stride), list(padding), list(dilation), groups)
     pool = (*pool_kernel, *pool_stride, *pool_padding, ceil_mode)
-    return _dispatch.select(FORWARD, x.device, x.dtype)[1](x, weight, bias, conv, pool, keep_argmax)
+    # keep_argmax False: a backend may skip the argmax (returning any placeholder); the op returns an empty one
+    y, argmax = _dispatch.select(FORWARD, x.device, x.dtype)[1](x, weight, bias, conv, pool, keep_argmax)
+    return y, argmax if keep_argmax else _no_argmax(x)
 
 
 @conv2d_relu_maxpool2d_op.register_fake
