@@ -159,8 +159,8 @@ def profile_training(ours: torch.nn.Module, twin: torch.nn.Module, inputs: tuple
     and of its stock twin with torch's, default and fused=True (and of the torch.compile'd twin): two warm-up
     steps each, then `steps` rounds of one step per variant (interleaved, as `dlcore bench` times: on a shared
     machine a noisy minute then falls on every variant; one after another, a Seq2Seq profile read 0.90× and 1.35×
-    on the same code), median;
-    then one step of each under _PeakMemory. Rows: variant, step_s, tokens_per_s, peak_mib, speedup_vs_eager."""
+    on the same code), median; then one step of each under _PeakMemory. Rows: variant, step_s, tokens_per_s,
+    peak_mib, speedup_vs_eager."""
     import dlcore.optim
 
     runs = [("dlcore", ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
