@@ -1,6 +1,7 @@
 """Benchmark cases for issue 3's ops, batch 16, forward and forward+backward, NCHW inputs:
 - conv2d_relu at the DQN convolutions (84×84 frames) and AlexNet's conv1/conv2;
-- conv2d_relu_maxpool2d at AlexNet's conv1/conv2/conv5 with their overlapping 3×3/2 pools.
+- conv2d_relu_maxpool2d at AlexNet's conv1/conv2/conv5 with their overlapping 3×3/2 pools, and their
+  forward+backward once more with every variant given channels_last tensors.
 Peers: the eager chain F.relu(F.conv2d(...)) (→ F.max_pool2d), the same chain on channels_last tensors, and
 torch.compile of the NCHW chain."""
 from __future__ import annotations
@@ -18,13 +19,18 @@ SHAPES = [("DQN nature conv1", (4, 84, 32, 8, 4, 0), None), ("DQN nature conv2",
 BATCH = 16
 
 
-def _setup(shape, pool, backward: bool, device: str):
+def _setup(shape, pool, backward: bool, device: str, channels_last: bool = False):
+    """Variants over NCHW inputs (dlcore, the eager chain, the chain on channels_last copies, torch.compile), or
+    with channels_last=True every variant on channels_last inputs (dlcore, the eager chain, torch.compile): the
+    same layout on both sides, without the layout moves dlcore's CPU path makes for NCHW tensors."""
     cin, h, cout, k, s, p = shape
 
     def setup(n_sets: int):
         from dlcore.functional import conv2d_relu, conv2d_relu_maxpool2d
 
-        xs = [torch.randn(BATCH, cin, h, h, device=device, requires_grad=backward) for _ in range(n_sets)]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        xs = [torch.randn(BATCH, cin, h, h, device=device).contiguous(memory_format=fmt).requires_grad_(backward)
+              for _ in range(n_sets)]
         w = (torch.randn(cout, cin, k, k, device=device) * (cin * k * k) ** -0.5).requires_grad_(backward)
         b = torch.randn(cout, device=device, requires_grad=backward)
         state = {"i": 0}
@@ -49,6 +55,8 @@ def _setup(shape, pool, backward: bool, device: str):
                 return y
             return call
 
+        if channels_last:
+            return {DLCORE: variant(ours), "torch eager": variant(chain), "torch.compile": variant(compiled)}
         return {DLCORE: variant(ours), "torch eager": variant(chain),
                 "torch eager channels_last": variant(chain, xs_cl), "torch.compile": variant(compiled)}
 
@@ -93,4 +101,8 @@ def cases(device: str) -> list[Case]:
                             baseline="torch eager", target=target,
                             ops=("conv2d_relu",) if pool is None else ("conv2d_relu_maxpool2d",),
                             quick=name.startswith("DQN") or not backward))
+        if pool is not None:  # the same fwd+bwd with both sides given channels_last tensors (no target)
+            out.append(Case("conv_relu", f"{name} fwd+bwd B{BATCH} channels_last", device,
+                            _setup(shape, pool, True, device, channels_last=True), flops=flops * 3,
+                            baseline="torch eager", ops=("conv2d_relu_maxpool2d",), quick=False))
     return out
