@@ -56,6 +56,9 @@ def test_what_it_leaves_alone_or_to_torch():
     moved = as_layout(leaf, True)  # autograd records torch's copy
     moved.sum().backward()
     assert torch.equal(leaf.grad, torch.ones_like(x))
+    view = torch.randn(5, 3, 7, 6, generator=gen)[2:]  # dense, at a storage offset
+    assert torch.equal(as_layout(view, True), view) and torch.equal(as_layout(as_layout(view, True)[1:], False),
+                                                                    view[1:])
     five = torch.randn(2, 3, 4, 5, 6, generator=gen)
     assert as_layout(five, True).is_contiguous(memory_format=torch.channels_last_3d)
     assert dense_like(x, cl).is_contiguous(memory_format=CL) and dense_like(cl, x).is_contiguous()
