@@ -142,13 +142,17 @@ def markdown(data: dict) -> str:
              f"{p['matmul_TFLOPs']:.3f} TFLOP/s ({p['matmul_kind']}). Versions: "
              + ", ".join(f"{k} {v}" for k, v in data["meta"].get("versions", {}).items())
              + (f". Host allocator: {data['meta']['allocator']}" if data["meta"].get("allocator") else ""), "",
-             "| op | case | variant | time (ms) | dlcore speed-up | GB/s | % peak BW |", "|---|---|---|---:|---:|---:|---:|"]
+             "| op | case | variant | time (ms) | spread | dlcore speed-up | GB/s | % peak BW |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in data["results"]:
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['case']} | {r['variant']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['op']} | {r['case']} | {r['variant']} | failed: {r['error']} | | | | |")
             continue
+        # spread: (p75 − p25) / median of the variant's repeats, how far to trust a ratio on a noisy machine
+        spread = f"{100 * r['spread']:.0f}%" if r.get("spread") is not None else ""
         lines.append(f"| {r['op']} | {r['case']} | {r['variant']}{' (baseline)' if r['is_baseline'] else ''} | "
-                     f"{r['time_ms']:.3f} | {_fmt_ratio(r['dlcore_speedup']) if r['dlcore_speedup'] is not None else ''} | "
+                     f"{r['time_ms']:.3f} | {spread} | "
+                     f"{_fmt_ratio(r['dlcore_speedup']) if r['dlcore_speedup'] is not None else ''} | "
                      f"{r.get('GBps', '')} | {r.get('pct_peak_bandwidth', '')} |")
     if data["targets"]:
         lines += ["", "| target | wanted | measured | met |", "|---|---:|---:|---|"]
