@@ -8,7 +8,8 @@ mode that wrapping is pure cost: the custom op and its registered autograd hop P
 
 `eager_autograd(op, setup_context, backward)` returns a callable with the op's signature that, in plain eager mode,
 runs the op's Python body inside an autograd.Function built from the *same* setup_context and backward (so both
-paths share one formula), or the body alone when grad mode is off; `direct(op)` does the same for an op without a
+paths share one formula; it also registers them as the op's autograd), or the body alone when grad mode is off or
+no tensor argument requires grad; `direct(op)` does the same for an op without a
 gradient (the backward ops, called from those backward functions). Anything else — torch.compile tracing, a
 dispatch mode (fake tensors, make_fx, FlopCounterMode), a torch-function mode (`with torch.device(...)`), functorch
 transforms, tensor subclasses — takes the custom op itself, as before.
@@ -34,7 +35,7 @@ def plain_eager(args) -> bool:
     return True
 
 
-def _wants_grad(args) -> bool:
+def wants_grad(args) -> bool:
     """Whether any tensor argument (or a tensor in a list/tuple argument: Tensor[] in a schema) requires grad."""
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -69,9 +70,10 @@ def direct(op) -> Callable:
 
 
 def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
-    """A callable with op's signature: op(*args), with op's autograd (setup_context, backward) outside the op in
-    plain eager mode (the body alone when grad mode is off or no tensor argument requires grad). Register the
-    same pair with op.register_autograd so compiled and traced calls agree."""
+    """Registers (setup_context, backward) as op's autograd (what compiled and traced calls use) and returns a
+    callable with op's signature that runs the same pair outside the op in plain eager mode (the body alone when
+    grad mode is off or no tensor argument requires grad)."""
+    op.register_autograd(backward, setup_context=setup_context)
     body = _body(op)
 
     def forward(ctx, *args):
@@ -87,7 +89,7 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
     def call(*args):
         if not plain_eager(args):
             return op(*args)
-        if not torch.is_grad_enabled() or not _wants_grad(args):
+        if not torch.is_grad_enabled() or not wants_grad(args):
             return body(*args)  # inference, or no input wants a gradient: no graph to record
         return Function.apply(*args)
 

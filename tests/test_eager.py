@@ -71,8 +71,8 @@ def test_eager_path_matches_the_custom_op_and_is_the_one_taken(index):
 
 def test_wants_grad_looks_into_tensor_lists():
     leaf = torch.zeros(2, requires_grad=True)
-    assert _eager._wants_grad((torch.zeros(1), [torch.zeros(1), leaf], 3))
-    assert not _eager._wants_grad((torch.zeros(1), (torch.zeros(1),), None, 1.5))
+    assert _eager.wants_grad((torch.zeros(1), [torch.zeros(1), leaf], 3))
+    assert not _eager.wants_grad((torch.zeros(1), (torch.zeros(1),), None, 1.5))
 
 
 def test_second_derivatives_raise_on_both_paths():

@@ -143,7 +143,6 @@ def _backward(ctx, grad_context, _grad_alpha):
     return (*_additive_attention_backward(grad_context, ws, uh, v, h, lengths, alpha), None)
 
 
-additive_attention_op.register_autograd(_backward, setup_context=_setup_context)
 _additive_attention = _eager.eager_autograd(additive_attention_op, _setup_context, _backward)
 _additive_attention_backward = _eager.direct(additive_attention_backward_op)
 

@@ -351,7 +351,6 @@ def _backward(ctx, grad_y, _gm, _gi, _gv):
             None, None, None, None, None, None)
 
 
-batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 _batch_norm_act = _eager.eager_autograd(batch_norm_act_op, _setup_context, _backward)
 _batch_norm_act_backward = _eager.direct(batch_norm_act_backward_op)
 

@@ -172,7 +172,6 @@ def _backward(ctx, grad_y):
     return dx, (db if bias is not None and ctx.needs_input_grad[1] else None), None, None, None
 
 
-bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 _bias_gelu = _eager.eager_autograd(bias_gelu_op, _setup_context, _backward)
 _bias_gelu_backward = _eager.direct(bias_gelu_backward_op)
 

@@ -305,7 +305,6 @@ def _backward(ctx, grad_y, _grad_argmax):
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + (None,) * 9
 
 
-conv2d_relu_maxpool2d_op.register_autograd(_backward, setup_context=_setup_context)
 _conv2d_relu_maxpool2d = _eager.eager_autograd(conv2d_relu_maxpool2d_op, _setup_context, _backward)
 _conv2d_relu_maxpool2d_backward = _eager.direct(conv2d_relu_maxpool2d_backward_op)
 
@@ -335,8 +334,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError(f"input is empty (shape {tuple(x.shape)})")
     # the pool's argmax only when a backward can follow (and always under tracing and transforms, where
     # requires_grad may not tell)
-    keep_argmax = (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                or (bias is not None and bias.requires_grad))
+    keep_argmax = (torch.is_grad_enabled() and _eager.wants_grad((x, weight, bias))
                    or not _eager.plain_eager((x, weight, bias)))
     y, _ = _conv2d_relu_maxpool2d(x, weight, bias, *conv, kernel, pstride, ppad, bool(ceil_mode), keep_argmax)
     return y

@@ -213,7 +213,6 @@ def _backward(ctx, grad_y):
             dz if ctx.needs_input_grad[3] else None, None, None, None, None)
 
 
-conv2d_relu_op.register_autograd(_backward, setup_context=_setup_context)
 _conv2d_relu = _eager.eager_autograd(conv2d_relu_op, _setup_context, _backward)
 _conv2d_relu_backward = _eager.direct(conv2d_relu_backward_op)
 

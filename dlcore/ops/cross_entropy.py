@@ -154,7 +154,6 @@ def _ce_backward(ctx, grad_loss, _grad_lse):
     return _cross_entropy_backward(grad_loss, logits, target, lse, *ctx.conf), None, None, None
 
 
-cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 _cross_entropy = _eager.eager_autograd(cross_entropy_op, _ce_setup, _ce_backward)
 _cross_entropy_backward = _eager.direct(cross_entropy_backward_op)
 
@@ -239,7 +238,6 @@ def _lce_backward(ctx, grad_loss, *_):
     return (*grads, None, None, None, None, None, None)
 
 
-linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 _linear_cross_entropy = _eager.eager_autograd(linear_cross_entropy_op, _lce_setup, _lce_backward)
 
 

@@ -163,7 +163,6 @@ def _backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
     return (dx, dx if has_residual else None, dw if has_weight else None, db if has_bias else None, None)
 
 
-layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 _layer_norm = _eager.eager_autograd(layer_norm_op, _setup_context, _backward)
 _layer_norm_backward = _eager.direct(layer_norm_backward_op)
 

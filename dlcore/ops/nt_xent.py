@@ -132,7 +132,6 @@ def _backward(ctx, grad_loss, _grad_lse):
     return _nt_xent_backward(grad_loss, z, lse, ctx.temperature), None
 
 
-nt_xent_op.register_autograd(_backward, setup_context=_setup_context)
 _nt_xent = _eager.eager_autograd(nt_xent_op, _setup_context, _backward)
 _nt_xent_backward = _eager.direct(nt_xent_backward_op)
 
