@@ -22,6 +22,7 @@ ring overwrites a frame its stacks read. One stream of steps per buffer (vectori
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -82,14 +83,15 @@ def cpu_sample(index, frames, ended, reward, terminated, episode_start, stack, n
     index = index.contiguous()
     batch = index.numel()
     stacks = frames.new_empty((2, batch, stack, *frames.shape[1:]))
-    ret, term, discount = torch.empty((3, batch), dtype=torch.float32)
+    scalars = torch.empty((3, batch), dtype=torch.float32)  # ret, terminated, discount: rows of one allocation
+    row = scalars.data_ptr()
     status = _ext.cpu.frame_stack_sample(
-        frames.data_ptr(), frames[0].numel() * frames.element_size(), ended.data_ptr(), reward.data_ptr(),
+        frames.data_ptr(), math.prod(frames.shape[1:]) * frames.element_size(), ended.data_ptr(), reward.data_ptr(),
         terminated.data_ptr(), episode_start.data_ptr(), ended.numel(), index.data_ptr(), batch, stack, n_step,
-        float(gamma), bool(zero_pad), stacks.data_ptr(), ret.data_ptr(), term.data_ptr(), discount.data_ptr())
+        float(gamma), bool(zero_pad), stacks.data_ptr(), row, row + 4 * batch, row + 8 * batch)
     if status:
         raise _gather_op._index_error(index, ended.numel())
-    return stacks, ret, term, discount
+    return (stacks, *scalars.unbind())
 
 
 @_dispatch.register(SAMPLE_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.int64,),
@@ -243,13 +245,17 @@ class FrameStackReplayBuffer(ReplayBuffer):
             self._check_batch_size(batch_size)
             ok = self._storage["sampleable"][:self._size]
             if 2 * self._count >= self._size:  # mostly drawable: draw, keep the drawable, draw again for the rest
+                # on the CPU the check reads the numpy view: two numpy calls cost ~1 µs, the tensor ones ~5
+                flags = self._slot_fields["sampleable"] if self.device.type == "cpu" else None
                 index = None
                 while index is None or index.numel() < batch_size:
                     draw = torch.randint(0, self._size, (batch_size,), generator=self._gen)
-                    keep = ok[draw.to(self.device)].cpu()
-                    kept = draw if bool(keep.all()) else draw[keep]  # (usually all: skip the masked copy)
+                    keep = flags[draw.numpy()] if flags is not None else ok[draw.to(self.device)].cpu()
+                    # usually all are drawable: skip the masked copy
+                    kept = draw if bool(keep.all()) else draw[torch.as_tensor(keep)]
                     index = kept if index is None else torch.cat([index, kept])
-                index = index[:batch_size]
+                if index.numel() > batch_size:
+                    index = index[:batch_size]
             else:
                 choices = torch.nonzero(ok).squeeze(1).cpu()
                 index = choices[torch.randint(0, choices.numel(), (batch_size,), generator=self._gen)]
