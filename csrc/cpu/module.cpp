@@ -38,6 +38,7 @@ void register_sum_tree(py::module_& m);
 void register_skinny_linear(py::module_& m);
 void register_conv_input_grad(py::module_& m);
 void register_layout(py::module_& m);
+void register_winograd(py::module_& m);
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "dlcore CPU kernels (OpenMP, vectorised for the machine they were built on)";
@@ -56,6 +57,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   register_skinny_linear(m);
   register_conv_input_grad(m);
   register_layout(m);
+  register_winograd(m);
   register_gather(m);
   register_attention(m);
   register_layer_norm(m);

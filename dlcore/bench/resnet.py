@@ -4,7 +4,8 @@
 - NT-Xent (SimCLR's loss) forward+backward against the full-matrix textbook form;
 - ResNet inference: dlcore.fuse_for_inference(resnet) in channels_last against the stock twin eager (NCHW, the
   issue's baseline), eager channels_last and torch.compile'd — CPU ResNet-18 batch 8 fp32 (targets ≥ 1.5× eager,
-  ≥ 1.05× compiled), GPU ResNet-50 batch 64 bf16 (≥ 1.5× eager);
+  ≥ 1.05× compiled), GPU ResNet-50 batch 64 bf16 (≥ 1.5× eager); on the CPU also with the opt-in Winograd 3×3
+  convolutions (fuse_for_inference(winograd=True); an accuracy trade, so against eager only and without a target);
 - ResNet training step (forward, cross-entropy, backward, AdamW step: dlcore.optim against torch.optim) in
   channels_last: dlcore blocks against the stock twin, eager and torch.compile'd — CPU ResNet-18 batch 8 fp32
   (≥ 1.2× eager, ≥ 1.0× compiled), GPU ResNet-50 batch 64 under bf16 autocast (≥ 1.15× eager, ≥ 1.0× compiled).
@@ -102,14 +103,15 @@ def _resnet_flops(model, image: int) -> float:
     return 2.0 * macs[0]
 
 
-def _inference_case(device, arch, batch, image, dtype, target):
+def _inference_case(device, arch, batch, image, dtype, target, winograd=False):
     from dlcore import blocks
     from dlcore.models import resnet
 
     def setup(n_sets):
         torch.manual_seed(0)
         stock = getattr(resnet, arch)(stock=True).to(device, dtype).eval()
-        fused = blocks.fuse_for_inference(resnet.twin_of(stock)).to(device, dtype).to(memory_format=CL)
+        fused = blocks.fuse_for_inference(resnet.twin_of(stock), winograd=winograd).to(device, dtype)
+        fused = fused.to(memory_format=CL)
         stock_cl = copy.deepcopy(stock).to(memory_format=CL)
         sets = [torch.randn(batch, 3, image, image, device=device, dtype=dtype) for _ in range(n_sets)]
         sets_cl = [x.contiguous(memory_format=CL) for x in sets]
@@ -122,14 +124,19 @@ def _inference_case(device, arch, batch, image, dtype, target):
                 return model(data[state["i"] % n_sets])
             return call
 
-        return {DLCORE: variant(fused, sets_cl), "torch eager": variant(stock, sets),
-                "torch eager channels_last": variant(stock_cl, sets_cl),
-                "torch.compile": variant(torch.compile(copy.deepcopy(stock)), sets)}
+        variants = {DLCORE: variant(fused, sets_cl), "torch eager": variant(stock, sets),
+                    "torch eager channels_last": variant(stock_cl, sets_cl)}
+        if not winograd:  # (the opt-in case is read against eager only)
+            variants["torch.compile"] = variant(torch.compile(copy.deepcopy(stock)), sets)
+        return variants
 
     flops = batch * _resnet_flops(getattr(resnet, arch)(stock=True), image)
+    how = "BN folded, channels_last, Winograd F(4×4,3×3) opt-in" if winograd else "BN folded, channels_last"
     return Case("resnet", f"{arch} inference B{batch} {image}x{image} {str(dtype).replace('torch.', '')} "
-                f"(dlcore: BN folded, channels_last)", device, setup, flops=flops, baseline="torch eager",
-                target=target, quick=False, notes="issue 6 CPU: also ≥ 1.05× torch.compile")
+                f"(dlcore: {how})", device, setup, flops=flops, baseline="torch eager",
+                target=None if winograd else target, quick=False,
+                notes="opt-in accuracy trade: no target is read from it" if winograd else
+                "issue 6 CPU: also ≥ 1.05× torch.compile")
 
 
 def _training_case(device, arch, batch, image, autocast, target):
@@ -168,6 +175,7 @@ def cases(device: str) -> list[Case]:
     out += [_nt_xent_case(device, n, 128) for n in ((256, 1024) if device == "cpu" else (1024, 4096))]
     if device == "cpu":
         out += [_inference_case(device, "resnet18", 8, 224, torch.float32, 1.5),
+                _inference_case(device, "resnet18", 8, 224, torch.float32, None, winograd=True),
                 _training_case(device, "resnet18", 8, 224, False, 1.2)]
     else:
         out += [_inference_case(device, "resnet50", 64, 224, torch.bfloat16, 1.5),
