@@ -36,18 +36,22 @@ def _fold_max(v, best, best_k, k):
 
 
 @dual_helper
-def _bias_relu_store(best, best_k, BIAS, Y, ARG, out, channels, cmask, mask, HAS_BIAS: tl.constexpr):
-    """y = relu(max + b) (NaN kept) and the argmax byte, at element offsets `out`."""
+def _bias_relu_store(best, best_k, BIAS, Y, ARG, out, channels, cmask, mask, HAS_BIAS: tl.constexpr,
+                     STORE_ARG: tl.constexpr):
+    """y = relu(max + b) (NaN kept) and, when STORE_ARG (a backward can follow), the argmax byte, at element
+    offsets `out`."""
     if HAS_BIAS:
         best += tl.load(BIAS + channels, mask=cmask, other=0.0)[None, :]
     y = tl.where((best > 0) | (best != best), best, 0.0)
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
+    if STORE_ARG:
+        tl.store(ARG + out, best_k.to(tl.uint8), mask=mask)
 
 
 @dual_kernel
 def pool_forward_kernel(Z, BIAS, Y, ARG, n_out, C, H, W, OH, OW, SH, SW, PH, PW, HAS_BIAS: tl.constexpr,
-                        KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+                        KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+                        STORE_ARG: tl.constexpr):
     p = tl.program_id(0) * BP + tl.arange(0, BP)  # output position (n, i, j) flattened
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     pmask, cmask = p < n_out, c < C
@@ -66,7 +70,8 @@ def pool_forward_kernel(Z, BIAS, Y, ARG, n_out, C, H, W, OH, OW, SH, SW, PH, PW,
                         other=-float("inf")).to(tl.float32)
             best, best_k = _fold_max(v, best, best_k, a * KW + e)
     out = p.to(tl.int64)[:, None] * C + c[None, :]
-    _bias_relu_store(best, best_k, BIAS, Y, ARG, out, c, cmask, pmask[:, None] & cmask[None, :], HAS_BIAS)
+    _bias_relu_store(best, best_k, BIAS, Y, ARG, out, c, cmask, pmask[:, None] & cmask[None, :], HAS_BIAS,
+                     STORE_ARG)
 
 
 @dual_kernel
@@ -75,7 +80,7 @@ def fused_forward_kernel(X, WT, BIAS, Y, ARG, M, CIN, COUT, H, W, ZH, ZW, OH, OW
                          SH, SW, PH, PW, DH, DW, PSH, PSW, PPH, PPW,
                          KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, STORE_ARG: tl.constexpr):
     m = tl.program_id(0) * BM + tl.arange(0, BM)  # pooled output (n, i, j) flattened
     co = tl.program_id(1) * BN + tl.arange(0, BN)
     mmask, nmask = m < M, co < COUT
@@ -109,7 +114,8 @@ def fused_forward_kernel(X, WT, BIAS, Y, ARG, M, CIN, COUT, H, W, ZH, ZW, OH, OW
             v = tl.where(zin[:, None], acc, -float("inf"))  # outside the convolution output: the pool's padding
             best, best_k = _fold_max(v, best, best_k, a * PKW + e)
     out = (img * syn + i.to(tl.int64) * syh + j.to(tl.int64) * syw)[:, None] + co[None, :].to(tl.int64) * syc
-    _bias_relu_store(best, best_k, BIAS, Y, ARG, out, co, nmask, mmask[:, None] & nmask[None, :], HAS_BIAS)
+    _bias_relu_store(best, best_k, BIAS, Y, ARG, out, co, nmask, mmask[:, None] & nmask[None, :], HAS_BIAS,
+                     STORE_ARG)
 
 
 @dual_kernel
@@ -167,15 +173,17 @@ def _tiles(channels: int, on_gpu: bool) -> tuple[int, int, int]:
     return (2048 if on_gpu else 65536) // bc, bc, 8 if on_gpu else 4
 
 
-def forward(z, bias, geometry):
-    """z: channels_last [N, C, H, W]; returns (y, argmax uint8), both channels_last [N, C, OH, OW]."""
+def forward(z, bias, geometry, keep_argmax: bool = True):
+    """z: channels_last [N, C, H, W]; returns (y, argmax uint8), both channels_last [N, C, OH, OW] (argmax None
+    when not keep_argmax: inference writes no offsets)."""
     n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
     y = torch.empty((n, c, oh, ow), dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
-    arg = torch.empty_like(y, dtype=torch.uint8)
+    arg = torch.empty_like(y, dtype=torch.uint8) if keep_argmax else None
     bp, bc, warps = _tiles(c, z.is_cuda)
     pool_forward_kernel.launch((triton.cdiv(n * oh * ow, bp), triton.cdiv(c, bc)), z.device, z,
-                               z if bias is None else bias, y, arg, n * oh * ow, c, h, w, oh, ow, sh, sw, ph, pw,
-                               HAS_BIAS=bias is not None, KH=kh, KW=kw, BP=bp, BC=bc, num_warps=warps)
+                               z if bias is None else bias, y, y if arg is None else arg, n * oh * ow, c, h, w, oh,
+                               ow, sh, sw, ph, pw, HAS_BIAS=bias is not None, KH=kh, KW=kw, BP=bp, BC=bc,
+                               STORE_ARG=keep_argmax, num_warps=warps)
     return y, arg
 
 
@@ -186,16 +194,17 @@ FUSED_TILES = {"gpu": (64, 64, 32, 8), "interpreter": (128, 64, 64, 4)}
 
 
 def fused_forward(x, wt, bias, y, arg, dims):
-    """The implicit-GEMM fused forward (groups = 1) into y and arg; operands and the 31 dims as
-    dlcore/ops/conv_pool.py's fused_problem makes them."""
+    """The implicit-GEMM fused forward (groups = 1) into y and arg (None: no argmax written); operands and the 31
+    dims as dlcore/ops/conv_pool.py's fused_problem makes them."""
     m, cin, cout = dims[:3]
     kh, kw, psh, psw, pph, ppw, pkh, pkw = dims[23:]
     bm, bn, bk, warps = FUSED_TILES["gpu" if x.is_cuda else "interpreter"]
     bk = min(bk, max(16, triton.next_power_of_2(cin)))
     fused_forward_kernel.launch(
-        (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y, arg,
-        *dims[:23], psh, psw, pph, ppw, KH=kh, KW=kw, PKH=pkh, PKW=pkw, HAS_BIAS=bias is not None, BM=bm, BN=bn,
-        BK=bk, PRECISION="tf32" if x.dtype == torch.float32 else "ieee", num_warps=warps)
+        (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y,
+        y if arg is None else arg, *dims[:23], psh, psw, pph, ppw, KH=kh, KW=kw, PKH=pkh, PKW=pkw,
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, PRECISION="tf32" if x.dtype == torch.float32 else "ieee",
+        STORE_ARG=arg is not None, num_warps=warps)
 
 
 def backward(grad_y, y, arg, geometry, want_bias: bool):
@@ -225,19 +234,20 @@ def _aot_configs():
     ptrs = {n: "*bf16" for n in ("Z", "Y", "DY", "DZ")}
     ptrs.update(BIAS="*fp32", ARG="*u8", PDB="*fp32")
     configs = []
-    for kernel, constexprs in ((pool_forward_kernel, dict(HAS_BIAS=True, KH=3, KW=3, BP=bp, BC=bc)),
+    for kernel, constexprs in ((pool_forward_kernel, dict(HAS_BIAS=True, KH=3, KW=3, BP=bp, BC=bc, STORE_ARG=True)),
                                (pool_backward_kernel, dict(KH=3, KW=3, SPAN_H=2, SPAN_W=2, BP=bp, BC=bc)),
                                (bias_grad_kernel, dict(BP=bp, BC=bc))):
         configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
                                  label=f"{kernel.__name__} 3x3/2 {bp}x{bc} w{warps}"))
     bm, bn, bk, warps = FUSED_TILES["gpu"]
-    for dtype in ("bf16", "fp32"):  # AlexNet conv2 (5×5, pad 2) → pool 3×3/2
+    for dtype, store_arg in (("bf16", True), ("fp32", True), ("bf16", False)):  # AlexNet conv2 (5×5, pad 2) → pool 3×3/2
         constexprs = dict(KH=5, KW=5, PKH=3, PKW=3, HAS_BIAS=True, BM=bm, BN=bn, BK=bk,
-                          PRECISION="tf32" if dtype == "fp32" else "ieee")
+                          PRECISION="tf32" if dtype == "fp32" else "ieee", STORE_ARG=store_arg)
         ptrs = {"X": f"*{dtype}", "WT": f"*{dtype}", "BIAS": "*fp32", "Y": f"*{dtype}", "ARG": "*u8"}
         configs.append(AOTConfig(fused_forward_kernel, aot_signature(fused_forward_kernel, ptrs, constexprs),
                                  constexprs, num_warps=warps,
-                                 label=f"fused implicit-GEMM conv 5x5 + pool 3x3/2 {dtype} {bm}x{bn}x{bk} w{warps}"))
+                                 label=f"fused implicit-GEMM conv 5x5 + pool 3x3/2 {dtype} {bm}x{bn}x{bk} w{warps}"
+                                       + ("" if store_arg else " (inference: no argmax)")))
     return configs
 
 

@@ -146,21 +146,25 @@ def test_gradcheck_opcheck_compile():
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c[2] == torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_inference_keeps_no_argmax_and_matches_training_forward(backend, device, dtype, channels_last):
-    """Without a gradient wanted the forward keeps no pool argmax (the CPU epilogue then skips its offsets); y is
-    the training forward's, bit for bit; a backward through an argmax-free forward raises instead of guessing."""
+@pytest.mark.parametrize("groups", [1, 2])  # (triton: the fused implicit-GEMM forward, torch's conv + pool kernel)
+def test_inference_keeps_no_argmax_and_matches_training_forward(backend, device, dtype, channels_last, groups):
+    """Without a gradient wanted the forward keeps no pool argmax (the CPU epilogue, the Triton and CUDA kernels
+    then write no offsets); y is the training forward's, bit for bit; a backward through an argmax-free forward
+    raises instead of guessing."""
     gen = torch.Generator().manual_seed(SEED)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(3, 5, 23, 19, generator=gen).to(device).contiguous(memory_format=fmt)
-    w = torch.randn(7, 5, 3, 3, generator=gen).to(device) / 6
-    b = torch.randn(7, generator=gen).to(device)
-    conf = ([2, 2], [1, 1], [1, 1], 1, [3, 3], [2, 2], [0, 0], False)
+    x = torch.randn(3, 6, 23, 19, generator=gen).to(device).contiguous(memory_format=fmt)
+    w = torch.randn(8, 6 // groups, 3, 3, generator=gen).to(device) / 6
+    b = torch.randn(8, generator=gen).to(device)
+    conf = ([2, 2], [1, 1], [1, 1], groups, [3, 3], [2, 2], [0, 0], False)
     with dlcore.use_backend(backend):
         y_train, argmax = conv_pool.conv2d_relu_maxpool2d_op(x, w, b, *conf, True)
         y_infer, none = conv_pool.conv2d_relu_maxpool2d_op(x, w, b, *conf, False)
         with torch.no_grad():
-            y_public = conv2d_relu_maxpool2d(x.requires_grad_(), w, b, 2, 1, pool_kernel_size=3, pool_stride=2)
-        y_nograd_inputs = conv2d_relu_maxpool2d(x.detach(), w, b, 2, 1, pool_kernel_size=3, pool_stride=2)
+            y_public = conv2d_relu_maxpool2d(x.requires_grad_(), w, b, 2, 1, 1, groups, pool_kernel_size=3,
+                                             pool_stride=2)
+        y_nograd_inputs = conv2d_relu_maxpool2d(x.detach(), w, b, 2, 1, 1, groups, pool_kernel_size=3,
+                                                pool_stride=2)
         assert argmax.shape == y_train.shape and none.numel() == 0
         for y in (y_infer, y_public, y_nograd_inputs):
             assert torch.equal(y, y_train) and y.stride() == y_train.stride()

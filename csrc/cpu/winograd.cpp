@@ -78,10 +78,20 @@ inline void store(T* dst, const V& v, int n) {
     for (int l = 0; l < n; ++l) dst[l] = v[l];
 }
 
+struct Tile {
+  int64_t image, row, col;  // the tile's image and its first output row and column
+};
+
 struct Geometry {
   int64_t n, h, w, c;          // input (channels_last) or output (channels_last) extents
   int64_t pad_h, pad_w;        // input only: zero rows/columns before the image
   int64_t tiles_h, tiles_w;    // 4×4 output tiles per image
+
+  // tiles are numbered image by image, row by row
+  Tile at(int64_t tile) const {
+    const int64_t per_image = tiles_h * tiles_w, rest = tile % per_image;
+    return {tile / per_image, 4 * (rest / tiles_w), 4 * (rest % tiles_w)};
+  }
 };
 
 // V[k][m - first][c] for tiles m in [first, first + count).
@@ -89,13 +99,12 @@ template <typename T>
 void input_pass(const T* x, T* v, const Geometry& g, int64_t first, int64_t count) {
   using V = typename Lanes<T>::V;
   constexpr int kLanes = Lanes<T>::kCount;
-  const int64_t per_image = g.tiles_h * g.tiles_w, C = g.c;
+  const int64_t C = g.c;
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < count; ++m) {
-    const int64_t tile = first + m, img = tile / per_image, th = tile % per_image / g.tiles_w,
-                  tw = tile % g.tiles_w;
-    const int64_t row0 = 4 * th - g.pad_h, col0 = 4 * tw - g.pad_w;
-    const T* image = x + img * g.h * g.w * C;
+    const Tile tile = g.at(first + m);
+    const int64_t row0 = tile.row - g.pad_h, col0 = tile.col - g.pad_w;  // the 6×6 window's corner in x
+    const T* image = x + tile.image * g.h * g.w * C;
     bool row_in[6], col_in[6];
     for (int i = 0; i < 6; ++i) {
       row_in[i] = row0 + i >= 0 && row0 + i < g.h;
@@ -125,12 +134,11 @@ void output_pass(const T* mm, T* y, const T* bias, const T* residual, const Geom
                  int64_t count, bool relu) {
   using V = typename Lanes<T>::V;
   constexpr int kLanes = Lanes<T>::kCount;
-  const int64_t per_image = g.tiles_h * g.tiles_w, K = g.c;
+  const int64_t K = g.c;
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < count; ++m) {
-    const int64_t tile = first + m, img = tile / per_image, th = tile % per_image / g.tiles_w,
-                  tw = tile % g.tiles_w;
-    const int64_t row0 = 4 * th, col0 = 4 * tw;
+    const Tile tile = g.at(first + m);
+    const int64_t row0 = tile.row, col0 = tile.col;
     const int rows = int(std::min<int64_t>(4, g.h - row0)), cols = int(std::min<int64_t>(4, g.w - col0));
     for (int64_t o0 = 0; o0 < K; o0 += kLanes) {
       const int n = int(std::min<int64_t>(kLanes, K - o0));
@@ -146,7 +154,7 @@ void output_pass(const T* mm, T* y, const T* bias, const T* residual, const Geom
         V out[4];
         at6(t[a], out);
         for (int c = 0; c < cols; ++c) {
-          const int64_t at = ((img * g.h + row0 + a) * g.w + col0 + c) * K + o0;
+          const int64_t at = ((tile.image * g.h + row0 + a) * g.w + col0 + c) * K + o0;
           V value = out[c] + b;
           if (residual) value += load(residual + at, n);
           if (relu) value = value > 0 ? value : V{};

@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float o = best[q] + (bias ? bias[co] : 0.f);
     const int64_t out = n * d.syn + co * d.syc + i * d.syh + j * d.syw;
     y[out] = Mma<T>::store(o > 0.f || isnan(o) ? o : 0.f);
-    arg[out] = best_k[q];
+    if (arg) arg[out] = best_k[q];  // null in inference (no backward can follow)
   }
 }
 

@@ -174,9 +174,10 @@ def cpu_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
 
 
 # ---------------------------------------------------------------------------------------------------- triton
-def fused_problem(x, weight, conv, pool):
+def fused_problem(x, weight, conv, pool, keep_argmax: bool = True):
     """What the fused implicit-GEMM forwards (triton v2, cuda) take: x in its own layout (channels_last or NCHW),
-    the weight as B[k = (r, s, ci), co] = [KH, KW, Cin, Cout], the outputs y and argmax in x's layout, and the 31
+    the weight as B[k = (r, s, ci), co] = [KH, KW, Cin, Cout], the outputs y and argmax in x's layout (argmax None
+    when not keep_argmax: the kernels then write no offsets), and the 31
     sizes, strides and geometry numbers, in the order both kernels read them:
     M, Cin, Cout, H, W, ZH, ZW, OH, OW, x strides (n, c, h, w), y strides (n, c, h, w),
     SH, SW, PH, PW, DH, DW, KH, KW, PSH, PSW, PPH, PPW, PKH, PKW."""
@@ -187,7 +188,7 @@ def fused_problem(x, weight, conv, pool):
     layout = CL if _channels_last(x) else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
     y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=layout)
-    arg = torch.empty_like(y, dtype=torch.uint8)
+    arg = torch.empty_like(y, dtype=torch.uint8) if keep_argmax else None
     wt = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
     pkh, pkw, psh, psw, pph, ppw, _ = pool
     dims = [n * oh * ow, cin, cout, h, w, zh, zw, oh, ow, *x.stride(), *y.stride(), sh, sw, ph, pw, dh, dw, kh, kw,
@@ -202,12 +203,12 @@ def triton_forward(x, weight, bias, conv, pool, keep_argmax=True):
 
     b = None if bias is None else bias.float().contiguous()
     if conv[3] == 1:  # v2: the implicit-GEMM convolution with the epilogue fused, in x's layout
-        x, wt, y, arg, dims = fused_problem(x, weight, conv, pool)
+        x, wt, y, arg, dims = fused_problem(x, weight, conv, pool, keep_argmax)
         kernels.fused_forward(x, wt, b, y, arg, dims)
         return y, arg
     z = as_layout(F.conv2d(as_layout(x, True), weight, None, *conv), True)
-    y, argmax = kernels.forward(z, b, _geometry(z.shape, pool))
-    return _in_layout_of(x, y, argmax if keep_argmax else None)
+    y, argmax = kernels.forward(z, b, _geometry(z.shape, pool), keep_argmax)
+    return _in_layout_of(x, y, argmax)
 
 
 @_dispatch.register(BACKWARD, "triton", devices=("cpu", "cuda"), dtypes=channel_ops.LOW,
@@ -231,11 +232,12 @@ def triton_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask):
 def cuda_forward(x, weight, bias, conv, pool, keep_argmax=True):
     if conv[3] != 1:
         return reference_forward(x, weight, bias, conv, pool, keep_argmax)
-    x, wt, y, arg, dims = fused_problem(x, weight, conv, pool)
+    x, wt, y, arg, dims = fused_problem(x, weight, conv, pool, keep_argmax)
     b = None if bias is None else bias.float().contiguous()
     with torch.cuda.device(x.device):
         _ext.cuda.conv_pool_forward(x.data_ptr(), wt.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                                    arg.data_ptr(), dims, _ext.DTYPE_CODE[x.dtype], _ext.cuda_stream(x.device))
+                                    0 if arg is None else arg.data_ptr(), dims, _ext.DTYPE_CODE[x.dtype],
+                                    _ext.cuda_stream(x.device))
     return y, arg
 
 
