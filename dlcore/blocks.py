@@ -7,6 +7,8 @@
 - fuse_for_inference(model): folds every BN into the convolution before it (w' = w·γρ, b' = β + (b − μ)·γρ) and
   turns each block into fused convolutions whose epilogue adds the bias, the residual and applies ReLU in one
   pass (dlcore.functional.conv2d_relu): a BasicBlock is two launches, a Bottleneck three (+1 for a projection).
+  On the CPU in fp32 a folded conv runs oneDNN's convolution with bias/residual/ReLU post-ops, or (winograd=True)
+  Winograd F(4×4,3×3) for its 3×3 stride-1 convolutions (dlcore/ops/winograd.py).
 - patch(model): swaps the blocks and BN+ReLU pairs of an existing torchvision-style ResNet in place (parameters
   and buffers shared, not copied) and returns it.
 """
