@@ -9,6 +9,14 @@
 
 #include "common/adam.h"
 
+// Full-width vectors for this file's loops (the build prefers 256-bit ones, see setup.py): with stochastic rounding
+// the bf16-state step is ALU-bound enough that half as many instructions show. AMD EPYC VM (Zen 4, AVX-512 run as
+// two 256-bit halves), one AdamW step over ResNet-18's 11.7M parameters with bf16 state, interleaved with 256-bit
+// builds: 5.17 -> 4.87 ms (torch fused fp32 6.48); fp32 state 6.53 -> 6.43. No effect without AVX-512.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
+
 namespace py = pybind11;
 using namespace dlcore;
 
