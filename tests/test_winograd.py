@@ -133,6 +133,8 @@ def test_falls_back_where_it_does_not_apply():
     xg = x.clone().requires_grad_()
     conv(xg).sum().backward()
     assert xg.grad is not None and not hasattr(conv, "_winograd_weight")
+    with torch.no_grad(), pytest.raises(RuntimeError):  # wrong input channels: the convolution's own error
+        conv(torch.randn(2, 5, 8, 8))
     assert not winograd.applies(x.half(), conv.weight.half(), (1, 1), (1, 1), (1, 1), 1)
     assert not winograd.applies(x, conv.weight, (2, 2), (1, 1), (1, 1), 1)
     assert not winograd.applies(torch.empty(0, 4, 8, 8), conv.weight, (1, 1), (1, 1), (1, 1), 1)

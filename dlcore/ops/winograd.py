@@ -49,7 +49,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gr
     dilation 1, one group, symmetric-or-not integer padding, a non-empty output)."""
     if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
         return False
-    if weight.dtype != x.dtype or tuple(weight.shape[2:]) != (3, 3) or groups != 1:
+    if weight.dtype != x.dtype or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or groups != 1:
+        return False
+    if weight.shape[1] != x.shape[1]:  # (the general path raises the convolution's own error)
         return False
     if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or min(padding) < 0 or x.numel() == 0:
         return False
