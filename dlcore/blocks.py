@@ -328,8 +328,8 @@ def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
 
     winograd: run the blocks' 3×3 stride-1 convolutions by Winograd F(4×4,3×3) in CPU inference (fp32/fp64):
     1.0–1.5× faster per convolution inside ResNet-18 on the development VM (1.2–1.9× alone; the whole network
-    138 → 114 ms at batch 8), at ~3–5× the fp32 rounding error of a direct
-    convolution (largest error 4–7e-6 of the largest output per convolution); see dlcore/ops/winograd.py."""
+    138 → 114 ms at batch 8), at more fp32 rounding error than a direct convolution (1.3–2.7× inside a block,
+    8–11× for a bare convolution; see dlcore/ops/winograd.py)."""
     patch(model)
     model.eval()
     for module in model.modules():

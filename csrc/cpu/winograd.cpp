@@ -9,13 +9,14 @@
 // Both passes run over channels innermost (channels_last activations, 64-byte vectors of channels) and over tiles in
 // parallel; tiles past the image read zeros (padding) and write nothing.
 //
-// Bᵀ (points 0, ±1, ±2, ∞):          Aᵀ:
-//   [4  0 -5  0  1  0]                 [1  1  1  1  1  0]
-//   [0 -4 -4  1  1  0]                 [0  1 -1  2 -2  0]
-//   [0  4 -4 -1  1  0]                 [0  1  1  4  4  0]
-//   [0 -2 -1  2  1  0]                 [0  1 -1  8 -8  1]
-//   [0  2 -1 -2  1  0]
-//   [0  4  0 -5  0  1]
+// Bᵀ and Aᵀ for the points 0, 1, −1, 2, −1/2, ∞ (dlcore/ops/winograd.py has them as tables, and why these
+// points); bt6 and at6 below are their rows written out:
+//   Bᵀ [1  1.5  -2   -1.5  1   0]       Aᵀ [1  1   1  1   1      0]
+//      [0  -1   -2.5 -0.5  1   0]          [0  1  -1  2  -0.5    0]
+//      [0   1    0.5 -2.5  1   0]          [0  1   1  4   0.25   0]
+//      [0  -0.5 -1    0.5  1   0]          [0  1  -1  8  -0.125  1]
+//      [0   2   -1   -2    1   0]
+//      [0   1    1.5 -2   -1.5 1]
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
@@ -35,26 +36,26 @@ struct Lanes {
   static constexpr int kCount = 64 / sizeof(T);
 };
 
-// Bᵀ applied to 6 vectors (one axis of a tile), in place: 12 adds/multiplies per vector.
+// Bᵀ applied to 6 vectors (one axis of a tile), in place.
 template <typename V>
 inline void bt6(V (&d)[6]) {
   const V d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3], d4 = d[4], d5 = d[5];
-  d[0] = 4 * d0 - 5 * d2 + d4;
-  d[1] = -4 * (d1 + d2) + (d3 + d4);
-  d[2] = 4 * (d1 - d2) + (d4 - d3);
-  d[3] = 2 * (d3 - d1) + (d4 - d2);
-  d[4] = 2 * (d1 - d3) + (d4 - d2);
-  d[5] = 4 * d1 - 5 * d3 + d5;
+  d[0] = d0 + 1.5f * (d1 - d3) - 2 * d2 + d4;
+  d[1] = d4 - d1 - 2.5f * d2 - 0.5f * d3;
+  d[2] = d1 + 0.5f * d2 - 2.5f * d3 + d4;
+  d[3] = 0.5f * (d3 - d1) - d2 + d4;
+  d[4] = 2 * (d1 - d3) - d2 + d4;
+  d[5] = d1 + 1.5f * (d2 - d4) - 2 * d3 + d5;
 }
 
 // Aᵀ applied to 6 vectors: 4 results.
 template <typename V>
 inline void at6(const V (&m)[6], V (&r)[4]) {
-  const V s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
-  r[0] = m[0] + s12 + s34;
-  r[1] = d12 + 2 * d34;
-  r[2] = s12 + 4 * s34;
-  r[3] = d12 + 8 * d34 + m[5];
+  const V s12 = m[1] + m[2], d12 = m[1] - m[2];
+  r[0] = s12 + m[0] + m[3] + m[4];
+  r[1] = d12 + 2 * m[3] - 0.5f * m[4];
+  r[2] = s12 + 4 * m[3] + 0.25f * m[4];
+  r[3] = d12 + 8 * m[3] - 0.125f * m[4] + m[5];
 }
 
 // n ≤ kCount lanes between memory and a vector; lanes past n read as 0 and are not written.

@@ -3,7 +3,11 @@
 
 A 4×4 block of outputs of one output channel o needs a 6×6 block d of each input channel c:
     y = Aᵀ [ Σ_c (G g_{o,c} Gᵀ) ⊙ (Bᵀ d_c B) ] A
-(Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015; interpolation points 0, ±1, ±2, ∞).
+(Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015), with the interpolation points
+0, 1, −1, 2, −1/2, ∞ rather than their 0, ±1, ±2, ∞: mixing a point and its reciprocal keeps the transforms'
+constants small, the advice of Barabasz et al. ("Error analysis and improving the accuracy of Winograd
+convolution for deep neural networks", 2020); of the sets {0, ±1, a, b} tried here (a, b from ±2, ±3, ±4 and their
+reciprocals, ±3/2, ±2/3) it gave the least fp32 error.
 For each of the 36 positions k of the transformed tile the sum over c is a matrix product, so the convolution is
     V[k] = (Bᵀ d B)[k]   [tiles, C_in]        input pass (C++, csrc/cpu/winograd.cpp)
     M[k] = V[k] @ U[k]   [tiles, C_out]       36 GEMMs in one torch.bmm, U[k] = (G g Gᵀ)[k] [C_in, C_out]
@@ -11,10 +15,11 @@ For each of the 36 positions k of the transformed tile the sum over c is a matri
 4 multiplies per output instead of 9; the transforms are adds and small constants. U is computed once per weight,
 in float64, and cached by the caller (blocks.FoldedConv2d).
 
-Accuracy: the transforms' constants (up to 8 in Aᵀ, 1/24 in G) amplify fp32 rounding: measured on ResNet-18's
-3×3 shapes against a float64 convolution, the largest error relative to the largest output is 4–7e-6 here against
-0.8–2.3e-6 for oneDNN's direct convolution, so this is an opt-in trade (like TF32 on a GPU). In float64 the same
-code is exact to 1e-14 (the tests check the algorithm there).
+Accuracy (largest error against a float64 convolution, relative to the largest output, ResNet-18's 3×3 shapes):
+a bare convolution 2.8–3.3e-6 against 2.6–3.5e-7 for oneDNN's direct one (8–11×; Lavin & Gray's points: 7–9e-6,
+20–32×); with the bias, residual and ReLU of a ResNet block 1.6–2.1e-6 against 0.8–1.4e-6 (1.3–2.7×); at
+ResNet-18's logits (B8) 4.6e-7 against 3.7e-7 for the stock fp32 model. Hence opt in (like TF32 on a GPU). In
+float64 the same code is exact to ~1e-14 (the tests check the algorithm there).
 
 Speed on the 2-core AMD EPYC VM, B8 fp32 channels_last, conv + bias + residual + ReLU (median of 15, one process,
 against oneDNN's fused convolution with prepacked weights): 64ch 56² 8.65 → 5.94 ms, 128ch 28² 8.32 → 4.42,
@@ -32,12 +37,13 @@ import torch
 
 from dlcore import _ext
 
-# F(4×4, 3×3) transform matrices (float64; rows as in the formulas above)
-BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                   [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
-G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
-AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+# F(4×4, 3×3) transform matrices for the interpolation points 0, 1, −1, 2, −1/2, ∞ (float64; V = Bᵀ d B,
+# U = G g Gᵀ, y = Aᵀ M A). Lavin & Gray's points 0, ±1, ±2, ∞ gave 2.5–3× the fp32 error (see the docstring).
+BT = torch.tensor([[1, 1.5, -2, -1.5, 1, 0], [0, -1, -2.5, -0.5, 1, 0], [0, 1, 0.5, -2.5, 1, 0],
+                   [0, -0.5, -1, 0.5, 1, 0], [0, 2, -1, -2, 1, 0], [0, 1, 1.5, -2, -1.5, 1]], dtype=torch.float64)
+G = torch.tensor([[1, 0, 0], [-1 / 3, -1 / 3, -1 / 3], [1 / 3, -1 / 3, 1 / 3], [1 / 15, 2 / 15, 4 / 15],
+                  [-16 / 15, 8 / 15, -4 / 15], [0, 0, 1]], dtype=torch.float64)
+AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -0.5, 0], [0, 1, 1, 4, 0.25, 0], [0, 1, -1, 8, -0.125, 1]],
                   dtype=torch.float64)
 TILE = 4  # outputs per tile side
 WORKSPACE_CHUNK_BYTES = 512 << 20  # V + M of one pass at most; beyond it the tiles go in chunks
