@@ -95,15 +95,20 @@ struct Geometry {
   }
 };
 
+// f(m, tile) for m in [0, count) (tile first + m), over OpenMP threads.
+template <typename F>
+void for_each_tile(const Geometry& g, int64_t first, int64_t count, F&& f) {
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < count; ++m) f(m, g.at(first + m));
+}
+
 // V[k][m - first][c] for tiles m in [first, first + count).
 template <typename T>
 void input_pass(const T* x, T* v, const Geometry& g, int64_t first, int64_t count) {
   using V = typename Lanes<T>::V;
   constexpr int kLanes = Lanes<T>::kCount;
   const int64_t C = g.c;
-#pragma omp parallel for schedule(static)
-  for (int64_t m = 0; m < count; ++m) {
-    const Tile tile = g.at(first + m);
+  for_each_tile(g, first, count, [&](int64_t m, const Tile& tile) {
     const int64_t row0 = tile.row - g.pad_h, col0 = tile.col - g.pad_w;  // the 6×6 window's corner in x
     const T* image = x + tile.image * g.h * g.w * C;
     bool row_in[6], col_in[6];
@@ -126,7 +131,7 @@ void input_pass(const T* x, T* v, const Geometry& g, int64_t first, int64_t coun
         for (int j = 0; j < 6; ++j) store(v + ((6 * i + j) * count + m) * C + c0, t[i][j], n);
       }
     }
-  }
+  });
 }
 
 // y tiles [first, first + count) from M[k][m - first][o]: Aᵀ M A, + bias, + residual, ReLU.
@@ -136,9 +141,7 @@ void output_pass(const T* mm, T* y, const T* bias, const T* residual, const Geom
   using V = typename Lanes<T>::V;
   constexpr int kLanes = Lanes<T>::kCount;
   const int64_t K = g.c;
-#pragma omp parallel for schedule(static)
-  for (int64_t m = 0; m < count; ++m) {
-    const Tile tile = g.at(first + m);
+  for_each_tile(g, first, count, [&](int64_t m, const Tile& tile) {
     const int64_t row0 = tile.row, col0 = tile.col;
     const int rows = int(std::min<int64_t>(4, g.h - row0)), cols = int(std::min<int64_t>(4, g.w - col0));
     for (int64_t o0 = 0; o0 < K; o0 += kLanes) {
@@ -163,7 +166,7 @@ void output_pass(const T* mm, T* y, const T* bias, const T* residual, const Geom
         }
       }
     }
-  }
+  });
 }
 
 template <typename T>
