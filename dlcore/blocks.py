@@ -198,13 +198,16 @@ def _onednn_usable(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[torch
 
 
 def _winograd_usable(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    """The Winograd path applies: fp32/fp64 `_cpu_inference` of a 3×3 stride-1 convolution, and a residual (if
-    any) exactly the output's shape (the output pass reads it in place, no broadcasting)."""
+    """The Winograd path applies: fp32/fp64 `_cpu_inference` of a 3×3 stride-1 convolution, of an output size
+    where it pays (winograd.worthwhile: enough tiles, little padding), and a residual (if any) exactly the output's
+    shape (the output pass reads it in place, no broadcasting)."""
     if not _cpu_inference(conv, x, residual, (torch.float32, torch.float64)):
         return False
     if not winograd.applies(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups):
         return False
     out = (x.shape[0], conv.out_channels, x.shape[2] + 2 * conv.padding[0] - 2, x.shape[3] + 2 * conv.padding[1] - 2)
+    if not winograd.worthwhile(*out[:1], *out[2:], conv.in_channels, conv.out_channels, x.element_size()):
+        return False
     return residual is None or tuple(residual.shape) == out and (
         residual.is_contiguous() or residual.is_contiguous(memory_format=torch.channels_last))
 
@@ -326,7 +329,8 @@ def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
     conv + ReLU + max-pool.
     A torchvision-style model is patched first. Returns the model (for training again, build a new one).
 
-    winograd: run the blocks' 3×3 stride-1 convolutions by Winograd F(4×4,3×3) in CPU inference (fp32/fp64):
+    winograd: run the blocks' 3×3 stride-1 convolutions by Winograd F(4×4,3×3) in CPU inference (fp32/fp64), at
+    the output sizes where it pays (dlcore.ops.winograd.worthwhile):
     1.0–1.5× faster per convolution inside ResNet-18 on the development VM (1.2–1.9× alone; the whole network
     138 → 114 ms at batch 8), at more fp32 rounding error than a direct convolution (1.3–2.7× inside a block,
     8–11× for a bare convolution; see dlcore/ops/winograd.py)."""

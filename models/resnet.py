@@ -195,8 +195,13 @@ registry.register("train", "resnet", help="a ResNet classifier on digits (or an 
 def profile(arch: str = "resnet18", batch: int = 8, image_size: int = 224, steps: int = 3, autocast: bool = False,
             compile_stock: bool = False, device: Optional[str] = None, channels_last: bool = True) -> list[dict]:
     """Training images/s (forward, cross-entropy, backward, AdamW step) and peak memory, dlcore vs its stock twin
-    (and the torch.compile'd twin), same run: dlcore.models._training.profile_training."""
-    from dlcore.models._training import profile_training
+    (and the torch.compile'd twin), same run: dlcore.models._training.profile_training; then inference images/s
+    (no_grad) of dlcore.fuse_for_inference(model) — and, on the CPU, of its opt-in Winograd form — against the
+    stock twin in eval mode, in interleaved rounds."""
+    import copy
+
+    from dlcore import blocks
+    from dlcore.models._training import profile_training, time_variants
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -205,7 +210,27 @@ def profile(arch: str = "resnet18", batch: int = 8, image_size: int = 224, steps
     ours = twin_of(twin).to(memory_format=fmt)
     x = torch.randn(batch, 3, image_size, image_size, device=dev).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,), device=dev)
-    return profile_training(WithLoss(ours), WithLoss(twin), (x, labels), batch, dev, steps, autocast, compile_stock)
+    rows = profile_training(WithLoss(ours), WithLoss(twin), (x, labels), batch, dev, steps, autocast, compile_stock)
+
+    def inference(model):
+        @torch.no_grad()
+        def run():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                model(x)
+        return run
+
+    variants = {"dlcore inference (BN folded)": inference(blocks.fuse_for_inference(copy.deepcopy(ours)))}
+    if dev.type == "cpu" and not autocast:
+        variants["dlcore inference (BN folded, Winograd opt-in)"] = inference(
+            blocks.fuse_for_inference(copy.deepcopy(ours), winograd=True))
+    variants["torch eager inference"] = inference(twin.eval())
+    medians = time_variants(variants, dev, steps)
+    eager = medians["torch eager inference"]
+    for name, seconds in medians.items():
+        rows.append({"variant": name, "step_s": seconds, "tokens_per_s": batch / seconds, "peak_mib": float("nan"),
+                     "speedup_vs_eager": eager / seconds})
+    twin.train()
+    return rows
 
 
 def _profile_arguments_for(default_batch: int):
@@ -226,12 +251,13 @@ def _profile_run_for(arch: str):
                        args.channels_last)
         print_profile(f"{arch}: batch {args.batch} × {args.image_size}², "
                       f"{'channels_last' if args.channels_last else 'NCHW'}, "
-                      f"{'bf16 autocast' if args.autocast else 'fp32'}, training step with AdamW "
-                      "('tokens/s' = images/s)", rows)
+                      f"{'bf16 autocast' if args.autocast else 'fp32'}, training step with AdamW, then inference "
+                      "('tokens/s' = images/s; peak MiB for training only)", rows)
         return 0
     return run
 
 
 for _arch, _batch in (("resnet18", 8), ("resnet50", 8)):
-    registry.register("profile", _arch, help=f"{_arch} training images/s and peak memory, dlcore vs stock",
+    registry.register("profile", _arch, help=f"{_arch} training (with peak memory) and inference images/s, dlcore "
+                      "vs stock",
                       run=_profile_run_for(_arch))(_profile_arguments_for(_batch))

@@ -147,3 +147,5 @@ def test_profile_entries_report_both_variants(args, capsys):
     assert cli(["profile", *args, "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "dlcore" in out and "torch eager" in out
+    if args[0] == "resnet18":  # training, then inference (folded, and the Winograd opt-in on the CPU)
+        assert "dlcore inference (BN folded)" in out and "Winograd" in out and "torch eager inference" in out

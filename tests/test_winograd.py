@@ -111,12 +111,30 @@ def test_fused_resnet_with_winograd_keeps_the_function(dtype):
 def test_transformed_weights_follow_weight_changes():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     conv = blocks.FoldedConv2d(6, 5, 3, padding=1, relu=False, winograd=True).eval()
-    x = torch.randn(1, 6, 9, 9, generator=gen)
+    x = torch.randn(1, 6, 12, 12, generator=gen)  # 9 tiles, none padded: the path runs
     with torch.no_grad():
         first = conv(x)
         conv.weight.mul_(2)  # in place: the cached U must be recomputed
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(conv(x), first)
+    assert hasattr(conv, "_winograd_weight")
+
+
+@needs_cpp
+def test_runs_only_where_it_pays():
+    """Few tiles (U, 4× the weights, would cost more to read than the GEMMs save) or outputs padded by more than
+    half to whole tiles take the direct path; the result is the same either way."""
+    assert winograd.worthwhile(8, 7, 7, 512, 512) and not winograd.worthwhile(4, 7, 7, 512, 512)
+    assert winograd.worthwhile(1, 14, 14, 256, 256) and not winograd.worthwhile(2, 4, 4, 256, 256)
+    assert not winograd.worthwhile(16, 6, 6, 64, 64) and not winograd.worthwhile(64, 5, 5, 64, 64)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for shape, runs in (((1, 8, 16, 16), True), ((1, 8, 6, 6), False), ((1, 8, 8, 8), False)):
+        conv = blocks.FoldedConv2d(8, 8, 3, padding=1, relu=True, winograd=True).eval()
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), torch.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)),
+                                       rtol=1e-4, atol=1e-4)
+        assert hasattr(conv, "_winograd_weight") == runs, shape
 
 
 @needs_cpp

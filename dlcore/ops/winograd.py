@@ -64,6 +64,23 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gr
     return x.shape[2] + 2 * padding[0] >= 3 and x.shape[3] + 2 * padding[1] >= 3
 
 
+MIN_TILES = 8                 # the GEMMs must outweigh reading U (4× the weights, from memory once past the cache):
+U_BYTES_PER_TILE = 1.2e6      # at least one tile per 1.2 MB of U and MIN_TILES; and the tiles may pad the output by
+MAX_PADDED_FRACTION = 1.5     # at most 1.5× (a 7² output in 8² of tiles: 1.31×; 6²: 1.78×)
+
+
+def worthwhile(n: int, h_out: int, w_out: int, c_in: int, c_out: int, itemsize: int = 4) -> bool:
+    """Whether Winograd should beat the direct convolution for this output size (fp32 measurements on the AMD VM,
+    3×3 convolution + bias + ReLU against oneDNN's: 512 channels at 7² 0.39× for batch 1 (4 tiles), 0.79× for 4
+    (16), 1.25× for 8 (32); 256 at 14², batch 1 (16 tiles): 1.53×; 256 at 4², batch 2 (2 tiles): 0.71×; 256 at
+    6² (1.78× padded): 0.85×; 64 at 5² (2.56×): 0.66×)."""
+    th, tw = _tiles(h_out, w_out)
+    tiles = n * th * tw
+    u_bytes = 36 * c_in * c_out * itemsize
+    padded = (TILE * th * TILE * tw) / (h_out * w_out)
+    return tiles >= max(MIN_TILES, u_bytes / U_BYTES_PER_TILE) and padded <= MAX_PADDED_FRACTION
+
+
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     """U [36, C_in, C_out] = (G g Gᵀ) for every (C_out, C_in) 3×3 filter g, computed in float64, in weight's dtype."""
     g = G.to(weight.device)
