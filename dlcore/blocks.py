@@ -205,9 +205,10 @@ def _winograd_usable(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[tor
         return False
     if not winograd.applies(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups):
         return False
-    out = (x.shape[0], conv.out_channels, x.shape[2] + 2 * conv.padding[0] - 2, x.shape[3] + 2 * conv.padding[1] - 2)
-    if not winograd.worthwhile(*out[:1], *out[2:], conv.in_channels, conv.out_channels, x.element_size()):
+    ho, wo = winograd.output_size(x.shape[2], x.shape[3], conv.padding)
+    if not winograd.worthwhile(x.shape[0], ho, wo, conv.in_channels, conv.out_channels, x.element_size()):
         return False
+    out = (x.shape[0], conv.out_channels, ho, wo)
     return residual is None or tuple(residual.shape) == out and (
         residual.is_contiguous() or residual.is_contiguous(memory_format=torch.channels_last))
 

@@ -150,6 +150,27 @@ def time_variants(fns: dict, device: torch.device, steps: int) -> dict[str, floa
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+EAGER_INFERENCE = "torch eager inference"
+
+
+def profile_inference(models: dict, x: torch.Tensor, batch: int, device: torch.device, steps: int,
+                      autocast: bool = False) -> list[dict]:
+    """Inference rows for print_profile: each model (in eval mode, no_grad, under bf16 autocast when asked) on x,
+    in interleaved rounds (time_variants); `models` must hold EAGER_INFERENCE, the stock twin, which the
+    speed-ups are read against. Peak memory is not measured (NaN)."""
+    def run(model):
+        @torch.no_grad()
+        def call():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                model(x)
+        return call
+
+    medians = time_variants({name: run(model) for name, model in models.items()}, device, steps)
+    eager = medians[EAGER_INFERENCE]
+    return [{"variant": name, "step_s": seconds, "tokens_per_s": batch / seconds, "peak_mib": float("nan"),
+             "speedup_vs_eager": eager / seconds} for name, seconds in medians.items()]
+
+
 FUSED_STOCK = "torch eager + fused AdamW"
 
 

@@ -105,7 +105,7 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
     images/s, dlcore vs its stock twin, same run; prints torch.profiler's top kernels of one dlcore step."""
     import torch.nn.functional as F
 
-    from dlcore.models._training import profile_training, time_variants
+    from dlcore.models._training import EAGER_INFERENCE, profile_inference, profile_training
     from dlcore.models.resnet import WithLoss
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -116,20 +116,7 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
     labels = torch.randint(0, 1000, (batch,), device=dev)
     rows = profile_training(WithLoss(ours), WithLoss(twin), (x, labels), batch, dev, steps, autocast, compile_stock)
 
-    def inference(model):
-        @torch.no_grad()
-        def run():
-            model(x)
-        return run
-
-    ours.eval()
-    twin.eval()
-    medians = time_variants({"dlcore inference": inference(ours), "torch eager inference": inference(twin)}, dev,
-                            steps)
-    for name, seconds in medians.items():  # in rounds, as the training steps
-        rows.append({"variant": name, "step_s": seconds, "tokens_per_s": batch / seconds, "peak_mib": float("nan")})
-    eager_inf = rows[-1]["step_s"]
-    rows[-2]["speedup_vs_eager"], rows[-1]["speedup_vs_eager"] = eager_inf / rows[-2]["step_s"], 1.0
+    rows += profile_inference({"dlcore inference": ours.eval(), EAGER_INFERENCE: twin.eval()}, x, batch, dev, steps)
     ours.train()
     ours.zero_grad(set_to_none=True)  # as in a training step: the gradients are written, not accumulated
     with torch.profiler.profile() as prof:

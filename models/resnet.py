@@ -201,7 +201,7 @@ def profile(arch: str = "resnet18", batch: int = 8, image_size: int = 224, steps
     import copy
 
     from dlcore import blocks
-    from dlcore.models._training import profile_training, time_variants
+    from dlcore.models._training import EAGER_INFERENCE, profile_inference, profile_training
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -212,23 +212,12 @@ def profile(arch: str = "resnet18", batch: int = 8, image_size: int = 224, steps
     labels = torch.randint(0, 1000, (batch,), device=dev)
     rows = profile_training(WithLoss(ours), WithLoss(twin), (x, labels), batch, dev, steps, autocast, compile_stock)
 
-    def inference(model):
-        @torch.no_grad()
-        def run():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                model(x)
-        return run
-
-    variants = {"dlcore inference (BN folded)": inference(blocks.fuse_for_inference(copy.deepcopy(ours)))}
+    models = {"dlcore inference (BN folded)": blocks.fuse_for_inference(copy.deepcopy(ours))}
     if dev.type == "cpu" and not autocast:
-        variants["dlcore inference (BN folded, Winograd opt-in)"] = inference(
-            blocks.fuse_for_inference(copy.deepcopy(ours), winograd=True))
-    variants["torch eager inference"] = inference(twin.eval())
-    medians = time_variants(variants, dev, steps)
-    eager = medians["torch eager inference"]
-    for name, seconds in medians.items():
-        rows.append({"variant": name, "step_s": seconds, "tokens_per_s": batch / seconds, "peak_mib": float("nan"),
-                     "speedup_vs_eager": eager / seconds})
+        models["dlcore inference (BN folded, Winograd opt-in)"] = blocks.fuse_for_inference(copy.deepcopy(ours),
+                                                                                           winograd=True)
+    models[EAGER_INFERENCE] = twin.eval()
+    rows += profile_inference(models, x, batch, dev, steps, autocast)
     twin.train()
     return rows
 

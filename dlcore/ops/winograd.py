@@ -92,11 +92,16 @@ def _tiles(h_out: int, w_out: int) -> tuple[int, int]:
     return -(-h_out // TILE), -(-w_out // TILE)
 
 
+def output_size(h: int, w: int, padding) -> tuple[int, int]:
+    """(H', W') of a 3×3 stride-1 convolution of an h×w input with `padding` (a pair)."""
+    return h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
+
+
 def reference_conv(x, u, bias, residual, padding, relu: bool) -> torch.Tensor:
     """The same algorithm in torch ops (any device, NCHW out): the passes' twin."""
     n, c, h, w = x.shape
     k = u.shape[2]
-    ho, wo = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
+    ho, wo = output_size(h, w, padding)
     th, tw = _tiles(ho, wo)
     bt, at = BT.to(x), AT.to(x)
     # zero padding: `padding` before, and after up to the last tile's 6×6 window
@@ -138,7 +143,7 @@ def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor], resi
         return reference_conv(x, u, bias, residual, padding, relu).contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     k = u.shape[2]
-    ho, wo = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
+    ho, wo = output_size(h, w, padding)
     th, tw = _tiles(ho, wo)
     tiles = n * th * tw
     x = as_layout(x, True)
