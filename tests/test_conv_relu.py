@@ -144,3 +144,23 @@ def test_bad_input():
         conv2d_relu(torch.randn(1, 4, 2, 2), w)
     with pytest.raises(ValueError, match="padding_mode"):
         Conv2dReLU(4, 6, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="bias must have shape"):  # a 2-D bias with the right element count
+        conv2d_relu(x, w, torch.zeros(1, 6))
+    with pytest.raises(TypeError, match="bias is torch.float64"):
+        conv2d_relu(x, w, torch.zeros(6, dtype=torch.float64))
+
+
+def test_conv_arguments_as_ints_tuples_or_lists():
+    """conv_pairs keeps its results for hashable arguments: the same call in every spelling gives one result, and
+    a bad value raises every time (never cached)."""
+    x, w, b = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), torch.randn(6)
+    want = F.relu(F.conv2d(x, w, b, 2, 1))
+    for stride, padding in ((2, 1), ((2, 2), (1, 1)), ([2, 2], [1, 1]), ((2, 2), 1)):
+        for _ in range(2):
+            torch.testing.assert_close(conv2d_relu(x, w, b, stride, padding), want)
+    torch.testing.assert_close(conv2d_relu(x, w, b, (2, 1), (1, 0)), F.relu(F.conv2d(x, w, b, (2, 1), (1, 0))))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="stride must be at least 1"):
+            conv2d_relu(x, w, b, (0, 1))
+        with pytest.raises(ValueError, match="padding must be at least 0"):
+            conv2d_relu(x, w, b, 1, -1)
