@@ -6,7 +6,7 @@ from dlcore._dispatch import BACKENDS, BackendUnavailableError, use_backend  # n
 from dlcore import ops  # noqa: E402,F401  (registers every op with the dispatch point)
 from dlcore import functional, nn, optim  # noqa: E402,F401
 from dlcore._info import info  # noqa: E402
-from dlcore.blocks import fuse_for_inference, patch  # noqa: E402
+from dlcore.patching import fuse_for_inference, patch  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "functional", "nn", "optim", "info", "fuse_for_inference", "patch",
            "__version__"]

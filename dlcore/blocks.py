@@ -1,16 +1,15 @@
-"""Residual blocks and batch-norm layers on dlcore's fused kernels (issue 6), and the two model rewrites:
+"""Residual blocks and batch-norm layers on dlcore's fused kernels (issue 6):
 
 - BatchNorm1d / BatchNorm2d (+ReLU, +LeakyReLU): nn.BatchNorm with the statistics, normalise, affine, an optional
   residual add and the activation fused (dlcore.functional.batch_norm_act); same arguments and state_dict keys.
 - BasicBlock / Bottleneck: torchvision's arguments, attributes and state_dict keys; in training each BN + ReLU
   (and the last BN + residual add + ReLU) is one fused op.
-- fuse_for_inference(model): folds every BN into the convolution before it (w' = w·γρ, b' = β + (b − μ)·γρ) and
-  turns each block into fused convolutions whose epilogue adds the bias, the residual and applies ReLU in one
-  pass (dlcore.functional.conv2d_relu): a BasicBlock is two launches, a Bottleneck three (+1 for a projection).
-  On the CPU in fp32 a folded conv runs oneDNN's convolution with bias/residual/ReLU post-ops, or (winograd=True)
-  Winograd F(4×4,3×3) for its 3×3 stride-1 convolutions (dlcore/ops/winograd.py).
-- patch(model): swaps the blocks and BN+ReLU pairs of an existing torchvision-style ResNet in place (parameters
-  and buffers shared, not copied) and returns it.
+- FoldedConv2d: a convolution with a batch norm folded in (w' = w·γρ, b' = β + (b − μ)·γρ) whose epilogue adds
+  the bias, the residual and applies ReLU in one pass (dlcore.functional.conv2d_relu): a fused BasicBlock is two
+  launches, a Bottleneck three (+1 for a projection). On the CPU in fp32 a folded conv runs oneDNN's convolution
+  with bias/residual/ReLU post-ops, or (winograd=True) Winograd F(4×4,3×3) for its 3×3 stride-1 convolutions
+  (dlcore/ops/winograd.py).
+The model rewrites that use them (dlcore.patch, dlcore.fuse_for_inference) are dlcore/patching.py.
 """
 from __future__ import annotations
 
@@ -320,68 +319,3 @@ class Bottleneck(_FusedBlock):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-
-
-# ---------------------------------------------------------------------------------------------------- rewrites
-@torch.no_grad()
-def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
-    """Put `model` in eval mode and fold its batch norms, in place: every dlcore BasicBlock / Bottleneck becomes
-    fused convolutions (bias + residual + ReLU epilogue), and a ResNet stem (conv1, bn1, relu, maxpool) one
-    conv + ReLU + max-pool.
-    A torchvision-style model is patched first. Returns the model (for training again, build a new one).
-
-    winograd: run the blocks' 3×3 stride-1 convolutions by Winograd F(4×4,3×3) in CPU inference (fp32/fp64), at
-    the output sizes where it pays (dlcore.ops.winograd.worthwhile):
-    1.0–1.5× faster per convolution inside ResNet-18 on the development VM (1.2–1.9× alone; the whole network
-    138 → 114 ms at batch 8), at more fp32 rounding error than a direct convolution (1.3–2.7× inside a block,
-    8–11× for a bare convolution; see dlcore/ops/winograd.py)."""
-    patch(model)
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, _FusedBlock):
-            module.fuse_(winograd=winograd)
-    stem = _stem(model)
-    if stem is not None and not isinstance(model.conv1, FoldedConv2d):
-        pool = model.maxpool if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d) else None
-        if pool is not None and (pool.dilation not in (1, (1, 1)) or pool.return_indices):
-            pool = None
-        model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True, pool=pool)
-        model.bn1, model.relu = nn.Identity(), nn.Identity()
-        if pool is not None:
-            model.maxpool = nn.Identity()
-    return model
-
-
-def _stem(model: nn.Module):
-    """(conv1, bn1) of a ResNet-style stem (conv1 → bn1 → relu → maxpool attributes), else None."""
-    conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
-    if isinstance(conv, (nn.Conv2d,)) and isinstance(bn, nn.BatchNorm2d) and hasattr(model, "relu"):
-        return conv, bn
-    return None
-
-
-def _torchvision_block(module: nn.Module) -> Optional[type]:
-    """dlcore's block class for a torchvision-style block (by class name and attributes), else None."""
-    name = type(module).__name__
-    if isinstance(module, _FusedBlock):
-        return None
-    if name == "BasicBlock" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample")):
-        return BasicBlock
-    if name == "Bottleneck" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv3", "bn3", "downsample")):
-        return Bottleneck
-    return None
-
-
-def patch(model: nn.Module) -> nn.Module:
-    """Swap, in place, the BasicBlock / Bottleneck modules of a torchvision-style ResNet for dlcore's (sharing their
-    parameters and buffers) and its stem's bn1 + relu for one fused BatchNorm2dReLU; returns the model. The
-    state_dict is unchanged, so checkpoints load before or after patching."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            block_cls = _torchvision_block(child)
-            if block_cls is not None:
-                setattr(parent, name, block_cls.from_block(child))
-    stem = _stem(model)
-    if stem is not None and type(model.bn1) is nn.BatchNorm2d and isinstance(model.relu, nn.ReLU):
-        model.bn1, model.relu = BatchNorm2dReLU.from_module(model.bn1), nn.Identity()
-    return model

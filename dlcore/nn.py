@@ -33,7 +33,7 @@ class Conv2dReLU(nn.Conv2d):
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         fused.weight, fused.bias = conv.weight, conv.bias
-        return fused
+        return fused.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -148,8 +148,20 @@ class LinearGELU(nn.Linear):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
 
+    @classmethod
+    def from_modules(cls, linear: nn.Linear, gelu: nn.GELU) -> "LinearGELU":
+        """The fused layer holding `linear`'s parameters (shared, not copied) in place of (linear, gelu)."""
+        return _share_linear(cls(linear.in_features, linear.out_features, linear.bias is not None, gelu.approximate,
+                                 device="meta"), linear)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_gelu(x, self.weight, self.bias, self.approximate)
+
+
+def _share_linear(fused: nn.Linear, linear: nn.Linear) -> nn.Linear:
+    """`fused` (built on the meta device) holding `linear`'s parameters, in `linear`'s train/eval mode."""
+    fused.weight, fused.bias = linear.weight, linear.bias
+    return fused.train(linear.training)
 
 
 class Dropout(nn.Dropout):
@@ -170,6 +182,14 @@ class LinearReLUDropout(nn.Linear):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         self.p = p
+
+    @classmethod
+    def from_modules(cls, linear: nn.Linear, relu: nn.ReLU, dropout: nn.Dropout | None = None) -> "LinearReLUDropout":
+        """The fused layer holding `linear`'s parameters (shared, not copied) in place of (linear, relu[, dropout])
+        (p = 0 without a dropout; in the dropout's train/eval mode when there is one)."""
+        fused = _share_linear(cls(linear.in_features, linear.out_features, linear.bias is not None,
+                                  p=0.0 if dropout is None else dropout.p, device="meta"), linear)
+        return fused.train(linear.training if dropout is None else dropout.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_act(x, self.weight, self.bias, "relu", self.p, self.training)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcore import blocks, registry
+from dlcore import blocks, patching, registry
 from dlcore.models._training import dataclass_arguments
 from dlcore.models._vision import ClassifierTrainConfig, classifier_run
 
@@ -212,9 +212,9 @@ def profile(arch: str = "resnet18", batch: int = 8, image_size: int = 224, steps
     labels = torch.randint(0, 1000, (batch,), device=dev)
     rows = profile_training(WithLoss(ours), WithLoss(twin), (x, labels), batch, dev, steps, autocast, compile_stock)
 
-    models = {"dlcore inference (BN folded)": blocks.fuse_for_inference(copy.deepcopy(ours))}
+    models = {"dlcore inference (BN folded)": patching.fuse_for_inference(copy.deepcopy(ours))}
     if dev.type == "cpu" and not autocast:
-        models["dlcore inference (BN folded, Winograd opt-in)"] = blocks.fuse_for_inference(copy.deepcopy(ours),
+        models["dlcore inference (BN folded, Winograd opt-in)"] = patching.fuse_for_inference(copy.deepcopy(ours),
                                                                                            winograd=True)
     models[EAGER_INFERENCE] = twin.eval()
     rows += profile_inference(models, x, batch, dev, steps, autocast)

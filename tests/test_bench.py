@@ -127,3 +127,14 @@ def test_gpu_order_from_per_backend_times_and_the_dispatch_reads_it(tmp_path, mo
     assert _dispatch.define_op("another_new_op").gpu_order == ("cuda", "triton")
     for name in ("some_new_op", "another_new_op"):
         _dispatch._OPS.pop(name)
+
+
+def test_patch_cases_build_and_run_once():
+    """The `patch` cases (models made of torch.nn modules, patched against unpatched): every variant runs."""
+    cases = bench.all_cases("cpu", ["patch"])
+    assert len(cases) == 4 and all(c.baseline == "torch eager" and c.target is None for c in cases)
+    for case in cases:
+        variants = case.setup(1)
+        assert set(variants) == {"dlcore", "torch eager"}
+        for fn in variants.values():
+            fn()

@@ -9,7 +9,8 @@ from dlcore.bench.harness import DLCORE, Case, Result, run_case  # noqa: F401
 
 CASE_MODULES = {"adam": "dlcore.bench.adam", "replay": "dlcore.bench.replay", "conv_relu": "dlcore.bench.conv_relu",
                 "attention": "dlcore.bench.attention", "transformer": "dlcore.bench.transformer",
-                "gpt": "dlcore.bench.gpt", "bert": "dlcore.bench.bert", "resnet": "dlcore.bench.resnet"}
+                "gpt": "dlcore.bench.gpt", "bert": "dlcore.bench.bert", "resnet": "dlcore.bench.resnet",
+                "patch": "dlcore.bench.patching"}
 
 
 def all_cases(device: str, ops=None, quick: bool = False) -> list[Case]:

@@ -8,7 +8,7 @@ FLOPs: 6·tokens·(12·layers·d² + vocab·d) for the matmuls plus 6·layers·t
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -16,9 +16,11 @@ from dlcore.bench.harness import DLCORE, Case
 
 
 def train_step_setup(make_pair: Callable[[], tuple], make_batch: Callable[[], tuple], device: str, autocast: bool,
-                     compile_stock: bool):
+                     compile_stock: bool, optimizer: Optional[Callable] = None):
     """setup(n_sets) for a training-step case: make_pair() → (dlcore model, stock twin with the same weights) on
-    `device`; make_batch() → the model's positional inputs, ending with its labels (the model returns the loss)."""
+    `device`; make_batch() → the model's positional inputs, ending with its labels (the model returns the loss).
+    The optimizers: dlcore.optim.AdamW for dlcore's model, torch.optim.AdamW for the twins, or `optimizer(params)`
+    for every variant (to time the models alone)."""
     def setup(n_sets: int):
         import dlcore.optim
 
@@ -39,11 +41,13 @@ def train_step_setup(make_pair: Callable[[], tuple], make_batch: Callable[[], tu
                 return loss
             return step
 
-        variants = {DLCORE: variant(ours, dlcore.optim.AdamW(ours.parameters(), lr=1e-4)),
-                    "torch eager": variant(stock, torch.optim.AdamW(stock.parameters(), lr=1e-4))}
+        ours_opt = optimizer or (lambda params: dlcore.optim.AdamW(params, lr=1e-4))
+        stock_opt = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        variants = {DLCORE: variant(ours, ours_opt(ours.parameters())),
+                    "torch eager": variant(stock, stock_opt(stock.parameters()))}
         if compile_stock:
             twin = copy.deepcopy(stock)
-            variants["torch.compile"] = variant(torch.compile(twin), torch.optim.AdamW(twin.parameters(), lr=1e-4))
+            variants["torch.compile"] = variant(torch.compile(twin), stock_opt(twin.parameters()))
         return variants
 
     return setup

@@ -104,13 +104,13 @@ def _resnet_flops(model, image: int) -> float:
 
 
 def _inference_case(device, arch, batch, image, dtype, target, winograd=False):
-    from dlcore import blocks
+    from dlcore import patching
     from dlcore.models import resnet
 
     def setup(n_sets):
         torch.manual_seed(0)
         stock = getattr(resnet, arch)(stock=True).to(device, dtype).eval()
-        fused = blocks.fuse_for_inference(resnet.twin_of(stock), winograd=winograd).to(device, dtype)
+        fused = patching.fuse_for_inference(resnet.twin_of(stock), winograd=winograd).to(device, dtype)
         fused = fused.to(memory_format=CL)
         stock_cl = copy.deepcopy(stock).to(memory_format=CL)
         sets = [torch.randn(batch, 3, image, image, device=device, dtype=dtype) for _ in range(n_sets)]

@@ -1,0 +1,173 @@
+"""The model rewrites: dlcore.patch(model) and dlcore.fuse_for_inference(model), both in place.
+
+patch(model) — for training and inference alike; every swap shares the old modules' parameters and buffers (the
+same tensors, so optimizers already built keep working) and leaves the state_dict keys as they were:
+- torchvision-style ResNet blocks → dlcore.nn.BasicBlock / Bottleneck, the stem's bn1 + relu → BatchNorm2dReLU;
+- runs of layers inside an nn.Sequential (or a subclass that keeps Sequential's forward, as torchvision's
+  Conv2dNormActivation does), by the table RUNS below: the first module of a run becomes the fused layer and the
+  rest nn.Identity, so the indices (features.3.weight, …) stay; only exact torch.nn types match, so a subclass
+  with its own forward is never swapped;
+- nn.LayerNorm → dlcore.nn.LayerNorm and nn.MultiheadAttention → dlcore.nn.MultiheadAttention (a class swap: they
+  add no state; dlcore's attention runs where torch's module would take its own fast path, need_weights=False,
+  and falls back to torch's forward otherwise — nn.TransformerEncoderLayer and DecoderLayer call it that way).
+A run the fused layer cannot express (a convolution with padding_mode='reflect', a max pool with dilation) is left
+as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
+
+fuse_for_inference(model) — eval mode, batch norms folded into the convolution before them (FoldedConv2d): the
+ResNet blocks and stem as before, and Sequential runs (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) — VGG-BN,
+torchvision's Conv2dNormActivation — then everything patch() swaps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from dlcore import nn as dnn
+from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock
+
+# (module types in order, builder(*modules) → the fused module in the first one's place); longest first where
+# runs share a start. A builder raising ValueError or TypeError leaves the run as it was.
+RUNS: tuple[tuple[tuple[type, ...], Callable[..., nn.Module]], ...] = (
+    ((nn.Conv2d, nn.ReLU, nn.MaxPool2d), dnn.Conv2dReLUMaxPool2d.from_modules),
+    ((nn.Conv2d, nn.ReLU), dnn.Conv2dReLU.from_modules),
+    ((nn.Linear, nn.ReLU, nn.Dropout), dnn.LinearReLUDropout.from_modules),
+    ((nn.Linear, nn.ReLU), dnn.LinearReLUDropout.from_modules),
+    ((nn.Linear, nn.GELU), dnn.LinearGELU.from_modules),
+    ((nn.BatchNorm2d, nn.ReLU), lambda bn, _: dnn.BatchNorm2dReLU.from_module(bn)),
+    ((nn.BatchNorm2d, nn.LeakyReLU), lambda bn, act: dnn.BatchNorm2dLeakyReLU.from_module(bn, act.negative_slope)),
+    ((nn.BatchNorm1d, nn.ReLU), lambda bn, _: dnn.BatchNorm1dReLU.from_module(bn)),
+)
+
+
+def fold_runs(winograd: bool = False):
+    """fuse_for_inference's table for Sequential runs: batch norm running statistics folded into the convolution
+    (eval mode only); `winograd` as fuse_for_inference's."""
+    def fold(conv, bn, relu=False, pool=None):
+        return FoldedConv2d.fold(conv, bn, relu=relu, pool=pool, winograd=winograd)
+
+    return (((nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d),
+             lambda conv, bn, _, pool: fold(conv, bn, True, _plain_pool(pool))),
+            ((nn.Conv2d, nn.BatchNorm2d, nn.ReLU), lambda conv, bn, _: fold(conv, bn, True)),
+            ((nn.Conv2d, nn.BatchNorm2d), fold))
+
+
+# exact torch.nn type → dlcore's subclass that adds no state (the instance's class is swapped)
+CLASS_SWAPS: dict[type, type] = {nn.LayerNorm: dnn.LayerNorm, nn.MultiheadAttention: dnn.MultiheadAttention}
+
+
+def _plain_pool(pool: nn.MaxPool2d) -> nn.MaxPool2d:
+    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        raise ValueError("only max pools with dilation 1 and no returned indices fold into a convolution")
+    return pool
+
+
+def _sequentials(model: nn.Module, skip: Iterable[nn.Module] = ()) -> list[nn.Sequential]:
+    """The Sequential containers in `model` that run their children in order (Sequential's own forward)."""
+    skipped = {id(m) for m in skip}
+    return [m for m in model.modules() if isinstance(m, nn.Sequential)
+            and type(m).forward is nn.Sequential.forward and id(m) not in skipped]
+
+
+def replace_runs(model: nn.Module, table, skip: Iterable[nn.Module] = ()) -> int:
+    """Replace, in every Sequential of `model` (but those in `skip`), each run of children whose exact types are
+    a table entry's by that entry's fused module followed by nn.Identity placeholders. Returns how many."""
+    count = 0
+    for seq in _sequentials(model, skip):
+        names = list(seq._modules)
+        i = 0
+        while i < len(names):
+            for types, build in table:
+                run = [seq._modules[n] for n in names[i:i + len(types)]]
+                if len(run) < len(types) or any(type(m) is not t for m, t in zip(run, types)):
+                    continue
+                try:
+                    fused = build(*run)
+                except (ValueError, TypeError):  # a configuration the fused layer does not cover
+                    continue
+                seq._modules[names[i]] = fused
+                for name in names[i + 1:i + len(types)]:
+                    seq._modules[name] = nn.Identity().train(run[0].training)
+                i += len(types) - 1
+                count += 1
+                break
+            i += 1
+    return count
+
+
+def _stem(model: nn.Module):
+    """(conv1, bn1) of a ResNet-style stem (conv1 → bn1 → relu → maxpool attributes), else None."""
+    conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
+    if isinstance(conv, (nn.Conv2d,)) and isinstance(bn, nn.BatchNorm2d) and hasattr(model, "relu"):
+        return conv, bn
+    return None
+
+
+def _torchvision_block(module: nn.Module) -> Optional[type]:
+    """dlcore's block class for a torchvision-style block (by class name and attributes), else None."""
+    name = type(module).__name__
+    if isinstance(module, _FusedBlock):
+        return None
+    if name == "BasicBlock" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample")):
+        return BasicBlock
+    if name == "Bottleneck" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv3", "bn3", "downsample")):
+        return Bottleneck
+    return None
+
+
+def _block_downsamples(model: nn.Module) -> list[nn.Module]:
+    """The projection shortcuts of the model's residual blocks (folded by the blocks themselves)."""
+    return [m.downsample for m in model.modules()
+            if (isinstance(m, _FusedBlock) or _torchvision_block(m) is not None) and m.downsample is not None]
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap, in place, the layers of an existing model for dlcore's fused ones (see the module docstring: ResNet
+    blocks and stem, Sequential runs such as Conv2d → ReLU → MaxPool2d, Linear → ReLU → Dropout, BatchNorm2d →
+    ReLU, and LayerNorm / MultiheadAttention), sharing their parameters and buffers; returns the model. The
+    state_dict is unchanged, so checkpoints load before or after patching; patching twice changes nothing more."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            block_cls = _torchvision_block(child)
+            if block_cls is not None:
+                setattr(parent, name, block_cls.from_block(child))
+    stem = _stem(model)
+    if stem is not None and type(model.bn1) is nn.BatchNorm2d and isinstance(model.relu, nn.ReLU):
+        model.bn1, model.relu = BatchNorm2dReLU.from_module(model.bn1), nn.Identity()
+    replace_runs(model, RUNS)
+    for module in model.modules():
+        swap = CLASS_SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
+    return model
+
+
+def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
+    """Put `model` in eval mode and fold its batch norms, in place: every dlcore BasicBlock / Bottleneck becomes
+    fused convolutions (bias + residual + ReLU epilogue), a ResNet stem (conv1, bn1, relu, maxpool) one
+    conv + ReLU + max-pool, and each Sequential run (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) one FoldedConv2d;
+    then the rest is patched (patch()). Returns the model (for training again, build a new one).
+
+    winograd: run the 3×3 stride-1 convolutions by Winograd F(4×4,3×3) in CPU inference (fp32/fp64), at
+    the output sizes where it pays (dlcore.ops.winograd.worthwhile):
+    1.0–1.5× faster per convolution inside ResNet-18 on the development VM (1.2–1.9× alone; the whole network
+    138 → 114 ms at batch 8), at more fp32 rounding error than a direct convolution (1.3–2.7× inside a block,
+    8–11× for a bare convolution; see dlcore/ops/winograd.py)."""
+    replace_runs(model, fold_runs(winograd), skip=_block_downsamples(model))  # before patch() pairs BN with ReLU
+    patch(model)
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, _FusedBlock):
+            module.fuse_(winograd=winograd)
+    stem = _stem(model)
+    if stem is not None and not isinstance(model.conv1, FoldedConv2d):
+        pool = model.maxpool if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d) else None
+        try:
+            pool = None if pool is None else _plain_pool(pool)
+        except ValueError:
+            pool = None
+        model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True, pool=pool)
+        model.bn1, model.relu = nn.Identity(), nn.Identity()
+        if pool is not None:
+            model.maxpool = nn.Identity()
+    return model

@@ -1,0 +1,151 @@
+"""dlcore.patch and dlcore.fuse_for_inference on models that are not dlcore's: Sequential runs, class swaps,
+what is left alone. Every check compares the patched model with an unpatched copy in float64 (outputs, every
+parameter's gradient, batch-norm running statistics), and checks that the swaps happened."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dlcore
+from dlcore import nn as dnn
+from dlcore.blocks import FoldedConv2d
+from dlcore.models.alexnet import alexnet
+
+
+def _cnn(p_drop: float = 0.0) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),  # → Conv2dReLUMaxPool2d
+        nn.Conv2d(8, 12, 3, bias=False), nn.BatchNorm2d(12), nn.ReLU(),             # BN + ReLU fused
+        nn.Conv2d(12, 12, 1), nn.ReLU(),                                            # → Conv2dReLU
+        nn.Conv2d(12, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(),           # left alone (reflect)
+        nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),                   # BN + LeakyReLU fused
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(6 * 6 * 6, 32), nn.ReLU(), nn.Dropout(p_drop),       # nested: → LinearReLUDropout
+                      nn.Linear(32, 16), nn.GELU(approximate="tanh"),               # → LinearGELU
+                      nn.LayerNorm(16), nn.Linear(16, 5)))
+
+
+def _compare(ours: nn.Module, stock: nn.Module, x: torch.Tensor, tol: float = 1e-10) -> None:
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), stock(xb)
+    torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=tol, atol=tol)
+    for (name, pa), (_, pb) in zip(ours.named_parameters(), stock.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=tol, atol=tol, msg=name)
+    for (name, ba), (_, bb) in zip(ours.named_buffers(), stock.named_buffers()):
+        torch.testing.assert_close(ba, bb, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sequential_runs_match_the_unpatched_model(training):
+    torch.manual_seed(0)
+    stock = _cnn().double().train(training)
+    model = copy.deepcopy(stock)
+    params = [p for p in model.parameters()]
+    keys = list(model.state_dict())
+    assert dlcore.patch(model) is model
+    types = [type(m) for m in model[:13]]
+    assert types == [dnn.Conv2dReLUMaxPool2d, nn.Identity, nn.Identity, nn.Conv2d, dnn.BatchNorm2dReLU, nn.Identity,
+                     dnn.Conv2dReLU, nn.Identity, nn.Conv2d, nn.ReLU, nn.Conv2d, dnn.BatchNorm2dLeakyReLU,
+                     nn.Identity]
+    head = [type(m) for m in model[14]]
+    assert head == [dnn.LinearReLUDropout, nn.Identity, nn.Identity, dnn.LinearGELU, nn.Identity, dnn.LayerNorm,
+                    nn.Linear]
+    assert model[11].negative_slope == 0.2 and model[14][3].approximate == "tanh"
+    assert list(model.state_dict()) == keys  # same keys, and the very same parameter tensors
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert all(m.training == training for m in model.modules())
+    _compare(model, stock, torch.randn(4, 3, 17, 17, dtype=torch.float64))
+    assert dlcore.patch(model) is model and [type(m) for m in model[:13]] == types  # twice: nothing more
+
+
+def test_dropout_after_a_fused_linear_keeps_its_rate_and_mode():
+    torch.manual_seed(0)
+    model = dlcore.patch(_cnn(p_drop=0.5))
+    fused = model[14][0]
+    assert isinstance(fused, dnn.LinearReLUDropout) and fused.p == 0.5
+    x = torch.randn(2, 3, 17, 17)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout draws a fresh mask per call in training
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+def test_torch_alexnet_patched_is_dlcores_alexnet():
+    """The stock twin (torchvision's module tree) patched: the same swaps dlcore's own AlexNet makes, same output."""
+    torch.manual_seed(0)
+    stock = alexnet(num_classes=10, dropout=0.0, stock=True).double()
+    patched = dlcore.patch(copy.deepcopy(stock))
+    ours = alexnet(num_classes=10, dropout=0.0).double()
+    assert [type(m) for m in patched.features] == [type(m) for m in ours.features]
+    assert [type(m) for m in patched.classifier][1:] == [type(m) for m in ours.classifier][1:]  # [0]: nn.Dropout
+    _compare(patched, stock, torch.randn(2, 3, 67, 67, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_layers_swap_layer_norm_and_attention(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, norm_first=True)
+    stock = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double()
+    model = dlcore.patch(copy.deepcopy(stock))
+    kinds = {type(m) for m in model.modules()}
+    assert dnn.MultiheadAttention in kinds and dnn.LayerNorm in kinds
+    assert nn.LayerNorm not in kinds and nn.MultiheadAttention not in kinds
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    ya = model(x, mask=mask, is_causal=True)
+    yb = stock(x, mask=mask, is_causal=True)
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+    _compare(model, stock, x)
+
+
+def test_subclasses_and_custom_sequentials_are_left_alone():
+    class MyConv(nn.Conv2d):  # a subclass may change forward: never swapped
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Residual(nn.Sequential):  # a Sequential with its own forward: its children are not a chain
+        def forward(self, x):
+            return x + super().forward(x)
+
+    model = nn.Sequential(MyConv(3, 3, 1), nn.ReLU(), Residual(nn.Conv2d(3, 3, 1), nn.ReLU()),
+                          nn.MaxPool2d(2, dilation=2), nn.Conv2d(3, 3, 1), nn.ReLU(), nn.MaxPool2d(2, dilation=2))
+    before = [type(m) for m in model.modules()]
+    x = torch.randn(1, 3, 9, 9)
+    want = model(x)
+    dlcore.patch(model)
+    after = [type(m) for m in model.modules()]
+    # only the last Conv2d + ReLU fuse (their pool has a dilation the fused op does not take)
+    assert after == [t if i != 7 else dnn.Conv2dReLU for i, t in enumerate(before)][:8] + [nn.Identity, nn.MaxPool2d]
+    torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_fuse_for_inference_folds_sequential_conv_bn_runs(winograd):
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU())
+    for m in stock.modules():  # running statistics and affine parameters away from their defaults
+        if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    stock = stock.double().eval()
+    model = dlcore.fuse_for_inference(copy.deepcopy(stock), winograd=winograd)
+    assert not model.training
+    types = [type(m) for m in model]
+    # the last run keeps its batch norm (no running statistics: nothing to fold), fused with its ReLU by patch()
+    assert types == [FoldedConv2d, nn.Identity, nn.Identity, nn.Identity, FoldedConv2d, nn.Identity, nn.Identity,
+                     FoldedConv2d, nn.Identity, nn.Conv2d, dnn.BatchNorm2dReLU, nn.Identity]
+    assert model[0].pool is not None and model[4].relu and not model[7].relu
+    with torch.no_grad():
+        x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
