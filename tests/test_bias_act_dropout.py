@@ -111,13 +111,18 @@ def _autograd_nodes(t):
 @pytest.mark.skipif(getattr(dlcore._ext.cpu, "simd", None) != "avx512", reason="the skinny GEMM needs AVX-512")
 @pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((7,), 17, 5), ((2, 8), 1000, 129), ((64,), 15, 33),
                                       ((3, 11), 300, 7)])
-def test_skinny_linear_matches_float64(lead, k, n):
+def test_skinny_linear_matches_float64(lead, k, n, monkeypatch):
     """linear_act's CPU matmul for ≤ 64 rows (csrc/cpu/skinny_linear.cpp: 4×4 tiles, masked K tail, tail tiles)
-    against float64, output and every gradient; more rows and use_backend("reference") stay on torch's GEMM."""
+    against float64, output and every gradient; more rows, fewer multiply-adds than SKINNY_MIN_MACS (the
+    threshold is lowered here so the tails are tested at small sizes) and use_backend("reference") stay on torch's
+    GEMM."""
     gen = torch.Generator().manual_seed(SEED + k + n)
     x = torch.randn(*lead, k, generator=gen, requires_grad=True)
     w = torch.randn(n, k, generator=gen, requires_grad=True)
     b = torch.randn(n, generator=gen, requires_grad=True)
+    if x.numel() * n < ops.SKINNY_MIN_MACS:
+        assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(x, w, b))
+    monkeypatch.setattr(ops, "SKINNY_MIN_MACS", 0)
     y = linear_act(x, w, b, "identity")
     assert "_SkinnyLinearBackward" in _autograd_nodes(y), "the skinny GEMM did not run"
     dy = torch.randn(y.shape, generator=gen)
