@@ -9,7 +9,7 @@ from dlcore.blocks import (BasicBlock, BatchNorm1d, BatchNorm1dReLU, BatchNorm2d
                            BatchNorm2dReLU, Bottleneck, FoldedConv2d)  # (re-exported)
 from dlcore.ops.additive_attention import BahdanauAttention  # noqa: F401  (re-exported)
 from dlcore.ops.attention import scaled_dot_product_attention
-from dlcore.ops.bias_gelu import dropout, linear_act, linear_gelu
+from dlcore.ops.bias_gelu import dropout, linear, linear_act, linear_gelu
 from dlcore.ops.conv_pool import conv2d_relu_maxpool2d
 from dlcore.ops.conv_relu import conv2d_relu
 from dlcore.ops.cross_entropy import cross_entropy
@@ -135,6 +135,14 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through dlcore.functional.linear (dlcore's skinny GEMM for few rows of fp32 on the CPU, torch's
+    otherwise): same arguments, parameters and state_dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class LinearGELU(nn.Linear):

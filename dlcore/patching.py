@@ -7,9 +7,10 @@ same tensors, so optimizers already built keep working) and leaves the state_dic
   Conv2dNormActivation does), by the table RUNS below: the first module of a run becomes the fused layer and the
   rest nn.Identity, so the indices (features.3.weight, …) stay; only exact torch.nn types match, so a subclass
   with its own forward is never swapped;
-- nn.LayerNorm → dlcore.nn.LayerNorm and nn.MultiheadAttention → dlcore.nn.MultiheadAttention (a class swap: they
-  add no state; dlcore's attention runs where torch's module would take its own fast path, need_weights=False,
-  and falls back to torch's forward otherwise — nn.TransformerEncoderLayer and DecoderLayer call it that way).
+- nn.LayerNorm → dlcore.nn.LayerNorm, nn.Linear → dlcore.nn.Linear (the skinny CPU GEMM for few rows) and
+  nn.MultiheadAttention → dlcore.nn.MultiheadAttention, by a class swap (they add no state); dlcore's attention
+  runs for need_weights=False calls, as nn.TransformerEncoderLayer and DecoderLayer make, torch's forward
+  otherwise.
 A run the fused layer cannot express (a convolution with padding_mode='reflect', a max pool with dilation) is left
 as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
 
@@ -53,7 +54,8 @@ def fold_runs(winograd: bool = False):
 
 
 # exact torch.nn type → dlcore's subclass that adds no state (the instance's class is swapped)
-CLASS_SWAPS: dict[type, type] = {nn.LayerNorm: dnn.LayerNorm, nn.MultiheadAttention: dnn.MultiheadAttention}
+CLASS_SWAPS: dict[type, type] = {nn.LayerNorm: dnn.LayerNorm, nn.MultiheadAttention: dnn.MultiheadAttention,
+                                  nn.Linear: dnn.Linear}
 
 
 def _plain_pool(pool: nn.MaxPool2d) -> nn.MaxPool2d:

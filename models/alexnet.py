@@ -7,8 +7,9 @@ dlcore.nn.Conv2dReLUMaxPool2d; conv3 and conv4 dlcore.nn.Conv2dReLU. The slots o
 Sequential hold nn.Identity, so the indices — and the state_dict keys (features.0.weight, features.3.weight, …,
 classifier.1.weight) — are torchvision's. The classifier is dlcore.nn.Dropout, then Linear + ReLU + Dropout as one
 fused bias/ReLU/Philox-dropout pass after the matmul (dlcore.nn.LinearReLUDropout; the mask is regenerated in
-backward, never stored), then Linear + ReLU, then Linear. Dropout masks differ from the stock twin's (Philox vs
-torch's generator): the twins agree exactly in eval mode or with dropout=0.
+backward, never stored), then Linear + ReLU, then dlcore.nn.Linear (the skinny CPU GEMM at few rows). Dropout
+masks differ from the stock twin's (Philox vs torch's generator): the twins agree exactly in eval mode or with
+dropout=0.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 from dlcore import registry
 from dlcore.models._training import dataclass_arguments
 from dlcore.models._vision import ClassifierTrainConfig, classifier_run
-from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d, Dropout, LinearReLUDropout
+from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d, Dropout, Linear, LinearReLUDropout
 from dlcore.ops.batch_norm import as_layout
 
 LAYOUTS = {"torchvision": (64, 192, 384, 256, 256), "paper": (96, 256, 384, 384, 256)}
@@ -59,7 +60,7 @@ class AlexNet(nn.Module):
         else:  # Dropout; Linear + ReLU + Dropout fused; Linear + ReLU fused; Linear — torchvision's indices
             self.classifier = nn.Sequential(Dropout(dropout), LinearReLUDropout(widths[-1] * 36, 4096, p=dropout),
                                             nn.Identity(), nn.Identity(), LinearReLUDropout(4096, 4096, p=0.0),
-                                            nn.Identity(), nn.Linear(4096, num_classes))
+                                            nn.Identity(), Linear(4096, num_classes))
         self.stock = stock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

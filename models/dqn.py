@@ -68,14 +68,15 @@ CONV_LAYOUTS = {  # (out_channels, kernel, stride) per conv, then the hidden FC 
 
 class QConvNet(nn.Module):
     """Q-values from stacked frames [B, in_channels, 84, 84] (uint8 0–255 or float already scaled to [0, 1]) →
-    [B, n_actions]. Convolutions are dlcore.nn.Conv2dReLU (stock: nn.Conv2d then ReLU, same state_dict keys)."""
+    [B, n_actions]. Convolutions are dlcore.nn.Conv2dReLU, the hidden layer dlcore.nn.Linear (stock: nn.Conv2d then
+    ReLU, nn.Linear; same state_dict keys)."""
 
     def __init__(self, n_actions: int, in_channels: int = 4, layout: str = "nature", stock: bool = False,
                  frame_size: int = 84):
         super().__init__()
         if layout not in CONV_LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(CONV_LAYOUTS)}, got {layout!r}")
-        from dlcore.nn import Conv2dReLU
+        from dlcore.nn import Conv2dReLU, Linear
 
         convs, hidden = CONV_LAYOUTS[layout]
         conv_cls = nn.Conv2d if stock else Conv2dReLU
@@ -84,7 +85,7 @@ class QConvNet(nn.Module):
         for out_channels, kernel, stride in convs:
             self.convs.append(conv_cls(channels, out_channels, kernel, stride))
             size, channels = (size - kernel) // stride + 1, out_channels
-        self.fc = nn.Linear(channels * size * size, hidden)
+        self.fc = (nn.Linear if stock else Linear)(channels * size * size, hidden)  # skinny GEMM when acting
         self.head = nn.Linear(hidden, n_actions)
         self.stock = stock
 

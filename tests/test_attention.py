@@ -26,6 +26,9 @@ CASES = [
     (2, 2, 2, 1, 100, 32, (-1, -1), True, False, 0.2),   # one query row, bias + dropout
     (1, 1, 1, 7, 1, 96, (-1, 0), False, False, 0.0),     # one key: rows past it still see key 0
     (1, 3, 3, 40, 40, 192, (0, -1), False, True, 0.0),   # anti-causal window, key lengths
+    # up to 3 query rows the CPU twin takes its decode path (one score row at a time); its lse feeds the tiled backward
+    (1, 4, 2, 1, 257, 64, (-1, -1), False, True, 0.0),   # a KV-cache step: GQA, key lengths
+    (2, 3, 3, 3, 129, 80, (4, 0), True, False, 0.1),     # 3 rows: sliding causal window, bias, dropout
 ]
 
 

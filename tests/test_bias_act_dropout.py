@@ -141,3 +141,36 @@ def test_skinny_linear_matches_float64(lead, k, n, monkeypatch):
         assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(x, w, b))
     many = torch.randn(65, k)
     assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(many, w, b))
+
+
+@pytest.mark.parametrize("lead,k,n,bias", [((1,), 768, 3072, True), ((3, 5), 512, 600, False), ((1,), 16, 8, True),
+                                           ((100,), 300, 1000, True)])
+def test_linear_matches_float64(lead, k, n, bias):
+    """dlcore.functional.linear / dlcore.nn.Linear: F.linear's result and gradients, through the skinny GEMM where
+    it applies (few rows of fp32, enough multiply-adds, AVX-512) and torch's GEMM elsewhere."""
+    from dlcore.functional import linear
+    from dlcore.nn import Linear
+
+    gen = torch.Generator().manual_seed(SEED + k + n)
+    x = torch.randn(*lead, k, generator=gen, requires_grad=True)
+    layer = Linear(k, n, bias=bias)
+    assert list(layer.state_dict()) == list(torch.nn.Linear(k, n, bias=bias).state_dict())
+    y = layer(x)
+    skinny = (getattr(dlcore._ext.cpu, "simd", None) == "avx512" and x.numel() <= ops.SKINNY_MAX_ROWS * k
+              and x.numel() * n >= ops.SKINNY_MIN_MACS)
+    assert ("_SkinnyLinearBackward" in _autograd_nodes(y)) == skinny
+    dy = torch.randn(y.shape, generator=gen)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, layer.weight)]
+    b64 = layer.bias.detach().double().requires_grad_() if bias else None
+    ref = F.linear(*leaves, b64)
+    ref.backward(dy.double())
+    scale = k ** 0.5 * 1e-6
+    torch.testing.assert_close(y.double(), ref, atol=10 * scale, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), leaves[0].grad, atol=10 * scale * n ** 0.5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.grad.double(), leaves[1].grad, atol=10 * scale * n ** 0.5, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad.double(), b64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear(x.double(), layer.weight.double()), F.linear(x.double(), layer.weight.double()))
+    with pytest.raises(RuntimeError):  # mismatched shapes: torch's own error
+        linear(x, torch.randn(n, k + 1))

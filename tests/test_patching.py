@@ -54,7 +54,7 @@ def test_sequential_runs_match_the_unpatched_model(training):
                      nn.Identity]
     head = [type(m) for m in model[14]]
     assert head == [dnn.LinearReLUDropout, nn.Identity, nn.Identity, dnn.LinearGELU, nn.Identity, dnn.LayerNorm,
-                    nn.Linear]
+                    dnn.Linear]
     assert model[11].negative_slope == 0.2 and model[14][3].approximate == "tanh"
     assert list(model.state_dict()) == keys  # same keys, and the very same parameter tensors
     assert all(a is b for a, b in zip(model.parameters(), params))

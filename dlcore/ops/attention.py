@@ -421,9 +421,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if lq == 0 or lk == 0 or batch == 0 or hq == 0:
         return query.new_zeros((*lead, hq, lq, value.shape[-1]))
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
-    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+    four_d = query.dim() == 4  # already [batch, heads, length, dim]: no reshapes (~5 µs of a decode step's call)
+    q, k, v = (query, key, value) if four_d else (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
     o, _ = _attention(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
-    return o.reshape(*lead, hq, lq, value.shape[-1])
+    return o if four_d else o.reshape(*lead, hq, lq, value.shape[-1])
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
