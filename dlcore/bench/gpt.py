@@ -3,7 +3,8 @@ dlcore model (fused ops + dlcore.optim.AdamW) against its stock twin (torch.nn +
 torch.compile'd (the model; the optimizer step stays eager in both), in the same run.
 
 GPT, CPU: the GPT-2-shaped model of the issue (d 768, 12 heads, 2 layers, context 512, batch 4, vocabulary 8192),
-fp32 and under bf16 autocast. GPU: GPT-2 small (124M), batch 8, context 1024, bf16 autocast.
+fp32 and under bf16 autocast. GPU: GPT-2 small (124M), batch 8, context 1024, bf16 autocast. Also (no target)
+GPT-2 124M generate() of one sequence, dlcore's model against its stock twin.
 FLOPs: 6·tokens·(12·layers·d² + vocab·d) for the matmuls plus 6·layers·tokens·T·d for causal attention."""
 from __future__ import annotations
 
@@ -59,6 +60,36 @@ def _flops(cfg, batch: int, length: int) -> float:
     return 6.0 * tokens * (12 * layers * d * d + cfg.vocab_size * d) + 6.0 * layers * tokens * length * d
 
 
+def _generate_case(device: str, prompt: int = 16, new_tokens: int = 32) -> Case:
+    """GPT-2 124M generate(): greedy decoding of one sequence with the KV cache, dlcore's model against its stock
+    twin (eval, no_grad). Each step streams every weight once: bytes = the weights' size per new token."""
+    from dlcore.models.gpt import CONFIGS, GPT
+
+    cfg = CONFIGS["gpt2"]
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    per_token = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd  # multiply-adds ≈ weights read
+
+    def setup(n_sets: int):
+        torch.manual_seed(0)
+        ours = GPT(cfg).to(device, dtype).eval()
+        stock = GPT(cfg, stock=True).to(device, dtype).eval()
+        stock.load_state_dict(ours.state_dict())
+        prompts = [torch.randint(0, cfg.vocab_size, (1, prompt), device=device) for _ in range(n_sets)]
+        state = {"i": 0}
+
+        def variant(model):
+            def call():
+                state["i"] += 1
+                return model.generate(prompts[state["i"] % n_sets], new_tokens, temperature=0)
+            return call
+
+        return {DLCORE: variant(ours), "torch eager": variant(stock)}
+
+    return Case("gpt", f"GPT gpt2 (124M) generate B1, {prompt}-token prompt + {new_tokens} tokens, KV cache, "
+                f"{str(dtype)[6:]}", device, setup, bytes=per_token * new_tokens * (4 if device == "cpu" else 2),
+                flops=2.0 * per_token * new_tokens, baseline="torch eager", quick=False)
+
+
 def cases(device: str) -> list[Case]:
     from dlcore.models.gpt import CONFIGS, GPT
 
@@ -83,4 +114,4 @@ def cases(device: str) -> list[Case]:
         out.append(Case("gpt", label, device, train_step_setup(make_pair, make_batch, device, autocast, True),
                         flops=_flops(cfg, batch, cfg.n_positions), baseline="torch eager", target=target,
                         quick=False, notes="issue 5: also ≥ 1.05× (CPU) / ≥ 1.0× (GPU) against torch.compile"))
-    return out
+    return out + [_generate_case(device)]
