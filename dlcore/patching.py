@@ -137,8 +137,15 @@ def patch(model: nn.Module) -> nn.Module:
     if stem is not None and type(model.bn1) is nn.BatchNorm2d and isinstance(model.relu, nn.ReLU):
         model.bn1, model.relu = BatchNorm2dReLU.from_module(model.bn1), nn.Identity()
     replace_runs(model, RUNS)
+    return swap_classes(model)
+
+
+def swap_classes(model: nn.Module, swaps: Optional[dict] = None) -> nn.Module:
+    """Give every module of an exact type in `swaps` (default CLASS_SWAPS) its dlcore subclass, in place (the
+    subclasses add no state: parameters, buffers and hooks stay). The dlcore models call it for nn.Linear."""
+    swaps = CLASS_SWAPS if swaps is None else swaps
     for module in model.modules():
-        swap = CLASS_SWAPS.get(type(module))
+        swap = swaps.get(type(module))
         if swap is not None:
             module.__class__ = swap
     return model

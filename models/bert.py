@@ -8,7 +8,9 @@ dlcore path (default):
   skips the padded keys (the variable-length path); any other attention_mask is an additive key mask;
 - the intermediate layer is a matmul followed by dlcore's fused bias + GELU (erf form, as BERT's);
 - the masked-LM loss is dlcore's fused linear + cross-entropy on the tied word embeddings: the [tokens, vocab]
-  logits never exist.
+  logits never exist;
+- the other linear layers are dlcore.nn.Linear: the skinny CPU GEMM for few rows of fp32 (one short sentence),
+  torch's GEMM otherwise.
 The stock twin (`stock=True`) is plain torch.nn/F with the same modules and state_dict keys, which follow Hugging
 Face's BertForPreTraining (bert.embeddings…, bert.encoder.layer.N.attention.self.query…, cls.predictions…), so
 its checkpoints load with load_state_dict (strict=False skips position_ids buffers).
@@ -28,10 +30,12 @@ from torch import nn
 
 from dlcore import registry
 from dlcore.models._training import dataclass_arguments, write_summary
+from dlcore.nn import Linear
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
 from dlcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from dlcore.ops.layer_norm import layer_norm
+from dlcore.patching import swap_classes
 
 
 @dataclass
@@ -218,6 +222,8 @@ class BertForPreTraining(nn.Module):
         self.cls.predictions.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.cls.seq_relationship = nn.Linear(config.hidden_size, 2)
         self.apply(_init_weights)
+        if not stock:
+            swap_classes(self, {nn.Linear: Linear})
 
     def _transform(self, x):
         tr = self.cls.predictions.transform
@@ -255,6 +261,8 @@ class BertForSequenceClassification(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.apply(_init_weights)
+        if not stock:
+            swap_classes(self, {nn.Linear: Linear})
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         logits = self.classifier(self.dropout(self.bert(input_ids, token_type_ids, attention_mask)[1]))

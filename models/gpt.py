@@ -31,11 +31,12 @@ from torch import nn
 
 from dlcore import registry
 from dlcore.models._training import dataclass_arguments, write_summary
+from dlcore.nn import Linear
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
-from dlcore.nn import Linear  # nn.Linear through the skinny CPU GEMM for few rows (decoding)
 from dlcore.ops.cross_entropy import linear_cross_entropy
 from dlcore.ops.layer_norm import layer_norm
+from dlcore.patching import swap_classes
 
 
 @dataclass
@@ -78,9 +79,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, stock: bool):
         super().__init__()
         self.n_head, self.dropout, self.stock = config.n_head, config.dropout, stock
-        linear = nn.Linear if stock else Linear
-        self.c_attn = linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[tuple] = None):
@@ -104,8 +104,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig, stock: bool):
         super().__init__()
         self.stock = stock
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)  # (its matmul runs inside linear_gelu)
-        self.c_proj = (nn.Linear if stock else Linear)(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -147,12 +147,14 @@ class GPT(nn.Module):
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, stock) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)))
-        self.lm_head = (nn.Linear if stock else Linear)(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/√(2·layers)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        if not stock:
+            swap_classes(self, {nn.Linear: Linear})
 
     @staticmethod
     def _init_weights(module):

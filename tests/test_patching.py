@@ -149,3 +149,20 @@ def test_fuse_for_inference_folds_sequential_conv_bn_runs(winograd):
     with torch.no_grad():
         x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
         torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
+
+
+def test_dlcore_models_take_dlcore_linear_layers_and_twins_keep_torchs():
+    from dlcore.models.bert import BertConfig, BertForSequenceClassification
+    from dlcore.models.gpt import CONFIGS as GPT_CONFIGS, GPT
+    from dlcore.models.transformer import CONFIGS as TF_CONFIGS, Transformer
+
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=16)
+    for make in (lambda stock: GPT(GPT_CONFIGS["tiny"], stock=stock),
+                 lambda stock: Transformer(TF_CONFIGS["small"], stock=stock),
+                 lambda stock: BertForSequenceClassification(bert, stock=stock)):
+        ours, twin = make(False), make(True)
+        linears = [type(m) for m in ours.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(t is dnn.Linear for t in linears)
+        assert all(type(m) is nn.Linear for m in twin.modules() if isinstance(m, nn.Linear))
+        assert list(ours.state_dict()) == list(twin.state_dict())
