@@ -174,3 +174,5 @@ def test_linear_matches_float64(lead, k, n, bias):
     torch.testing.assert_close(linear(x.double(), layer.weight.double()), F.linear(x.double(), layer.weight.double()))
     with pytest.raises(RuntimeError):  # mismatched shapes: torch's own error
         linear(x, torch.randn(n, k + 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch's autocast rule: the linear runs (and returns) bf16
+        assert layer(x).dtype == torch.nn.functional.linear(x, layer.weight, layer.bias).dtype == torch.bfloat16
