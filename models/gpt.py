@@ -398,8 +398,9 @@ registry.register("train", "gpt", help="byte-level GPT on the shipped Shakespear
 def profile(config: str = "bench-cpu", batch: int = 4, steps: int = 3, autocast: bool = False,
             compile_stock: bool = False, device: Optional[str] = None) -> list[dict]:
     """Training tokens/s (forward, backward, AdamW step) and peak memory, dlcore vs its stock twin (and the
-    torch.compile'd twin), same run: dlcore.models._training.profile_training."""
-    from dlcore.models._training import profile_training
+    torch.compile'd twin), same run: dlcore.models._training.profile_training; then generated tokens/s of
+    generate() on one sequence (a prompt of up to 16 tokens, greedy, KV cache), dlcore vs the stock twin."""
+    from dlcore.models._training import EAGER_INFERENCE, profile_inference, profile_training
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = CONFIGS[config]
@@ -409,8 +410,18 @@ def profile(config: str = "bench-cpu", batch: int = 4, steps: int = 3, autocast:
     twin.load_state_dict(ours.state_dict())
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.n_positions), device=dev)
     targets = torch.randint(0, cfg.vocab_size, (batch, cfg.n_positions), device=dev)
-    return profile_training(ours, twin, (idx, targets), batch * cfg.n_positions, dev, steps, autocast,
+    rows = profile_training(ours, twin, (idx, targets), batch * cfg.n_positions, dev, steps, autocast,
                             compile_stock)
+    length = min(16, cfg.n_positions // 2)
+    prompt, new = idx[:1, :length], min(32, cfg.n_positions - length)
+    ours.eval()
+    twin.eval()
+
+    def generating(model):
+        return lambda p: model.generate(p, new, temperature=0)
+
+    return rows + profile_inference({"dlcore generate (B1)": generating(ours), EAGER_INFERENCE: generating(twin)},
+                                    prompt, new, dev, steps, autocast)
 
 
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
@@ -427,9 +438,10 @@ def _profile_run(args: argparse.Namespace) -> int:
     cfg = CONFIGS[args.config]
     print_profile(f"GPT {args.config}: {cfg.n_layer} layers, d {cfg.n_embd}, vocab {cfg.vocab_size}, batch "
                   f"{args.batch} × {cfg.n_positions}, {'bf16 autocast' if args.autocast else 'fp32'}, training step "
-                  "with AdamW", rows)
+                  "with AdamW; then generate() of one sequence (tokens/s = generated tokens)", rows)
     return 0
 
 
-registry.register("profile", "gpt", help="GPT training tokens/s and peak memory, dlcore vs stock",
+registry.register("profile", "gpt", help="GPT training tokens/s and peak memory, and generate() tokens/s, dlcore "
+                  "vs stock",
                   run=_profile_run)(_profile_arguments)
