@@ -20,6 +20,7 @@ torchvision's Conv2dNormActivation — then everything patch() swaps.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Iterable, Optional
 
 from torch import nn
@@ -123,11 +124,23 @@ def _block_downsamples(model: nn.Module) -> list[nn.Module]:
             if (isinstance(m, _FusedBlock) or _torchvision_block(m) is not None) and m.downsample is not None]
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, verbose: bool = False) -> nn.Module:
     """Swap, in place, the layers of an existing model for dlcore's fused ones (see the module docstring: ResNet
     blocks and stem, Sequential runs such as Conv2d → ReLU → MaxPool2d, Linear → ReLU → Dropout, BatchNorm2d →
-    ReLU, and LayerNorm / MultiheadAttention), sharing their parameters and buffers; returns the model. The
-    state_dict is unchanged, so checkpoints load before or after patching; patching twice changes nothing more."""
+    ReLU, and LayerNorm / Linear / MultiheadAttention), sharing their parameters and buffers; returns the model.
+    The state_dict is unchanged, so checkpoints load before or after patching; patching twice changes nothing more.
+    verbose: print which dlcore modules the model gained (e.g. "dlcore.patch: Conv2dReLUMaxPool2d ×3, …")."""
+    before = Counter(type(m) for m in model.modules()) if verbose else None
+    _patch(model)
+    if before is not None:
+        after = Counter(type(m) for m in model.modules())
+        gained = [f"{t.__name__} ×{n - before[t]}" for t, n in after.items()
+                  if n > before[t] and t.__module__.startswith("dlcore")]
+        print("dlcore.patch: " + (", ".join(gained) if gained else "nothing to swap"))
+    return model
+
+
+def _patch(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             block_cls = _torchvision_block(child)
@@ -137,7 +150,7 @@ def patch(model: nn.Module) -> nn.Module:
     if stem is not None and type(model.bn1) is nn.BatchNorm2d and isinstance(model.relu, nn.ReLU):
         model.bn1, model.relu = BatchNorm2dReLU.from_module(model.bn1), nn.Identity()
     replace_runs(model, RUNS)
-    return swap_classes(model)
+    swap_classes(model)
 
 
 def swap_classes(model: nn.Module, swaps: Optional[dict] = None) -> nn.Module:

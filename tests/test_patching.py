@@ -166,3 +166,11 @@ def test_dlcore_models_take_dlcore_linear_layers_and_twins_keep_torchs():
         assert linears and all(t is dnn.Linear for t in linears)
         assert all(type(m) is nn.Linear for m in twin.modules() if isinstance(m, nn.Linear))
         assert list(ours.state_dict()) == list(twin.state_dict())
+
+
+def test_verbose_patch_says_what_it_swapped(capsys):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 4))
+    dlcore.patch(model, verbose=True)
+    assert capsys.readouterr().out.strip() == "dlcore.patch: Conv2dReLUMaxPool2d ×1, Linear ×1"
+    dlcore.patch(model, verbose=True)
+    assert capsys.readouterr().out.strip() == "dlcore.patch: nothing to swap"
