@@ -10,7 +10,7 @@ from dlcore.blocks import (BasicBlock, BatchNorm1d, BatchNorm1dReLU, BatchNorm2d
 from dlcore.ops.additive_attention import BahdanauAttention  # noqa: F401  (re-exported)
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import dropout, linear, linear_act, linear_gelu
-from dlcore.ops.conv_pool import conv2d_relu_maxpool2d
+from dlcore.ops.conv_pool import conv2d_relu_maxpool2d, fusable_pool
 from dlcore.ops.conv_relu import conv2d_relu
 from dlcore.ops.cross_entropy import cross_entropy
 from dlcore.ops.layer_norm import layer_norm
@@ -56,7 +56,7 @@ class Conv2dReLUMaxPool2d(Conv2dReLU):
         """The fused layer holding `conv`'s parameters (shared, not copied) in place of (conv, relu, pool)."""
         if not isinstance(pool, nn.MaxPool2d):
             raise TypeError(f"expected nn.MaxPool2d after the ReLU, got {type(pool).__name__}")
-        if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        if not fusable_pool(pool):
             raise ValueError("Conv2dReLUMaxPool2d fuses max pools with dilation 1 and no returned indices")
         fused = super().from_modules(conv, relu)
         fused.pool_kernel_size, fused.pool_stride = pool.kernel_size, pool.stride

@@ -27,6 +27,7 @@ from torch import nn
 
 from dlcore import nn as dnn
 from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock
+from dlcore.ops.conv_pool import fusable_pool
 
 # (module types in order, builder(*modules) → the fused module in the first one's place); longest first where
 # runs share a start. A builder raising ValueError or TypeError leaves the run as it was.
@@ -60,7 +61,7 @@ CLASS_SWAPS: dict[type, type] = {nn.LayerNorm: dnn.LayerNorm, nn.MultiheadAttent
 
 
 def _plain_pool(pool: nn.MaxPool2d) -> nn.MaxPool2d:
-    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+    if not fusable_pool(pool):
         raise ValueError("only max pools with dilation 1 and no returned indices fold into a convolution")
     return pool
 
@@ -183,11 +184,7 @@ def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
             module.fuse_(winograd=winograd)
     stem = _stem(model)
     if stem is not None and not isinstance(model.conv1, FoldedConv2d):
-        pool = model.maxpool if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d) else None
-        try:
-            pool = None if pool is None else _plain_pool(pool)
-        except ValueError:
-            pool = None
+        pool = model.maxpool if fusable_pool(getattr(model, "maxpool", None)) else None
         model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True, pool=pool)
         model.bn1, model.relu = nn.Identity(), nn.Identity()
         if pool is not None:

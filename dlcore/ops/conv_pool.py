@@ -142,12 +142,18 @@ def pool_args(kernel_size, stride, padding) -> tuple[list[int], list[int], list[
     return kernel, pstride, ppad
 
 
+def fusable_pool(pool) -> bool:
+    """Whether an nn.MaxPool2d can be this op's pool: dilation 1, no returned indices (dlcore.nn.Conv2dReLUMaxPool2d, the
+    folded ResNet stem, dlcore.patch and fuse_for_inference ask)."""
+    return isinstance(pool, torch.nn.MaxPool2d) and pool.dilation in (1, (1, 1)) and not pool.return_indices
+
+
 def cpu_maxpool_inference(z: torch.Tensor, pool: torch.nn.MaxPool2d) -> Optional[torch.Tensor]:
     """relu(maxpool(z)) for a non-negative channels-last CPU tensor z (after a conv + ReLU), no argmax kept: the
     pool of the folded ResNet stem in inference (the C++ epilogue without its offsets: 8×64×112×112, 3×3/2 →
     see blocks.FoldedConv2d). None when it does not apply (then the caller pools with torch)."""
     if (_ext.cpu is None or z.dtype not in channel_ops.LOW or not _channels_last(z) or z.requires_grad
-            or pool.dilation not in (1, (1, 1)) or pool.return_indices):
+            or not fusable_pool(pool)):
         return None
     try:
         k, st, pad = pool_args(pool.kernel_size, pool.stride, pool.padding)
