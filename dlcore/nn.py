@@ -18,12 +18,14 @@ from dlcore.ops.layer_norm import layer_norm
 
 class Conv2dReLU(nn.Conv2d):
     """nn.Conv2d followed by ReLU, as one op (dlcore.functional.conv2d_relu): same arguments, parameters and
-    state_dict keys as nn.Conv2d (padding_mode 'zeros' only). Input [N, C_in, H, W] → [N, C_out, H', W']."""
+    state_dict keys as nn.Conv2d. Input [N, C_in, H, W] → [N, C_out, H', W']. A padding_mode other than 'zeros'
+    pads the input first (F.pad, as nn.Conv2d does), then the fused op runs without padding."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("Conv2dReLU supports padding_mode='zeros' with integer padding")
+    def _conv_input(self, x: torch.Tensor) -> tuple:
+        """(input, padding) for the fused op: nn.Conv2d's own padding step for the non-zero padding modes."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, relu: nn.Module | None = None) -> "Conv2dReLU":
@@ -36,7 +38,8 @@ class Conv2dReLU(nn.Conv2d):
         return fused.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        x, padding = self._conv_input(x)
+        return conv2d_relu(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class Conv2dReLUMaxPool2d(Conv2dReLU):
@@ -64,7 +67,8 @@ class Conv2dReLUMaxPool2d(Conv2dReLU):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_relu_maxpool2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+        x, padding = self._conv_input(x)
+        return conv2d_relu_maxpool2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                                      self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode)
 
     def extra_repr(self) -> str:
@@ -207,14 +211,9 @@ class LinearReLUDropout(nn.Linear):
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """nn.CrossEntropyLoss on dlcore's chunked kernel, for class-index targets and logits [N, C] or [C]
-    (ignore_index, reduction and label_smoothing as in torch; per-class weights are not supported)."""
-
-    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0):
-        if weight is not None:
-            raise ValueError("dlcore.nn.CrossEntropyLoss does not support per-class weights; use torch's")
-        super().__init__(None, size_average, ignore_index, reduce, reduction, label_smoothing)
+    """nn.CrossEntropyLoss on dlcore's chunked kernel: the same arguments (class weights, ignore_index, reduction,
+    label_smoothing), class-index or class-probability targets, logits [C], [N, C] or [N, C, d1, ...]."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, self.ignore_index, self.reduction, self.label_smoothing)
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing)

@@ -11,8 +11,7 @@ same tensors, so optimizers already built keep working) and leaves the state_dic
   nn.MultiheadAttention → dlcore.nn.MultiheadAttention, by a class swap (they add no state); dlcore's attention
   runs for need_weights=False calls, as nn.TransformerEncoderLayer and DecoderLayer make, torch's forward
   otherwise.
-A run the fused layer cannot express (a convolution with padding_mode='reflect', a max pool with dilation) is left
-as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
+A run the fused layer cannot express (a max pool with dilation or returned indices) is left as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
 
 fuse_for_inference(model) — eval mode, batch norms folded into the convolution before them (FoldedConv2d): the
 ResNet blocks and stem as before, and Sequential runs (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) — VGG-BN,

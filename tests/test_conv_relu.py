@@ -142,8 +142,10 @@ def test_bad_input():
         conv2d_relu(x, w, torch.zeros(5))
     with pytest.raises(RuntimeError):  # kernel larger than the padded input: torch's own error, no crash
         conv2d_relu(torch.randn(1, 4, 2, 2), w)
-    with pytest.raises(ValueError, match="padding_mode"):
-        Conv2dReLU(4, 6, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding must be 'same', 'valid' or integers"):
+        conv2d_relu(x, w, padding="full")
+    with pytest.raises(ValueError, match="strided"):
+        conv2d_relu(x, w, stride=2, padding="same")
     with pytest.raises(ValueError, match="bias must have shape"):  # a 2-D bias with the right element count
         conv2d_relu(x, w, torch.zeros(1, 6))
     with pytest.raises(TypeError, match="bias is torch.float64"):
@@ -164,3 +166,55 @@ def test_conv_arguments_as_ints_tuples_or_lists():
             conv2d_relu(x, w, b, (0, 1))
         with pytest.raises(ValueError, match="padding must be at least 0"):
             conv2d_relu(x, w, b, 1, -1)
+
+
+@pytest.mark.parametrize("kernel,dilation", [((3, 3), 1), ((4, 2), 1), ((2, 5), (2, 1)), ((1, 1), 3)])
+def test_string_padding_matches_torch(kernel, dilation):
+    """padding='same' (odd and even kernels: the odd pad on the bottom/right, as torch) and 'valid', in
+    conv2d_relu and conv2d_relu_maxpool2d, forward and every gradient in float64."""
+    from dlcore.functional import conv2d_relu_maxpool2d
+
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 3, 9, 8, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 3, *kernel, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    for padding in ("same", "valid"):
+        chains = ((lambda *a: conv2d_relu(*a, padding=padding, dilation=dilation),
+                   lambda *a: F.relu(F.conv2d(*a, padding=padding, dilation=dilation))),
+                  (lambda *a: conv2d_relu_maxpool2d(*a, 1, padding, dilation, 1, 2, 1),
+                   lambda *a: F.max_pool2d(F.relu(F.conv2d(*a, 1, padding, dilation)), 2, 1)))
+        for ours, stock in chains:
+            ins_a = [t.clone().requires_grad_() for t in (x, w, b)]
+            ins_b = [t.clone().requires_grad_() for t in (x, w, b)]
+            ya, yb = ours(*ins_a), stock(*ins_b)
+            assert ya.shape == yb.shape
+            torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+            g = torch.randn(ya.shape, generator=gen, dtype=torch.float64)
+            for ga, gb in zip(torch.autograd.grad(ya, ins_a, g), torch.autograd.grad(yb, ins_b, g)):
+                torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"])
+def test_module_padding_modes_match_torch(padding_mode, padding):
+    """Conv2dReLU / Conv2dReLUMaxPool2d with nn.Conv2d's non-zero padding modes: the input padded first (as
+    nn.Conv2d does), outputs and gradients of the input and parameters as torch's, float64."""
+    from dlcore.nn import Conv2dReLUMaxPool2d
+
+    torch.manual_seed(SEED % 10007)
+    conv = torch.nn.Conv2d(3, 4, (3, 4) if padding == "same" else 3, padding=padding, padding_mode=padding_mode)
+    conv = conv.double()
+    x = torch.randn(2, 3, 10, 9, dtype=torch.float64)
+    stock_chains = (lambda a: F.relu(conv(a)), lambda a: F.max_pool2d(F.relu(conv(a)), 3, 2))
+    for fused_type, stock in zip((Conv2dReLU, Conv2dReLUMaxPool2d), stock_chains):
+        fused = fused_type(3, 4, conv.kernel_size, padding=padding, padding_mode=padding_mode,
+                           **({"pool_stride": 2} if fused_type is Conv2dReLUMaxPool2d else {})).double()
+        fused.load_state_dict(conv.state_dict())
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fused(xa), stock(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(ya)
+        ga = torch.autograd.grad(ya, (xa, fused.weight, fused.bias), g)
+        gb = torch.autograd.grad(yb, (xb, conv.weight, conv.bias), g)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -18,7 +18,7 @@ def _cnn(p_drop: float = 0.0) -> nn.Module:
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),  # → Conv2dReLUMaxPool2d
         nn.Conv2d(8, 12, 3, bias=False), nn.BatchNorm2d(12), nn.ReLU(),             # BN + ReLU fused
         nn.Conv2d(12, 12, 1), nn.ReLU(),                                            # → Conv2dReLU
-        nn.Conv2d(12, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(),           # left alone (reflect)
+        nn.Conv2d(12, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(),           # → Conv2dReLU (pads first)
         nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),                   # BN + LeakyReLU fused
         nn.Flatten(),
         nn.Sequential(nn.Linear(6 * 6 * 6, 32), nn.ReLU(), nn.Dropout(p_drop),       # nested: → LinearReLUDropout
@@ -50,7 +50,7 @@ def test_sequential_runs_match_the_unpatched_model(training):
     assert dlcore.patch(model) is model
     types = [type(m) for m in model[:13]]
     assert types == [dnn.Conv2dReLUMaxPool2d, nn.Identity, nn.Identity, nn.Conv2d, dnn.BatchNorm2dReLU, nn.Identity,
-                     dnn.Conv2dReLU, nn.Identity, nn.Conv2d, nn.ReLU, nn.Conv2d, dnn.BatchNorm2dLeakyReLU,
+                     dnn.Conv2dReLU, nn.Identity, dnn.Conv2dReLU, nn.Identity, nn.Conv2d, dnn.BatchNorm2dLeakyReLU,
                      nn.Identity]
     head = [type(m) for m in model[14]]
     assert head == [dnn.LinearReLUDropout, nn.Identity, nn.Identity, dnn.LinearGELU, nn.Identity, dnn.LayerNorm,

@@ -278,6 +278,62 @@ def test_linear_cross_entropy_matches_float64(backend, device, dtype, rows, hidd
         _check(a, w64, s, dtype, f"{backend} {name}", fp32_tol=1e-4, extra_roundings=2)
 
 
+# K-dimensional logits, class weights, probability targets: forms of F.cross_entropy built on the same kernel
+CE_FORMS = [  # (logits shape, target kind, class weights, smoothing, reduction)
+    ((3, 7, 5), "index", False, 0.0, "none"), ((2, 129, 3, 2), "index", True, 0.1, "mean"),
+    ((7, 129), "index", True, 0.0, "mean"), ((7, 129), "index", True, 0.2, "sum"), ((5, 9), "index", True, 0.1, "none"),
+    ((9,), "index", True, 0.1, "mean"), ((7, 129), "probs", False, 0.0, "mean"), ((3, 17, 4), "probs", True, 0.1, "none"),
+    ((1, 1000), "probs", True, 0.0, "sum"), ((6,), "probs", False, 0.3, "mean")]
+
+
+@pytest.mark.parametrize("backend,device,dtype", _cases(ce_mod.FORWARD))
+@pytest.mark.parametrize("shape,kind,weighted,smoothing,reduction", CE_FORMS)
+def test_cross_entropy_torch_forms_match_float64(backend, device, dtype, shape, kind, weighted, smoothing, reduction):
+    gen = _gen("ce-forms", shape, kind, weighted, smoothing, reduction)
+    z = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    rows = (shape[0], *shape[2:]) if len(shape) > 1 else ()
+    if kind == "probs":
+        t = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, 1 if len(shape) > 1 else 0)
+    else:
+        t = torch.randint(0, classes, rows, generator=gen)
+        if t.dim():
+            t.view(-1)[::3] = -100
+    cw = torch.rand(classes, generator=gen, dtype=torch.float64) + 0.2 if weighted else None
+    loss_shape = rows if reduction == "none" else ()
+    g = torch.randn(loss_shape, generator=gen, dtype=torch.float64)
+    z, = _representable(dtype, z)
+
+    def run(dt, dev, fn):
+        zi = z.to(dev, dt).requires_grad_()
+        ti = t.to(dev, dt) if kind == "probs" else t.to(dev)
+        loss = fn(zi, ti, None if cw is None else cw.to(dev, dt))
+        assert loss.shape == loss_shape
+        return [loss, torch.autograd.grad(loss, zi, g.to(dev, loss.dtype))[0]]
+
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    want = run(torch.float64, "cpu", lambda zi, ti, wi: F.cross_entropy(zi, ti, wi, **kw))
+    low = run(dtype, device, lambda zi, ti, wi: F.cross_entropy(zi, ti, wi, **kw)) if dtype in LOW else want
+    with dlcore.use_backend(backend):
+        got = run(dtype, device, lambda zi, ti, wi: cross_entropy(zi, ti, wi, **kw))
+    for a, w64, s, name in zip(got, want, low, ("loss", "dlogits")):
+        _check(a, w64, s, dtype, f"{backend} {name}")
+
+
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+def test_cross_entropy_loss_module_is_a_drop_in():
+    """dlcore.nn.CrossEntropyLoss takes nn.CrossEntropyLoss's arguments (class weights included) and state."""
+    gen = _gen("ce-module")
+    z = torch.randn(4, 6, 3, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 6, (4, 3), generator=gen)
+    cw = torch.rand(6, generator=gen, dtype=torch.float64)
+    for kw in (dict(weight=cw, label_smoothing=0.1), dict(ignore_index=2, reduction="sum"), dict(size_average=False)):
+        ours, stock = dlcore.nn.CrossEntropyLoss(**kw), torch.nn.CrossEntropyLoss(**kw)
+        assert ours.state_dict().keys() == stock.state_dict().keys()
+        assert torch.allclose(ours(z, t), stock(z, t), atol=1e-12)
+    assert torch.allclose(cross_entropy(z, t, cw, None, -100, False), F.cross_entropy(z, t, cw, None, -100, False))
+
+
 def test_cross_entropy_gradcheck_opcheck_and_compile():
     gen = _gen("cegc")
     z = torch.randn(6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -337,7 +393,13 @@ def test_cross_entropy_bad_input():
     with pytest.raises(IndexError, match="target holds -3"):
         linear_cross_entropy(torch.randn(4, 3), torch.randn(10, 3), torch.tensor([0, -3, 1, 2]))
     with pytest.raises(TypeError, match="integer class indices"):
+        cross_entropy(z, torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="class probabilities must have input's shape"):
         cross_entropy(z, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"weight must have shape \(10,\)"):
+        cross_entropy(z, torch.zeros(4, dtype=torch.long), torch.ones(9))
+    with pytest.raises(ValueError, match=r"target must have shape \(4, 3\)"):
+        cross_entropy(torch.randn(4, 10, 3), torch.zeros(4, 10, dtype=torch.long))
     with pytest.raises(ValueError, match="target must have shape"):
         cross_entropy(z, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="reduction"):

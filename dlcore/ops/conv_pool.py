@@ -33,7 +33,7 @@ from dlcore import _dispatch, _eager, _ext
 from dlcore.ops import batch_norm as channel_ops
 from dlcore.ops.batch_norm import as_layout
 from dlcore.ops.conv_relu import (_conv_grads, _pair, check_conv_args, check_groups, conv_output_shape, conv_pairs,
-                                  cpu_conv_grads)
+                                  cpu_conv_grads, string_padding)
 
 FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
@@ -330,6 +330,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         return conv2d_relu_maxpool2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                                      pool_kernel_size, pool_stride, pool_padding, ceil_mode).squeeze(0)
     check_groups(x, weight, groups)
+    x, padding = string_padding(x, weight, padding, stride, dilation)
     conv = conv_pairs(stride, padding, dilation, groups)
     kernel, pstride, ppad = pool_args(pool_kernel_size, pool_stride, pool_padding)
     z_hw = conv_output_shape(x, weight, conv)[2:]

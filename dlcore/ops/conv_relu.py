@@ -62,8 +62,25 @@ def check_conv_args(x, weight, bias, extra: dict, padding) -> None:
         _checks.shape("bias", bias, (weight.shape[0],))
     if x.dim() not in (3, 4):
         raise ValueError(f"input must be 3-D or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if isinstance(padding, str):
-        raise ValueError("string padding ('same'/'valid') is not supported yet; pass integers")
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise ValueError(f"padding must be 'same', 'valid' or integers, got {padding!r}")
+
+
+def string_padding(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation) -> tuple:
+    """(x, padding) with torch's string paddings made integers: 'valid' is 0; 'same' (stride 1 only, as in torch)
+    pads dilation·(kernel − 1) in all, half on each side and the odd one on the bottom/right — that one by padding x
+    itself, as torch's convolution does. Integer paddings pass through."""
+    if not isinstance(padding, str):
+        return x, padding
+    if padding == "valid":
+        return x, 0
+    if any(s != 1 for s in _pair(stride)):
+        raise ValueError("padding='same' is not supported for strided convolutions (as in torch)")
+    total = [d * (k - 1) for d, k in zip(_pair(dilation), weight.shape[2:])]
+    extra = [t - 2 * (t // 2) for t in total]  # (H, W)
+    if any(extra):
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    return x, tuple(t // 2 for t in total)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -247,6 +264,7 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         r = None if residual is None else residual.unsqueeze(0)
         return conv2d_relu(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, residual=r).squeeze(0)
     check_groups(x, weight, groups)
+    x, padding = string_padding(x, weight, padding, stride, dilation)
     conv = conv_pairs(stride, padding, dilation, groups)
     if residual is not None:
         _checks.shape("residual", residual, conv_output_shape(x, weight, conv))

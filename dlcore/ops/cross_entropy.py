@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn import _reduction as _Reduction
 
 from dlcore import _checks, _dispatch, _eager, _ext
 
@@ -251,37 +252,100 @@ def _check_common(ignore_index, label_smoothing, reduction):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def _reduce(losses: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+def _reduce(losses: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str,
+            row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """'mean' divides by the rows that count, or by their class weights' sum (nll_loss's rule)."""
     if reduction == "none":
         return losses
     if reduction == "sum":
         return losses.sum()
-    return losses.sum() / (target != ignore_index).sum()
+    return losses.sum() / (row_weight.sum() if row_weight is not None else (target != ignore_index).sum())
 
 
-def cross_entropy(input: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> torch.Tensor:
-    """torch.nn.functional.cross_entropy for class-index targets, without materialising log-softmax.
+def _as_rows(input: torch.Tensor) -> torch.Tensor:
+    """Logits [N, C, d1, …] (or [C], [N, C]) as [rows, C] with a contiguous class dim: the K-dimensional form's
+    class dim moved last (one copy, as torch's log_softmax over a strided dim reads it)."""
+    if input.dim() == 1:
+        return input[None]
+    logits = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, input.shape[1])
+    return logits if logits.stride(1) == 1 else logits.contiguous()
 
-    input: [N, C] or [C] logits (floating point); target: [N] or [] int64 class indices in [0, C) or ignore_index.
-    Returns the loss in fp32 (float64 for float64 input): a scalar, or [N] with reduction='none'."""
+
+def _lse(logits: torch.Tensor) -> torch.Tensor:
+    """Differentiable log Σ_j e^{z_j} per row from the kernel: at ε = 1 its loss is lse − mean_j z_j."""
+    losses, _ = _cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device),
+                               -100, 1.0)
+    return losses + logits.to(losses.dtype).mean(1)
+
+
+def _probability_loss(logits, probs, weight, smoothing):
+    """Rows of −Σ_c w_c·t_c·log softmax(z)_c = lse·Σ_c w_c t_c − Σ_c w_c t_c z_c, t smoothed to (1−ε)t + ε/C."""
+    acc = math_dtype(logits.dtype)
+    t = probs.to(acc)
+    if smoothing:
+        t = t * (1.0 - smoothing) + smoothing / logits.shape[1]
+    if weight is not None:
+        t = t * weight.to(acc)
+    return _lse(logits) * t.sum(1) - torch.linalg.vecdot(logits.to(acc), t)
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy (same arguments and semantics), without materialising log-softmax.
+
+    input: [C], [N, C] or [N, C, d1, …, dk] logits (floating point). target: class indices of input's shape
+    without C ([], [N] or [N, d1, …, dk]; integers in [0, C) or ignore_index), or class probabilities of input's
+    shape (floating point; ignore_index does not apply). weight: optional [C] class weights ('mean' then divides by
+    the weights of the rows that count, as torch does). size_average / reduce: torch's deprecated spellings of
+    `reduction`. Returns the loss in fp32 (float64 for float64 input): a scalar, or target's shape (class indices)
+    / input's shape without C (probabilities) with reduction='none'."""
     _checks.tensor("input", input)
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
     _check_common(ignore_index, label_smoothing, reduction)
-    if input.dim() not in (1, 2):
-        raise ValueError(f"input must be [N, C] or [C] logits, got shape {tuple(input.shape)} "
-                         "(move the class dim last and flatten the rest)")
-    logits = input if input.dim() == 2 else input[None]
-    if logits.shape[1] == 0:
+    if input.dim() == 0:
+        raise ValueError("input must be [C], [N, C] or [N, C, d1, ...] logits, got a scalar")
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    if n_classes == 0:
         raise ValueError("input has no classes (C = 0)")
-    tgt = _checks.class_targets("target", target, logits.shape[1], ignore_index, input)
-    if tuple(tgt.shape) != (input.shape[0],) * (input.dim() - 1):
-        raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    if weight is not None:
+        _checks.tensor("weight", weight, like=input, same_dtype=False)
+        _checks.shape("weight", weight, (n_classes,))
+    logits = _as_rows(input)
+    row_shape = (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()  # input's shape without C
+    if isinstance(target, torch.Tensor) and target.is_floating_point():  # class probabilities
+        _checks.tensor("target", target, like=input, same_dtype=False)
+        if target.shape != input.shape:
+            raise ValueError(f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
+                             f"{tuple(target.shape)} (class indices must be integers)")
+        losses = _probability_loss(logits, _as_rows(target), weight, float(label_smoothing))
+        if reduction == "none":
+            return losses.view(row_shape)
+        return losses.sum() if reduction == "sum" else losses.mean()  # 'mean': over rows, weights or not
+    tgt = _checks.class_targets("target", target, n_classes, ignore_index, input)
+    if tuple(tgt.shape) != row_shape:
+        raise ValueError(f"target must have shape {row_shape} (input's without the class dim), got "
+                         f"{tuple(target.shape)}")
     tgt = tgt.reshape(-1)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    losses, _ = _cross_entropy(logits, tgt, ignore_index, float(label_smoothing))
-    out = _reduce(losses, tgt, ignore_index, reduction)
-    return out[0] if reduction == "none" and input.dim() == 1 else out
+    smoothing = float(label_smoothing)
+    row_weight = None
+    if weight is None:
+        losses, _ = _cross_entropy(logits, tgt, ignore_index, smoothing)
+    else:
+        # nll_loss's weighting: row i counts w[t_i] (0 when ignored). With smoothing ε, torch adds
+        # (ε/C)·Σ_c w_c·(lse − z_c) = (ε/C)·(lse·Σw − z·w) per row to (1 − ε)·w[t]·(lse − z_t).
+        nll, _ = _cross_entropy(logits, tgt, ignore_index, 0.0)
+        w = weight.to(nll.dtype)
+        row_weight = torch.where(tgt == ignore_index, 0.0, w[tgt.clamp_min(0)])
+        losses = nll * row_weight
+        if smoothing:
+            z = logits.to(nll.dtype)
+            lse = nll + z.gather(1, tgt.clamp_min(0)[:, None])[:, 0]  # lse = nll + z_t (ignored rows masked below)
+            smooth = torch.where(tgt == ignore_index, 0.0, lse * w.sum() - torch.mv(z, w))
+            losses = (1.0 - smoothing) * losses + (smoothing / n_classes) * smooth
+    out = _reduce(losses, tgt, ignore_index, reduction, row_weight)
+    return out.view(row_shape) if reduction == "none" else out
 
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
