@@ -178,10 +178,10 @@ def _share_linear(fused: nn.Linear, linear: nn.Linear) -> nn.Linear:
 
 class Dropout(nn.Dropout):
     """nn.Dropout with a counter-based (Philox) mask, regenerated in backward instead of stored; exactly the
-    identity in eval mode and at p = 0; reproducible under torch.manual_seed. (inplace is accepted and ignored.)"""
+    identity in eval mode and at p = 0; reproducible under torch.manual_seed; inplace as in torch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training, self.inplace)
 
 
 class LinearReLUDropout(nn.Linear):

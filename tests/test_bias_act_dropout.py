@@ -61,6 +61,33 @@ def test_dropout_rate_seeding_eval_and_p0():
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x  # exactly the identity
 
 
+@pytest.mark.parametrize("backend,device", backend_device_pairs(ops.FORWARD, torch.float32))
+def test_inplace_dropout_writes_its_input(backend, device):
+    """F.dropout's inplace=True: the result is written into the input (returned), the same values and gradient as
+    the out-of-place call with the same seed; the kept input is never read in backward (the mask is regenerated),
+    so autograd accepts the overwrite; a leaf that requires grad is refused as torch refuses it; the module too."""
+    base = torch.randn(129, 7, dtype=torch.float32, device=device, requires_grad=True)
+    with dlcore.use_backend(backend):
+        torch.manual_seed(11)
+        want = dropout(base * 2, 0.4)
+        (g_want,) = torch.autograd.grad(want.sum(), base)
+        h = base * 2
+        torch.manual_seed(11)
+        got = dropout(h, 0.4, True, True)
+        assert got is h
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (g_got,) = torch.autograd.grad((got * 1.0).sum(), base)
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="leaf Variable"):
+            dropout(base, 0.4, True, True)
+        module_in = base.detach().clone()
+        torch.manual_seed(11)
+        assert Dropout(0.4, inplace=True)(module_in) is module_in
+        torch.testing.assert_close(module_in, want.detach() / 2, rtol=0, atol=0)
+        kept = base.detach().clone()
+        assert dropout(kept, 0.4, False, True) is kept  # eval: the identity, nothing written
+
+
 def test_modules_are_drop_ins():
     torch.manual_seed(0)
     stock = torch.nn.Linear(20, 30)

@@ -162,12 +162,17 @@ def _(grad_y, x, bias, activation, dropout_p, seed):
 
 def _setup_context(ctx, inputs, output):
     x, bias, activation, dropout_p, seed = inputs
-    ctx.save_for_backward(x, bias)
+    # plain dropout (identity, no bias): its backward reads no value of x (act' = 1, the mask is regenerated), so x
+    # is not kept (inplace dropout overwrites it; and memory) and grad_y stands in for its shape and dtype
+    ctx.x_free = activation == IDENTITY and bias is None
+    ctx.save_for_backward(None if ctx.x_free else x, bias)
     ctx.conf = (activation, dropout_p, seed)
 
 
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
+    if ctx.x_free:
+        grad_y = x = grad_y.contiguous()
     dx, db = _bias_gelu_backward(grad_y, x, bias, *ctx.conf)
     return dx, (db if bias is not None and ctx.needs_input_grad[1] else None), None, None, None
 
@@ -218,10 +223,12 @@ def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor] = None, approxim
     return bias_act(input, bias, "gelu_tanh" if approximate == "tanh" else "gelu", dropout_p, training)
 
 
-def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """F.dropout with a Philox mask regenerated in backward (never stored); exactly the identity when not training
-    or p = 0."""
-    return bias_act(input, None, "identity", p, training)
+    or p = 0. inplace=True writes the result into input and returns it, as torch does (the kernel's output is
+    copied back: the same memory for the caller, not less traffic)."""
+    out = bias_act(input, None, "identity", p, training)
+    return input.copy_(out) if inplace and out is not input else out
 
 
 SKINNY_MAX_ROWS = 64  # measured on the 2-core AMD VM: ours 1.1–3.4× torch's sgemm up to 64 rows, even at 128
