@@ -11,6 +11,12 @@ v1 (shipped):
 - masks: top-left aligned window (key j visible from row i iff i - left <= j <= i + right; causal is right = 0, as
   torch's is_causal), per-batch key lengths (padding / packed sequences), an additive bias of any broadcast shape
   (passed as an expanded view: broadcast dimensions have stride 0).
+- split-key forward for decoding (a KV-cache step: at most SPLIT_ROWS query rows, few batch·heads on a GPU): the
+  plain forward would run B·H programs, each walking every key alone, on a GPU with ~130 SMs. Instead programs
+  (split, b·h) each reduce one chunk of the keys for all the rows to unnormalised partials (m, l, acc) in fp32,
+  and a combine kernel merges the chunks (M = max m_s; l = Σ l_s·2^(m_s−M); O = Σ acc_s·2^(m_s−M) / l), the
+  flash-decoding scheme. Same masks, bias, dropout counters, O and lse as the plain forward, so the backward is
+  shared. Chosen by `decode_splits` from the device's SM count; never on the CPU (tests force it there).
 - dropout: Philox4x32-10 with key = the seed's two 32-bit halves and counter (j, i, b·H + h, 0); an element is kept
   iff the first output word ≥ threshold = round(p·2³²). Regenerated in backward, never stored; the reference and
   the C++ twin compute the same words, so all backends drop the same elements.
@@ -38,6 +44,7 @@ def _dropout_keep(seed, rows, cols, bh, threshold):
     c1 = rows[:, None].to(tl.uint32) + (cols[None, :] * 0).to(tl.uint32)
     c2 = c0 * 0 + bh.to(tl.uint32)
     c3 = c0 * 0
+    seed = seed.to(tl.int64)  # a seed below 2^31 arrives as an i32 (Triton types integer arguments by value)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     for _ in tl.static_range(10):
@@ -103,6 +110,20 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
     v_base = V + b * svb + hk * svh
     bias_base = BIAS + b * sbb + h * sbh
     klen, lo, hi = _key_range(KLEN, b, LK, pid_m, WIN_L, WIN_R, HAS_KLEN, BM, BN)
+    m_i, l_i, acc = _online_softmax(q, k_base, v_base, bias_base, rows, lo, hi, klen, bh, skn, svn, sbm, sbn, LQ, LK,
+                                    D, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale, HAS_BIAS, DROPOUT,
+                                    BM, BN, BD)
+    _store_output(O + b * sob + h * soh, LSE + bh * LQ, m_i, l_i, acc, rows, som, LQ, D, BD)
+
+
+@dual_helper
+def _online_softmax(q, k_base, v_base, bias_base, rows, lo, hi, klen, bh, skn, svn, sbm, sbn, LQ, LK, D, scale_log2,
+                    WIN_L, WIN_R, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """(m, l, acc) over keys [lo, hi) in BN blocks: row max (base 2), Σ 2^(s−m), Σ 2^(s−m)·keep/(1−p)·v."""
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d[None, :] < D
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.full([BM], 0.0, tl.float32)
     acc = tl.full([BM, BD], 0.0, tl.float32)
@@ -121,12 +142,73 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@dual_helper
+def _store_output(o_base, lse_base, m_i, l_i, acc, rows, som, LQ, D, BD: tl.constexpr):
+    """O = acc / l and lse = (m + log2 l)·ln 2 for the rows < LQ; rows that saw no key: O = 0, lse = −inf."""
+    offs_d = tl.arange(0, BD)
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=(rows[:, None] < LQ) & dmask)
+    tl.store(o_base + rows[:, None] * som + offs_d[None, :], o.to(o_base.dtype.element_ty),
+             mask=(rows[:, None] < LQ) & (offs_d[None, :] < D))
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + bh * LQ + rows, lse, mask=rows < LQ)
+    tl.store(lse_base + rows, lse, mask=rows < LQ)
+
+
+@dual_kernel
+def attention_split_forward_kernel(Q, K, V, PART_ACC, PART_ML, BIAS, KLEN,
+                                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn,
+                                   H, GROUP, LQ, LK, D, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
+                                   CHUNK, SPLITS, HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr,
+                                   DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Program (split, b·h): every row (LQ ≤ BM) over keys [split·CHUNK, (split+1)·CHUNK) ∩ what the rows can see;
+    writes its unnormalised (acc [BM, BD], m [BM], l [BM]) partials."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                mask=(rows[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
+    klen, lo, hi = _key_range(KLEN, b, LK, 0, WIN_L, WIN_R, HAS_KLEN, BM, BN)
+    lo = tl.maximum(lo, split * CHUNK)  # both multiples of BN
+    hi = tl.minimum(hi, split * CHUNK + CHUNK)
+    m_i, l_i, acc = _online_softmax(q, K + b * skb + hk * skh, V + b * svb + hk * svh, BIAS + b * sbb + h * sbh,
+                                    rows, lo, hi, klen, bh, skn, svn, sbm, sbn, LQ, LK, D, scale_log2, WIN_L, WIN_R,
+                                    seed, threshold, drop_scale, HAS_BIAS, DROPOUT, BM, BN, BD)
+    part = bh.to(tl.int64) * SPLITS + split
+    tl.store(PART_ACC + part * BM * BD + rows[:, None] * BD + offs_d[None, :], acc)
+    tl.store(PART_ML + part * 2 * BM + rows, m_i)
+    tl.store(PART_ML + part * 2 * BM + BM + rows, l_i)
+
+
+@dual_kernel
+def attention_split_combine_kernel(PART_ACC, PART_ML, O, LSE, sob, soh, som, H, LQ, D, SPLITS,
+                                   BM: tl.constexpr, BD: tl.constexpr):
+    """Program b·h: the SPLITS partials merged, M = max m_s, l = Σ l_s·2^(m_s−M), acc = Σ acc_s·2^(m_s−M)."""
+    bh = tl.program_id(0)
+    rows = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.full([BM], 0.0, tl.float32)
+    acc = tl.full([BM, BD], 0.0, tl.float32)
+    for split in range(0, SPLITS):
+        part = bh.to(tl.int64) * SPLITS + split
+        m_s = tl.load(PART_ML + part * 2 * BM + rows)
+        l_s = tl.load(PART_ML + part * 2 * BM + BM + rows)
+        acc_s = tl.load(PART_ACC + part * BM * BD + rows[:, None] * BD + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # neither has seen a key: both factors 0
+        alpha = tl.exp2(m_i - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    _store_output(O + (bh // H) * sob + (bh % H) * soh, LSE + bh * LQ, m_i, l_i, acc, rows, som, LQ, D, BD)
 
 
 @dual_kernel
@@ -275,16 +357,66 @@ def _common(q, k, bias, klen, scale, window, dropout_p, seed):
     return args, bias_strides
 
 
+SPLIT_ROWS = 16  # query rows the split-key forward takes (its tile height: tl.dot's smallest M)
+SPLIT_WAVES = 2  # split until the (split, b·h) programs fill about this many waves of the SMs
+MAX_SPLITS = 64
+
+
+def _sm_count(device: torch.device):
+    """Streaming multiprocessors of a CUDA device; None on the CPU (no split-key forward there)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch_heads: int, lq: int, lk: int, bn: int, device: torch.device) -> int:
+    """How many key chunks the forward splits into: 1 (the plain forward) unless at most SPLIT_ROWS query rows
+    leave the B·H programs short of SPLIT_WAVES waves of the device's SMs; then enough chunks of at least one key
+    block each to fill them."""
+    sms = _sm_count(device)
+    if not sms or lq > SPLIT_ROWS:
+        return 1
+    return max(1, min(triton.cdiv(lk, bn), triton.cdiv(SPLIT_WAVES * sms, batch_heads), MAX_SPLITS))
+
+
+def _split_blocks(d: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BN, BD, num_warps) of the split-key forward: BM = SPLIT_ROWS; see SPLIT_TABLE."""
+    bd = max(16, triton.next_power_of_2(d))
+    bn, warps = SPLIT_TABLE[bd] if on_gpu else (64, 4)
+    return bn, bd, warps
+
+
+# head-dim class → (BN, num_warps) of the split-key forward (BM = 16): the largest key block, then the fewest
+# registers, among BN 64/32/16 × 4/8 warps that compile for sm_90 without a spill with every feature on and off
+# (searched 2026-12-01 with dlcore._static_check: at 4 warps d128 BN 64 and d256 BN 32 spill with bias, key lengths
+# and dropout on). Not timed on a GPU yet.
+SPLIT_TABLE = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (64, 8), 256: (32, 8)}
+
+
 def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_p: float, seed: int):
     """q [B,H,Lq,D], k/v [B,Hk,Lk,D] (last dim contiguous), bias None or a [B,H,Lq,Lk] view, klen None or int32 [B].
     Returns (o [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq])."""
     b, h, lq, d = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    bm, bn, bd, warps = _blocks(d, _heavy(bias, klen, dropout_p), q.is_cuda)
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
-    attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse,
-                                    q if bias is None else bias, q if klen is None else klen,
+    bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
+    bn, bd, warps = _split_blocks(d, q.is_cuda)
+    splits = decode_splits(b * h, lq, k.shape[2], bn, q.device)
+    if splits > 1:
+        chunk = triton.cdiv(triton.cdiv(k.shape[2], splits), bn) * bn  # whole key blocks per split
+        splits = triton.cdiv(k.shape[2], chunk)
+        part_acc = torch.empty((b * h, splits, SPLIT_ROWS, bd), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((b * h, splits, 2, SPLIT_ROWS), dtype=torch.float32, device=q.device)
+        attention_split_forward_kernel.launch((splits, b * h), q.device, q, k, v, part_acc, part_ml, bias_arg,
+                                              klen_arg, *_strides(q), *_strides(k), *_strides(v), *sb,
+                                              CHUNK=chunk, SPLITS=splits, BM=SPLIT_ROWS, BN=bn, BD=bd,
+                                              num_warps=warps, **args)
+        attention_split_combine_kernel.launch((b * h,), q.device, part_acc, part_ml, o, lse, *_strides(o), H=h, LQ=lq,
+                                              D=d, SPLITS=splits, BM=SPLIT_ROWS, BD=bd, num_warps=4)
+        return o, lse
+    bm, bn, bd, warps = _blocks(d, _heavy(bias, klen, dropout_p), q.is_cuda)
+    attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse, bias_arg, klen_arg,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
                                     BM=bm, BN=bn, BD=bd, num_warps=warps, **args)
     return o, lse
@@ -334,6 +466,20 @@ def _aot_configs():
             configs.append(AOTConfig(kernel, sig, constexprs,
                                      num_warps=warps, num_stages=2,
                                      label=f"{kernel.__name__} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}"))
+    for bd, (bn, warps) in SPLIT_TABLE.items():  # the split-key forward and its combine
+        for heavy in (False, True):
+            constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=SPLIT_ROWS, BN=bn, BD=bd)
+            sig = aot_signature(attention_split_forward_kernel, {**io, "PART_ACC": "*fp32", "PART_ML": "*fp32",
+                                                                 "KLEN": "*i32"}, constexprs,
+                                floats=("scale_log2", "drop_scale"), int64s=("seed", "threshold"))
+            configs.append(AOTConfig(attention_split_forward_kernel, sig, constexprs, num_warps=warps, num_stages=2,
+                                     label=f"attention_split_forward_kernel d{bd}{' heavy' if heavy else ''} "
+                                           f"{SPLIT_ROWS}x{bn} w{warps}"))
+        constexprs = dict(BM=SPLIT_ROWS, BD=bd)
+        sig = aot_signature(attention_split_combine_kernel, {"PART_ACC": "*fp32", "PART_ML": "*fp32", "O": ptr,
+                                                             "LSE": "*fp32"}, constexprs)
+        configs.append(AOTConfig(attention_split_combine_kernel, sig, constexprs, num_warps=4, num_stages=2,
+                                 label=f"attention_split_combine_kernel d{bd}"))
     return configs
 
 

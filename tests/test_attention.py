@@ -94,6 +94,56 @@ def test_backend_matches_float64_reference(backend, device, dtype, case):
         assert err <= 2 * base_err + 1e-5, f"{name}: error {err:.3g} vs low-precision reference {base_err:.3g}"
 
 
+SPLIT_CASES = CASES[3:4] + CASES[6:] + [(1, 2, 1, 16, 300, 64, (-1, -1), True, True, 0.15)]  # Lq ≤ 16, long Lk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"split{i}" for i in range(len(SPLIT_CASES))])
+def test_triton_split_key_forward_matches_float64(dtype, case, monkeypatch):
+    """The split-key forward (decoding: few query rows, few batch·heads on a GPU), forced on CPU tensors as on a
+    132-SM GPU: it runs with several key chunks, and O and lse match float64 (fp32) or stay within 2× the same
+    math in the low dtype; the Philox counters, masks and bias are the plain forward's."""
+    if ("triton", "cpu") not in backend_device_pairs(A.FORWARD, dtype):
+        pytest.skip("triton is not available")
+    from dlcore.kernels import attention as KA
+
+    splits = []
+    decode_splits = KA.decode_splits
+    monkeypatch.setattr(KA, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(KA, "decode_splits", lambda *a: splits.append(decode_splits(*a)) or splits[-1])
+    gen = torch.Generator().manual_seed(SEED + sum(map(hash, map(str, case))) % 1000)
+    q, k, v, bias, klen, scale, window, p, seed = _inputs(case, dtype, "cpu", gen)
+    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (q, k, v, bias)]
+    with dlcore.use_backend("triton"):
+        o, lse = A.attention_op(*low, klen, scale, *window, p, seed)
+    assert splits and splits[-1] > 1
+    dout = torch.zeros(q.shape, dtype=torch.float64)
+    exact = _grads(*(t.to(dtype).double() if t is not None and t.is_floating_point() else t for t in (q, k, v, bias)),
+                   klen, scale, window, p, seed, torch.float64, dout)[:2]
+    base = _grads(*low, klen, scale, window, p, seed, dtype, dout.to(dtype))[:2] if dtype in LOW else exact
+    for name, g, e, b in zip(("o", "lse"), (o, lse), exact, base):
+        finite = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(g), finite), name
+        err = (g.double() - e)[finite].abs().max().item() if finite.any() else 0.0
+        allowed = 2e-5 if dtype == torch.float32 else 2 * (b.double() - e)[finite].abs().max().item() + 1e-5
+        assert err <= allowed, f"{name}: error {err:.3g} > {allowed:.3g}"
+
+
+def test_triton_dropout_with_a_seed_below_2_31():
+    """Triton types an integer argument by its value: a seed that fits in 32 bits arrives as an i32 (it raised in
+    the interpreter, and the key's high word came from a shift past the type's width). Same mask as the reference."""
+    if ("triton", "cpu") not in backend_device_pairs(A.FORWARD, torch.float32):
+        pytest.skip("triton is not available")
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen) for _ in range(3))
+    for seed in (7, 2**31 - 1):
+        with dlcore.use_backend("triton"):
+            o, _ = A.attention_op(q, k, v, None, None, 0.25, -1, -1, 0.5, seed)
+        want, _ = A._reference_math(q.double(), k.double(), v.double(), None, None, 0.25, (-1, -1), 0.5, seed,
+                                    math_dtype=torch.float64)
+        torch.testing.assert_close(o.double(), want, atol=2e-6, rtol=1e-5)
+
+
 def test_dropout_mask_is_philox_and_statistics_are_right():
     keep = A.philox_keep(12345, 2, 3, 64, 96, 0.3)
     assert abs(keep.float().mean().item() - 0.7) < 0.01
