@@ -22,4 +22,6 @@ def backend_device_pairs(op: str, dtype: torch.dtype | None = None) -> list[tupl
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).abs().max().item()
+    """Largest |actual − expected|, in float64 (complex128 when either is complex: both parts count)."""
+    wide = torch.complex128 if actual.is_complex() or expected.is_complex() else torch.float64
+    return (actual.to(wide) - expected.to(wide)).abs().max().item()

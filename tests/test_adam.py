@@ -326,6 +326,39 @@ def test_float64_params_with_bf16_state():
     assert (ours.detach() - ref.detach()).abs().max().item() < 3e-2 * 1e-2 * 3  # 3 steps of lr, within ~3% each
 
 
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("opt_name,kw", [("Adam", dict(weight_decay=0.1)), ("AdamW", dict(amsgrad=True)),
+                                         ("Adam", dict(maximize=True, master_weights=True))])
+def test_complex_parameters_step_as_torch(backend, device, opt_name, kw):
+    """Complex parameters (next to real ones) step as torch's Adam/AdamW step them, real and imaginary parts as
+    independent reals; the states stay complex, so state dicts load both ways (master_weights: none kept for a
+    complex parameter)."""
+    gen = torch.Generator().manual_seed(SEED)
+    init = [torch.randn(5, 3, generator=gen, dtype=torch.complex128), torch.randn(7, generator=gen, dtype=torch.float64)]
+    runs = {}
+    for name, cls, dtype_of in (("oracle", getattr(torch.optim, opt_name), lambda t: t.dtype),
+                                ("stock", getattr(torch.optim, opt_name), None), ("ours", getattr(dlcore.optim, opt_name), None)):
+        params = [nn.Parameter((t if dtype_of else t.to(torch.complex64 if t.is_complex() else torch.float32)).to(device))
+                  for t in init]
+        extra = {k: v for k, v in kw.items() if k != "master_weights" or name == "ours"}
+        opt = cls(params, lr=0.05, **({"foreach": False} if name != "ours" else {}), **extra)
+        step_gen = torch.Generator().manual_seed(SEED + 1)
+        with dlcore.use_backend(backend if name == "ours" else None):
+            for _ in range(10):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=step_gen, dtype=p.dtype).to(device)
+                opt.step()
+        runs[name] = (params, opt)
+    (want, _), (ref, stock), (got, opt) = runs["oracle"], runs["stock"], runs["ours"]
+    for g, r, w in zip(got, ref, want):
+        assert g.dtype == r.dtype and max_error(g, w) <= 2 * max_error(r, w) + 5e-6, f"seed {SEED}"
+    assert opt.state[got[0]]["exp_avg"].dtype == torch.complex64 and "master_param" not in opt.state[got[0]]
+    stock.load_state_dict(opt.state_dict())
+    opt.load_state_dict(stock.state_dict())
+    with pytest.raises(ValueError, match="complex"):
+        dlcore.optim.Adam([nn.Parameter(torch.zeros(3, dtype=torch.complex64))], state_dtype=torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_input_errors():
     emb = nn.Embedding(10, 3, sparse=True)

@@ -7,6 +7,7 @@ Beyond torch's arguments:
                   bytes per fp32 parameter and step.
   master_weights  keep an fp32 copy of every bf16/fp16 parameter (state['master_param']); the step updates it
                   and writes the parameter rounded to nearest.
+Complex parameters are stepped as torch does, their real and imaginary parts as independent reals (view_as_real).
 State dicts load both ways with torch.optim.Adam/AdamW (extra keys are ignored by torch). GradScaler passes
 grad_scale / found_inf to step() (the unscale and the skip happen inside the kernel). With capturable=True the
 step counters live on the parameters' device and nothing syncs with the host, so the step can be captured in a
@@ -25,6 +26,13 @@ _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_LOW = (torch.bfloat16, torch.float16)  # the parameter dtypes master_weights keeps an fp32 copy of
+
+
+def _real(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A complex tensor as its [..., 2] real view (torch.optim.Adam's rule: real and imaginary parts are stepped
+    as independent reals); anything else as it is."""
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
 
 def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -92,10 +100,14 @@ class Adam(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        state_dtype = param_group.get("state_dtype", self.defaults["state_dtype"])
         for i, p in enumerate(params):
-            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+            if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
                 raise TypeError(f"{type(self).__name__}: param {i} of the new group has dtype {p.dtype}; "
-                                "only floating-point parameters can be optimized")
+                                "only floating-point or complex parameters can be optimized")
+            if isinstance(p, torch.Tensor) and p.is_complex() and (state_dtype is not None or not p.is_contiguous()):
+                raise ValueError(f"{type(self).__name__}: param {i} is complex: it needs contiguous storage and "
+                                 "the default state_dtype (its real and imaginary parts are stepped as reals)")
         devices = {p.device for p in params if isinstance(p, torch.Tensor)}
         if len(devices) > 1:
             raise ValueError(f"{type(self).__name__}: a param group holds parameters on several devices "
@@ -150,7 +162,7 @@ class Adam(torch.optim.Optimizer):
                 state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:  # e.g. loaded from a non-AMSGrad run
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-        if group["master_weights"] and p.dtype != torch.float32 and "master_param" not in state:
+        if group["master_weights"] and p.dtype in _LOW and "master_param" not in state:
             state["master_param"] = _like(p, p.detach(), torch.float32)
         return state
 
@@ -185,13 +197,17 @@ class Adam(torch.optim.Optimizer):
                     g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
                 state = self._init_state(p, group)
                 master = state.get("master_param")
-                key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
+                row = (p, g, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if amsgrad else None,
+                       state["step"], master)
+                if type(p) not in _PLAIN:
+                    row = tuple(map(_local, row))  # DTensors: their shards
+                if p.is_complex():
+                    row = tuple(map(_real, row))
+                key = (p.device, row[0].dtype, row[2].dtype, master is not None)
                 rows = buckets.get(key)
                 if rows is None:
                     rows = buckets[key] = []
-                row = (p, g, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if amsgrad else None,
-                       state["step"], master)
-                rows.append(row if type(p) in _PLAIN else tuple(map(_local, row)))  # DTensors: their shards
+                rows.append(row)
             if len({k[0] for k in buckets}) > 1:
                 raise ValueError(f"{name}: param group {gi} holds parameters on several devices "
                                  f"({sorted(str(k[0]) for k in buckets)}); give each device its own group")
