@@ -324,6 +324,11 @@ def test_float64_params_with_bf16_state():
         stock.step()
     assert opt.state[ours]["exp_avg"].dtype == torch.bfloat16
     assert (ours.detach() - ref.detach()).abs().max().item() < 3e-2 * 1e-2 * 3  # 3 steps of lr, within ~3% each
+    wide = nn.Parameter(w.clone())  # master_weights keeps fp32 copies of bf16/fp16 params only (not a lossy one)
+    masters = dlcore.optim.Adam([wide], master_weights=True)
+    wide.grad = torch.ones_like(w)
+    masters.step()
+    assert "master_param" not in masters.state[wide]
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
