@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dlcore
 from dlcore.functional import flash_attn_varlen_func, scaled_dot_product_attention
 from dlcore.ops import attention as A
-from dlcore.testing import backend_device_pairs
+from dlcore.testing import backend_device_pairs, max_error
 
 SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
 LOW = (torch.float16, torch.bfloat16)
@@ -142,6 +142,22 @@ def test_triton_dropout_with_a_seed_below_2_31():
         want, _ = A._reference_math(q.double(), k.double(), v.double(), None, None, 0.25, (-1, -1), 0.5, seed,
                                     math_dtype=torch.float64)
         torch.testing.assert_close(o.double(), want, atol=2e-6, rtol=1e-5)
+
+
+def test_sdpa_under_autocast_runs_in_autocast_dtype():
+    """As torch's SDPA on autocast's lower-precision list: fp32 inputs (and an additive mask) run in bf16 and return
+    bf16, close to torch's own autocast result; float64 inputs stay float64."""
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=gen) for _ in range(3))
+    mask = torch.randn(9, 9, generator=gen)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        wide = scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert got.dtype == want.dtype == torch.bfloat16 and wide.dtype == torch.float64
+    exact = F.scaled_dot_product_attention(*(t.bfloat16().double() for t in (q, k, v)),
+                                           attn_mask=mask.bfloat16().double())
+    assert max_error(got, exact) <= 2 * max_error(want, exact) + 1e-3
 
 
 def test_dropout_mask_is_philox_and_statistics_are_right():

@@ -368,6 +368,12 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout_p > 0 else 0
 
 
+def _autocast_inputs(low: torch.dtype, *tensors):
+    """Autocast's rule for an op on its lower-precision list: floating tensors other than float64 cast to `low`."""
+    return [t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
@@ -386,7 +392,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     take part — right-padded batches, whose padded key blocks the kernel then skips (the variable-length path);
     window_size (left, right): query i sees keys i-left..i+right (-1 = unbounded).
     A query row that sees no key returns zeros (as torch). fp32, fp16, bf16 (fp32 math inside) and float64.
+    Under autocast, floating inputs (float64 aside) run in autocast's dtype, as torch's SDPA does.
     """
+    if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
+        query, key, value, attn_mask, key_padding_mask = _autocast_inputs(
+            torch.get_autocast_dtype(query.device.type), query, key, value, attn_mask, key_padding_mask)
     _check_qkv(query, key, value, enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
