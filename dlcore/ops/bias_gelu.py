@@ -207,7 +207,8 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activatio
         _checks.tensor("bias", bias, like=input, same_dtype=False)
         _checks.shape("bias", bias, (cols,))
         wanted = math_dtype(input.dtype)
-        bias = bias if bias.dtype is wanted else bias.to(wanted)  # (.to costs ~1 µs even when it has nothing to do)
+        if bias.dtype is not wanted or not bias.is_contiguous():  # (.to costs ~1 µs even with nothing to do)
+            bias = bias.to(wanted).contiguous()  # the kernels read a dense vector (not b[::2], b.expand(C))
     x2 = input.reshape(math.prod(input.shape[:-1]), cols).contiguous()  # (-1 is ambiguous when cols = 0)
     if x2.numel() == 0:
         return reference_forward(x2, bias, code).view_as(input)

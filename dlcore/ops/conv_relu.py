@@ -145,8 +145,9 @@ def cpu_conv_grads(dz, x, weight, stride, padding, dilation, groups, mask):
 
     n, _, h, w = x.shape
     dzc = channel_ops.as_layout(dz, True)
+    wc = weight.contiguous()  # held in a name: `weight.contiguous().data_ptr()` freed a copy before the call read it
     dx = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
-    _ext.cpu.conv2d_input_grad(dzc.data_ptr(), weight.contiguous().data_ptr(), dx.data_ptr(), n, c_in, h, w,
+    _ext.cpu.conv2d_input_grad(dzc.data_ptr(), wc.data_ptr(), dx.data_ptr(), n, c_in, h, w,
                                weight.shape[0], weight.shape[2], kw, dz.shape[2], dz.shape[3], stride[0], stride[1],
                                padding[0], padding[1])
     if not x.is_contiguous(memory_format=torch.channels_last):
@@ -179,8 +180,8 @@ def _epilogue_backends(backend: str, dtypes):
             return launch(x, weight, bias, (stride, padding, dilation, groups), conv_pool.NO_POOL, False)[0]
         y = channel_ops.dense_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
         r = None if residual is None else channel_ops.dense_like(residual, y)
-        return affine.fn(y, r, None, None if bias is None else bias.float(), y, channel_ops.channel_dims(y),
-                         RELU, 0.0)
+        shift = None if bias is None else bias.float().contiguous()  # the channel kernels read a dense vector
+        return affine.fn(y, r, None, shift, y, channel_ops.channel_dims(y), RELU, 0.0)
 
     @_dispatch.register(BACKWARD, backend, devices=devices, dtypes=dtypes, available=reduce.available)
     def backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups, mask):

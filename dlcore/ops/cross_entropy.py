@@ -134,6 +134,9 @@ def _(logits, target, ignore_index, smoothing):
 def cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
                               ignore_index: int, smoothing: float) -> torch.Tensor:
     _, launch = _dispatch.select(BACKWARD, logits.device, logits.dtype)
+    # the kernels write the gradient with the logits' row stride: both dense (sliced logits overran a dense buffer,
+    # expanded ones wrote every row into row 0)
+    logits = logits.contiguous()
     grad = torch.empty_like(logits)
     launch(logits, target, lse, grad_loss.to(lse.dtype), grad, ignore_index, smoothing)
     return grad
