@@ -28,7 +28,8 @@ def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
 
 
 def class_targets(name: str, target, n_classes: int, ignore_index: int, like: torch.Tensor) -> torch.Tensor:
-    """Integer class indices on `like`'s device, each in [0, n_classes) or equal to ignore_index."""
+    """Integer class indices on `like`'s device, each in [0, n_classes) or equal to ignore_index; returned as a
+    dense int64 tensor (the kernels read it as one: a strided or expanded target is copied)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -41,4 +42,4 @@ def class_targets(name: str, target, n_classes: int, ignore_index: int, like: to
             value = int(target[bad][0])
             raise IndexError(f"{name} holds {value}, out of range for {n_classes} classes "
                              f"(and not ignore_index={ignore_index})")
-    return target.long()
+    return target.long().contiguous()

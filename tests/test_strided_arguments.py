@@ -2,7 +2,8 @@
 torch's result and gradients. Found by a fuzz of such views (2026-12-01): layer_norm and bias_act read a strided
 or expanded weight / bias as dense, conv2d_relu's CPU epilogue a strided bias, its few-channel input gradient
 read a freed copy of a non-contiguous weight, and cross_entropy's backward wrote sliced logits' gradient past its
-buffer (a heap overflow that aborted the process) and expanded logits' into one row."""
+buffer (a heap overflow that aborted the process) and expanded logits' into one row; cross_entropy and
+linear_cross_entropy read a strided or expanded target as dense."""
 import os
 import time
 
@@ -56,6 +57,11 @@ def _cases():
          lambda m, z: m.cross_entropy(z[:, :7], t.clamp(max=6))),
         (ce_ops.FORWARD, "cross_entropy expanded logits", [(1, 10)],
          lambda m, z: m.cross_entropy(z.expand(8, 10), t, label_smoothing=0.1)),
+        (ce_ops.FORWARD, "cross_entropy strided and expanded targets", [(4, 10)],
+         lambda m, z: m.cross_entropy(z, t[::2]) + m.cross_entropy(z, t[2:3].expand(4))),
+        (ce_ops.FORWARD, "linear_cross_entropy strided target", [(4, 8), (10, 8)],
+         lambda m, x, w: (df.linear_cross_entropy(x, w, t[1::2]) if m is df
+                          else F.cross_entropy(F.linear(x, w), t[1::2]))),
     ]
 
 
