@@ -168,8 +168,10 @@ def test_bad_input():
         batch_norm_act(x, None, None, w, None, True, activation="gelu")
     with pytest.raises(TypeError, match="floating-point"):
         batch_norm_act(x.long(), None, None, w, None, True)
-    with pytest.raises(ValueError, match="input is empty"):
-        batch_norm_act(torch.randn(0, 3, 2, 2), torch.zeros(3), torch.ones(3), w, None, False)
+    for training in (False, True):  # an empty batch: torch's empty result, the statistics untouched
+        stats, tracked = (torch.zeros(3), torch.ones(3)), torch.tensor(0)
+        empty = batch_norm_act(torch.randn(0, 3, 2, 2), *stats, w, None, training, num_batches_tracked=tracked)
+        assert empty.shape == (0, 3, 2, 2) and torch.equal(stats[0], torch.zeros(3)) and int(tracked) == training
     with pytest.raises(ValueError, match="expected 4D input"):  # torch's own module check
         blocks.BatchNorm2dReLU(3)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="at least 2 dims"):

@@ -201,8 +201,9 @@ def test_bad_input():
         conv2d_relu_maxpool2d(torch.randn(1, 4, 2, 2), w)
     with pytest.raises(TypeError, match="weight is torch.float64"):
         conv2d_relu_maxpool2d(x, w.double())
-    with pytest.raises(ValueError, match="empty"):
-        conv2d_relu_maxpool2d(torch.randn(0, 4, 8, 8), w)
+    empty = torch.randn(0, 4, 8, 8, requires_grad=True)  # an empty batch: torch's (empty) result, with a graph
+    got = conv2d_relu_maxpool2d(empty, w)
+    assert got.shape == F.max_pool2d(F.relu(F.conv2d(empty, w)), 3, 3).shape and got.grad_fn is not None
     for bad, match in [(dict(stride=0), r"stride must be at least 1, got \(0, 0\)"),
                        (dict(padding=(1, -1)), r"padding must be at least 0, got \(1, -1\)"),
                        (dict(dilation=0), "dilation must be at least 1")]:

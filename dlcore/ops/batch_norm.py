@@ -397,11 +397,15 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor], ru
         if training and t is not None and t.numel() > 1 and 0 in t.stride():
             # checked before anything is written: num_batches_tracked must not move without the statistics
             raise ValueError(f"{name} is updated in place and must not be an expanded tensor (stride 0)")
-    count = input.numel() // c if c else 0
+    if input.numel() == 0:  # torch's result: an empty output, the statistics untouched (a module's counter counts)
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        z = F.batch_norm(input, running_mean, running_var, weight, bias, training, 0.0, eps)
+        z = z if residual is None else z + residual
+        return _activate(z, ACTIVATIONS[activation], negative_slope)
+    count = input.numel() // c
     if training and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
-    if input.numel() == 0:
-        raise ValueError(f"input is empty (shape {tuple(input.shape)})")
     sd = stats_dtype(input.dtype)
     x = dense_like(input)
     r = None if residual is None else dense_like(residual, x)

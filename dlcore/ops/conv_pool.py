@@ -339,8 +339,8 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     out = [pool_output_size(z_hw[i], kernel[i], pstride[i], ppad[i], ceil_mode) for i in range(2)]
     if any(o <= 0 for o in out):
         raise ValueError(f"pool window {tuple(kernel)} is larger than the padded convolution output {tuple(z_hw)}")
-    if x.numel() == 0:
-        raise ValueError(f"input is empty (shape {tuple(x.shape)})")
+    if x.numel() == 0:  # an empty batch (or no input channels): torch's own (empty or zero) result
+        return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, *conv)), kernel, pstride, ppad, ceil_mode=ceil_mode)
     # the pool's argmax only when a backward can follow (and always under tracing and transforms, where
     # requires_grad may not tell)
     keep_argmax = (torch.is_grad_enabled() and _eager.wants_grad((x, weight, bias))
