@@ -83,7 +83,9 @@ BatchNorm2dLeakyReLU = _batch_norm_class("BatchNorm2dLeakyReLU", nn.BatchNorm2d,
 class FoldedConv2d(nn.Conv2d):
     """A convolution with batch norm folded in (inference only): y = [relu](conv(x, w') + b' + residual), or with
     `pool` (an nn.MaxPool2d, ReLU on) y = maxpool(relu(conv(x, w') + b')) — a ResNet stem, dlcore's
-    conv2d_relu_maxpool2d op."""
+    conv2d_relu_maxpool2d op. On the CPU the ReLU is oneDNN's fused post-op (as in torch.compile's CPU code),
+    which turns a NaN into 0 where eager torch.relu keeps it; the opt-in Winograd form spreads a NaN or inf of the
+    input over its 4×4 output tile."""
 
     def __init__(self, *args, relu: bool = False, pool: Optional[nn.MaxPool2d] = None, winograd: bool = False,
                  **kwargs):

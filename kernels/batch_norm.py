@@ -89,7 +89,7 @@ def apply_kernel(X, R, SCALE, SHIFT, Y, positions, channels, inner, slope, ACT: 
     if HAS_R:
         z = z + tl.load(R + off, mask=mask, other=0.0).to(tl.float32)
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # a NaN stays NaN, as in torch.relu (tl.maximum would drop it)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * slope)
     tl.store(Y + off, z.to(Y.dtype.element_ty), mask=mask)

@@ -38,7 +38,7 @@ def _act_and_grad(u, ACT: tl.constexpr):
         y = u * cdf
         dy = cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
     elif ACT == 2:
-        y = tl.maximum(u, 0.0)
+        y = tl.where(u < 0.0, 0.0, u)  # a NaN stays NaN, as in torch.relu (tl.maximum would drop it)
         dy = tl.where(u > 0, 1.0, 0.0)
     else:
         y = u

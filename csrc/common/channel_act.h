@@ -10,9 +10,10 @@ namespace dlcore {
 
 enum ChannelActivation { kActIdentity = 0, kActRelu = 1, kActLeakyRelu = 2 };
 
+// ReLU as `z < 0 ? 0 : z`, not `z > 0 ? z : 0`: a NaN stays NaN, as torch.relu keeps it (LeakyReLU's z·slope does).
 template <int ACT>
 DL_HD float channel_activate(float z, float slope) {
-  if (ACT == kActRelu) return z > 0.f ? z : 0.f;
+  if (ACT == kActRelu) return z < 0.f ? 0.f : z;
   if (ACT == kActLeakyRelu) return z > 0.f ? z : z * slope;
   return z;
 }

@@ -33,7 +33,7 @@ template <int ACT>
 inline vf activate(vf u) {
   if constexpr (ACT == kGeluTanh) return 0.5f * u * (1.0f + tanhv(kTanhK * (u + kTanhA * u * u * u)));
   else if constexpr (ACT == kGelu) return 0.5f * u * (1.0f + erfv(u * kSqrt1_2));
-  else if constexpr (ACT == kRelu) return u > 0.0f ? u : vf{};
+  else if constexpr (ACT == kRelu) return u < 0.0f ? vf{} : u;  // a NaN stays NaN, as in torch.relu
   else return u;
 }
 

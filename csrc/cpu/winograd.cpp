@@ -161,7 +161,7 @@ void output_pass(const T* mm, T* y, const T* bias, const T* residual, const Geom
           const int64_t at = ((tile.image * g.h + row0 + a) * g.w + col0 + c) * K + o0;
           V value = out[c] + b;
           if (residual) value += load(residual + at, n);
-          if (relu) value = value > 0 ? value : V{};
+          if (relu) value = value < 0 ? V{} : value;  // a NaN stays NaN, as in torch.relu
           store(y + at, value, n);
         }
       }
