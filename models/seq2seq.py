@@ -168,6 +168,8 @@ class Seq2Seq(nn.Module):
                     length_penalty: float = 1.0) -> torch.Tensor:
         """Beam search per sentence: keeps `beam` hypotheses by total log-probability, finished ones scored by
         log p / length^length_penalty. Returns [B, ≤ max_len] (EOS-padded)."""
+        if beam < 1:
+            raise ValueError(f"beam must be at least 1, got {beam}")
         results = []
         for b in range(src.shape[0]):
             memory, keys, state = self.encode(src[b:b + 1], src_lengths[b:b + 1])
@@ -182,7 +184,7 @@ class Seq2Seq(nn.Module):
                 logp = F.log_softmax(self.out(f).float(), -1)
                 candidates = []
                 for i, (score, seq, _) in enumerate(hyps):
-                    top = torch.topk(logp[i], beam)
+                    top = torch.topk(logp[i], min(beam, logp.shape[-1]))  # a beam wider than the vocabulary
                     for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
                         candidates.append((score + lp, seq + [tok], new_states[i:i + 1]))
                 candidates.sort(key=lambda c: c[0], reverse=True)

@@ -105,6 +105,10 @@ def test_seq2seq_matches_twin(attention, rnn, dtype, tol):
     width = min(greedy.shape[1], beam1.shape[1])
     assert torch.equal(greedy[:, :width], beam1[:, :width])
     assert ours.beam_search(src, src_len, BOS, EOS, 12, beam=3).shape[0] == 4
+    wide = ours.cfg.tgt_vocab + 5  # a beam wider than the vocabulary keeps every candidate (topk raised)
+    assert ours.beam_search(src[:1], src_len[:1], BOS, EOS, 3, beam=wide).shape[0] == 1
+    with pytest.raises(ValueError, match="beam must be at least 1"):
+        ours.beam_search(src, src_len, BOS, EOS, 12, beam=0)
 
 
 def test_seq2seq_bad_input_and_training_runs(tmp_path):
