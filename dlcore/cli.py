@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, built extensions, available backends per op")
     b = sub.add_parser("bench", help="time dlcore against stock PyTorch (and torch.compile) in the same run")
-    b.add_argument("--op", action="append", help="only this op (repeatable); default: all")
+    from dlcore.bench import CASE_MODULES
+
+    b.add_argument("--op", action="append", choices=sorted(CASE_MODULES),
+                   help="only this op (repeatable); default: all")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     b.add_argument("--quick", action="store_true", help="fewer repeats and cases (under 2 minutes on a CPU)")
     b.add_argument("--out", default="benchmarks/results", help="directory for the JSON, Markdown and PNG reports")

@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
@@ -147,19 +148,31 @@ ATARI_DEFAULTS = dict(steps=2_000_000, buffer=100_000, prioritized=True, n_step=
                       solve_episodes=10, checkpoint_every=100_000)
 
 
-def _make_env(name: str):
+def _gym(name: str):
+    """gymnasium, with the Atari environments registered for an ALE/ name; ValueError for a name gymnasium does not
+    know (before any training starts)."""
     try:
         import gymnasium as gym
     except ImportError as exc:
         raise RuntimeError("dlcore train dqn needs gymnasium (pip install gymnasium)") from exc
+    if name.startswith("ALE/"):
+        try:
+            import ale_py
+        except ImportError as exc:
+            raise RuntimeError(f"{name} needs ale-py, which ships the Atari ROMs (pip install ale-py "
+                               "opencv-python-headless)") from exc
+        gym.register_envs(ale_py)
+    try:
+        gym.spec(name)
+    except gym.error.Error as exc:
+        raise ValueError(f"unknown gymnasium environment {name!r}: {exc}") from None
+    return gym
+
+
+def _make_env(name: str):
+    gym = _gym(name)
     if not name.startswith("ALE/"):
         return gym.make(name)
-    try:
-        import ale_py
-    except ImportError as exc:
-        raise RuntimeError(f"{name} needs ale-py, which ships the Atari ROMs (pip install ale-py opencv-python-headless)"
-                           ) from exc
-    gym.register_envs(ale_py)
     # frame skipping is AtariPreprocessing's (max over the last two frames), so the raw env must not skip
     env = gym.make(name, frameskip=1, repeat_action_probability=0.0)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, grayscale_obs=True)
@@ -370,6 +383,11 @@ def _run(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(DQNConfig)}
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names and v is not None}
     cfg = DQNConfig.for_env(**given)
+    try:
+        _gym(cfg.env)
+    except ValueError as exc:
+        print(f"dlcore train dqn: error: --env: {exc}", file=sys.stderr)
+        return 2
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("solved", "solved_at_step", "last_eval", "seconds")}, default=str))
     print(f"wrote {cfg.out}/returns.csv, returns.png, checkpoint.pt, q_net.pt, summary.json")

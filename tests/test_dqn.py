@@ -51,6 +51,14 @@ def test_epsilon_schedule():
     assert dqn.epsilon(cfg, 0) == 1.0 and abs(dqn.epsilon(cfg, 250) - 0.55) < 1e-9 and dqn.epsilon(cfg, 900) == 0.1
 
 
+def test_train_refuses_an_unknown_environment(tmp_path, capsys):
+    """A clear error before any training (it was gymnasium's traceback from inside train())."""
+    pytest.importorskip("gymnasium")
+    assert cli.main(["train", "dqn", "--env", "NoSuchEnv-v0", "--out", str(tmp_path / "run")]) == 2
+    assert "unknown gymnasium environment 'NoSuchEnv-v0'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("prioritized", [False, True])
 def test_train_checkpoint_resume(tmp_path, prioritized):
     pytest.importorskip("gymnasium")
