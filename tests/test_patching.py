@@ -63,6 +63,18 @@ def test_sequential_runs_match_the_unpatched_model(training):
     assert dlcore.patch(model) is model and [type(m) for m in model[:13]] == types  # twice: nothing more
 
 
+def test_string_padding_and_padding_modes_are_fused():
+    """Conv2d runs with padding='same' (an even kernel: the odd pad on the bottom/right) or a circular padding mode
+    become fused layers, with the unpatched model's outputs and gradients."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(3, 4, 4, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.ReLU()).double()
+    model = dlcore.patch(copy.deepcopy(stock))
+    assert [type(m) for m in model] == [dnn.Conv2dReLUMaxPool2d, nn.Identity, nn.Identity, dnn.Conv2dReLU,
+                                        nn.Identity]
+    _compare(model, stock, torch.randn(2, 3, 9, 9, dtype=torch.float64))
+
+
 def test_dropout_after_a_fused_linear_keeps_its_rate_and_mode():
     torch.manual_seed(0)
     model = dlcore.patch(_cnn(p_drop=0.5))
