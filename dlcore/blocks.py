@@ -80,6 +80,12 @@ BatchNorm2dLeakyReLU = _batch_norm_class("BatchNorm2dLeakyReLU", nn.BatchNorm2d,
 
 
 # ---------------------------------------------------------------------------------------------------- folding
+def _version(t: torch.Tensor) -> int:
+    """t's in-place version counter, the key of the caches derived from a weight; an inference tensor (a model
+    folded under torch.inference_mode) has none, and raises when asked: -1 (its in-place edits go unseen)."""
+    return -1 if t.is_inference() else t._version
+
+
 class FoldedConv2d(nn.Conv2d):
     """A convolution with batch norm folded in (inference only): y = [relu](conv(x, w') + b' + residual), or with
     `pool` (an nn.MaxPool2d, ReLU on) y = maxpool(relu(conv(x, w') + b')) — a ResNet stem, dlcore's
@@ -147,7 +153,7 @@ class FoldedConv2d(nn.Conv2d):
         for this input shape (cached; re-done when the weights change). Measured here 10% faster than the
         convolution followed by dlcore's one-pass epilogue on ResNet-18 (the same primitive inductor uses when it
         freezes a model)."""
-        key = (tuple(x.shape), self.weight._version, self.weight.data_ptr())
+        key = (tuple(x.shape), _version(self.weight), self.weight.data_ptr())
         if getattr(self, "_packed_key", None) != key:
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 self.weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
@@ -164,7 +170,7 @@ class FoldedConv2d(nn.Conv2d):
     def _winograd_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         """CPU inference by Winograd F(4×4,3×3) (dlcore/ops/winograd.py); the transformed weights are computed once
         (float64) and re-done when the weights change."""
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+        key = (_version(self.weight), self.weight.data_ptr(), self.weight.dtype)
         if getattr(self, "_winograd_key", None) != key:
             self._winograd_weight = winograd.transform_weight(self.weight)
             self._winograd_key = key

@@ -94,6 +94,19 @@ def test_fuse_for_inference_and_patch_keep_the_function(arch, channels_last):
         torch.testing.assert_close(dlcore.fuse_for_inference(copy.deepcopy(stock))(x), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("winograd", [False, True])
+def test_fuse_for_inference_under_inference_mode(winograd):
+    """A model folded and run under torch.inference_mode (serving code): its weights are inference tensors, which
+    have no version counter; the caches keyed by it (oneDNN's packed weights, Winograd's transform) raised."""
+    ours, stock = _pair("resnet18", torch.float32)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused = dlcore.fuse_for_inference(copy.deepcopy(ours).eval(), winograd=winograd)
+        assert fused.layer1[0].conv1.weight.is_inference()
+        torch.testing.assert_close(fused(x), stock.eval()(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-4)  # the cached form, called again
+
+
 def test_patch_shares_parameters_and_trains_like_stock():
     ours, stock = _pair("resnet18", torch.float64, small_input=True)
     patched = dlcore.patch(copy.deepcopy(stock))
