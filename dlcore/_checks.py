@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from dlcore import _eager
+
 
 def tensor(name: str, t, *, floating: bool = True, like: Optional[torch.Tensor] = None, like_name: str = "input",
            same_dtype: bool = True) -> torch.Tensor:
@@ -36,7 +38,7 @@ def class_targets(name: str, target, n_classes: int, ignore_index: int, like: to
         raise TypeError(f"{name} must hold integer class indices, got {target.dtype}")
     if target.device != like.device:
         raise ValueError(f"{name} is on {target.device} but input is on {like.device}")
-    if target.numel() and not torch.compiler.is_compiling():
+    if target.numel() and _eager.values_known(target):
         bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
         if bool(bad.any()):
             value = int(target[bad][0])

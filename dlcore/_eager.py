@@ -30,9 +30,25 @@ def plain_eager(args) -> bool:
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
     for a in args:
-        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
-            return False  # a subclass (DTensor, a wrapper): its own dispatch must see the op
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or a.is_meta):
+            return False  # a subclass (DTensor, a wrapper) or a meta tensor: its dispatch (fake kernel) must see the op
     return True
+
+
+def values_known(*tensors) -> bool:
+    """Whether the tensors' values can be read (for a range check): not when compiling, under a dispatch mode
+    (fake tensors), on the meta device or for a tensor subclass — there the check is left out, as torch's own ops
+    leave theirs to the device kernel."""
+    return not torch.compiler.is_compiling() and plain_eager(tensors)
+
+
+def autocast_dtype(t: torch.Tensor):
+    """The dtype autocast runs t's device in, or None when autocast is off there (a meta tensor: None; asking
+    torch about "meta" raises)."""
+    if not torch._C._is_any_autocast_enabled() or t.device.type == "meta":
+        return None
+    device_type = t.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def wants_grad(args) -> bool:

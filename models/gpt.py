@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcore import registry
+from dlcore import _eager, registry
 from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.nn import Linear
 from dlcore.ops.attention import scaled_dot_product_attention
@@ -170,7 +170,7 @@ class GPT(nn.Module):
         if start + idx.shape[1] > self.config.n_positions:
             raise ValueError(f"sequence of {start + idx.shape[1]} tokens is over the positional limit "
                              f"n_positions={self.config.n_positions}")
-        if idx.numel() and not torch.compiler.is_compiling():
+        if idx.numel() and _eager.values_known(idx):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise IndexError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size="

@@ -170,7 +170,7 @@ def additive_attention(query_proj: torch.Tensor, keys_proj: torch.Tensor, v: tor
         raise ValueError(f"lengths must be an integer tensor of shape ({B},)")
     elif lengths.device != values.device:
         raise ValueError(f"lengths is on {lengths.device} but values is on {values.device}")
-    if B and (int(lengths.min()) < 1 or int(lengths.max()) > S):
+    if B and _eager.values_known(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > S):
         raise ValueError(f"lengths must lie in [1, {S}]")
     return _additive_attention(query_proj.contiguous(), keys_proj.contiguous(), v.contiguous(),
                                values.contiguous(), lengths.to(torch.int64).contiguous())

@@ -394,9 +394,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     A query row that sees no key returns zeros (as torch). fp32, fp16, bf16 (fp32 math inside) and float64.
     Under autocast, floating inputs (float64 aside) run in autocast's dtype, as torch's SDPA does.
     """
-    if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
-        query, key, value, attn_mask, key_padding_mask = _autocast_inputs(
-            torch.get_autocast_dtype(query.device.type), query, key, value, attn_mask, key_padding_mask)
+    low = _eager.autocast_dtype(query) if isinstance(query, torch.Tensor) else None
+    if low is not None:
+        query, key, value, attn_mask, key_padding_mask = _autocast_inputs(low, query, key, value, attn_mask,
+                                                                          key_padding_mask)
     _check_qkv(query, key, value, enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
@@ -425,7 +426,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"key_lengths must be an integer tensor of shape {tuple(lead)}")
         if key_lengths.device != query.device:
             raise ValueError(f"key_lengths is on {key_lengths.device} but query is on {query.device}")
-        if key_lengths.numel() and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > lk):
+        if key_lengths.numel() and _eager.values_known(key_lengths) and (int(key_lengths.min()) < 0
+                                                                         or int(key_lengths.max()) > lk):
             raise ValueError(f"key_lengths must lie in [0, {lk}]")
         klen = key_lengths.reshape(batch).to(torch.int32)
     if lq == 0 or lk == 0 or batch == 0 or hq == 0:

@@ -369,9 +369,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if bias is not None:
         _checks.tensor("bias", bias, like=input)
         _checks.shape("bias", bias, (weight.shape[0],))
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):  # the matmul runs in autocast's dtype, as F.linear would
-        low = torch.get_autocast_dtype(device_type)
+    low = _eager.autocast_dtype(input)
+    if low is not None:  # the matmul runs in autocast's dtype, as F.linear would
         input, weight = input.to(low), weight.to(low)
         bias = bias.to(low) if bias is not None else None
     x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1]).contiguous()  # (-1: ambiguous if K = 0)
