@@ -105,6 +105,10 @@ def test_fuse_for_inference_under_inference_mode(winograd):
         assert fused.layer1[0].conv1.weight.is_inference()
         torch.testing.assert_close(fused(x), stock.eval()(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-4)  # the cached form, called again
+    with torch.no_grad():  # then outside inference mode: the kept workspace (made inside it) is still writable
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dlcore.fuse_for_inference(copy.deepcopy(ours).eval(), winograd=winograd)(x),
+                                   stock(x), rtol=1e-4, atol=1e-4)
 
 
 def test_patch_shares_parameters_and_trains_like_stock():

@@ -122,7 +122,10 @@ def _buffer(elements: int, dtype: torch.dtype) -> torch.Tensor:
     """This thread's workspace, grown (never shrunk) to `elements`; see the module docstring."""
     ws = getattr(_workspace, str(dtype), None)
     if ws is None or ws.numel() < elements:
-        ws = torch.empty(elements, dtype=dtype)
+        # a normal tensor even when first made under torch.inference_mode: an inference tensor could not be written
+        # by a later call outside it ("Inplace update to inference tensor outside InferenceMode")
+        with torch.inference_mode(False):
+            ws = torch.empty(elements, dtype=dtype)
         setattr(_workspace, str(dtype), ws)
     return ws
 
