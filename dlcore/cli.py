@@ -52,6 +52,15 @@ def _bench(args) -> int:
     return 1 if failed and args.strict else 0
 
 
+def _end_distributed() -> None:
+    """Destroy the process group a torchrun training run made: left to the interpreter's exit, gloo's threads were
+    torn down joinable now and then ("terminate called without an active exception", SIGABRT in one rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dlcore", description="dlcore: fused kernels for the milestone models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +84,10 @@ def main(argv=None) -> int:
             p.set_defaults(run=entry.run)
     args = parser.parse_args(argv)
     if args.command in registry.KINDS:
-        return int(args.run(args) or 0)
+        try:
+            return int(args.run(args) or 0)
+        finally:
+            _end_distributed()
     if args.command == "info":
         from dlcore import info
 
