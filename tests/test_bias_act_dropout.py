@@ -198,6 +198,8 @@ def test_linear_matches_float64(lead, k, n, bias):
     torch.testing.assert_close(layer.weight.grad.double(), leaves[1].grad, atol=10 * scale * n ** 0.5, rtol=1e-5)
     if bias:
         torch.testing.assert_close(layer.bias.grad.double(), b64.grad, atol=1e-4, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="same dtype"):  # torch's error, not a silent promotion to fp64
+            linear(x, layer.weight, layer.bias.double())
     torch.testing.assert_close(linear(x.double(), layer.weight.double()), F.linear(x.double(), layer.weight.double()))
     with pytest.raises(RuntimeError):  # mismatched shapes: torch's own error
         linear(x, torch.randn(n, k + 1))

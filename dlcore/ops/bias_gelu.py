@@ -294,8 +294,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     observation: 1.1–2.6× torch's sgemm there, e.g. GPT-2's LM head at one row 8.0 against 14.7 ms on the AMD VM);
     everything else is F.linear, bias fused into torch's GEMM."""
     skinny = _skinny(input, weight)
-    if bias is not None and not skinny:
-        return F.linear(input, weight, bias)
+    if bias is not None and (not skinny or bias.dtype != input.dtype):  # (torch's error for a bias of another dtype;
+        return F.linear(input, weight, bias)                            # `y + bias` would promote silently)
     y = _matmul_nt(input, weight, skinny)
     return y if bias is None else y + bias
 
