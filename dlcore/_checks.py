@@ -29,6 +29,15 @@ def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def dense_vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a dense 1-D tensor of `dtype`, for kernels that read a weight or bias as one: t itself when it already
+    is one (.to and .contiguous cost ~1 µs each even with nothing to do), else a copy (a strided or expanded vector:
+    w[::2], w.expand(C); a [C1, C2] LayerNorm weight flattened)."""
+    if t.dtype is dtype and t.dim() == 1 and t.is_contiguous():
+        return t
+    return t.reshape(-1).to(dtype).contiguous()
+
+
 def class_targets(name: str, target, n_classes: int, ignore_index: int, like: torch.Tensor) -> torch.Tensor:
     """Integer class indices on `like`'s device, each in [0, n_classes) or equal to ignore_index; returned as a
     dense int64 tensor (the kernels read it as one: a strided or expanded target is copied)."""

@@ -27,6 +27,8 @@ Formulas (s = scale·q·kᵀ + bias, P = softmax(s), Pd = P∘keep/(1-p), O = Pd
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -364,17 +366,23 @@ MAX_SPLITS = 64
 
 def _sm_count(device: torch.device):
     """Streaming multiprocessors of a CUDA device; None on the CPU (no split-key forward there)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:  # asked once per device, not on every forward
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_splits(batch_heads: int, lq: int, lk: int, bn: int, device: torch.device) -> int:
     """How many key chunks the forward splits into: 1 (the plain forward) unless at most SPLIT_ROWS query rows
     leave the B·H programs short of SPLIT_WAVES waves of the device's SMs; then enough chunks of at least one key
     block each to fill them."""
+    if lq > SPLIT_ROWS:  # a prefill or training forward: no device query
+        return 1
     sms = _sm_count(device)
-    if not sms or lq > SPLIT_ROWS:
+    if not sms:
         return 1
     return max(1, min(triton.cdiv(lk, bn), triton.cdiv(SPLIT_WAVES * sms, batch_heads), MAX_SPLITS))
 

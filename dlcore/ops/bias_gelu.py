@@ -206,9 +206,7 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activatio
     if bias is not None:
         _checks.tensor("bias", bias, like=input, same_dtype=False)
         _checks.shape("bias", bias, (cols,))
-        wanted = math_dtype(input.dtype)
-        if bias.dtype is not wanted or not bias.is_contiguous():  # (.to costs ~1 µs even with nothing to do)
-            bias = bias.to(wanted).contiguous()  # the kernels read a dense vector (not b[::2], b.expand(C))
+        bias = _checks.dense_vector(bias, math_dtype(input.dtype))
     x2 = input.reshape(math.prod(input.shape[:-1]), cols).contiguous()  # (-1 is ambiguous when cols = 0)
     if x2.numel() == 0:
         return reference_forward(x2, bias, code).view_as(input)
@@ -271,7 +269,7 @@ def _skinny(input: torch.Tensor, weight: torch.Tensor) -> bool:
     multiply-adds, the cpu backend the one chosen (so use_backend("reference") stays pure torch), not under
     torch.compile, and not under CPU autocast (where torch's linear computes in the autocast dtype and returns it)."""
     return (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            and _eager.autocast_dtype(input) is None
             and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous() and input.dim() >= 1
             and input.shape[-1] == weight.shape[1] and 0 < input.numel() <= SKINNY_MAX_ROWS * weight.shape[1]
             and input.numel() * weight.shape[0] >= SKINNY_MIN_MACS and not torch.compiler.is_compiling()

@@ -180,7 +180,7 @@ def _epilogue_backends(backend: str, dtypes):
             return launch(x, weight, bias, (stride, padding, dilation, groups), conv_pool.NO_POOL, False)[0]
         y = channel_ops.dense_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
         r = None if residual is None else channel_ops.dense_like(residual, y)
-        shift = None if bias is None else bias.float().contiguous()  # the channel kernels read a dense vector
+        shift = None if bias is None else _checks.dense_vector(bias, torch.float32)
         return affine.fn(y, r, None, shift, y, channel_ops.channel_dims(y), RELU, 0.0)
 
     @_dispatch.register(BACKWARD, backend, devices=devices, dtypes=dtypes, available=reduce.available)

@@ -200,10 +200,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     sd = stats_dtype(input.dtype)
     x2 = input.reshape(-1, cols).contiguous()
     r2 = residual.reshape(-1, cols).contiguous() if residual is not None else None
-    # the kernels read weight and bias as dense vectors: a strided or expanded one (w[::2], w.expand(C)) is copied
-    w, b = (None if t is None else t if t.dtype is sd and t.dim() == 1 and t.is_contiguous()
-            else t.reshape(cols).to(sd).contiguous()
-            for t in (weight, bias))  # (reshape and .to cost ~1 µs each even when they have nothing to do)
+    w, b = (None if t is None else _checks.dense_vector(t, sd) for t in (weight, bias))
     if x2.shape[0] == 0:  # nothing to normalise: the reference handles empty batches (no kernel launch)
         y, h, _, _ = reference_forward(x2, r2, w, b, eps)
     else:
