@@ -3,6 +3,7 @@ its resource usage from the cubin (cuobjdump), and read the CUDA extension's ptx
 time (setup.py). A register spill, a kernel over 255 registers or over Hopper's shared memory fails.
 
     python -m dlcore._static_check        # prints one row per kernel and exits non-zero on a violation
+    python -m dlcore._static_check --search-attention   # proposes the attention kernels' GPU_TABLE
 """
 from __future__ import annotations
 
@@ -129,7 +130,37 @@ def demangle(names: list[str]) -> list[str]:
     return out if len(out) == len(names) else names
 
 
+def search_attention_tiles(max_registers: int = 243, head_dims=(16, 32, 64, 128, 256)) -> dict:
+    """kernels/attention.py's GPU_TABLE as its comment states the rule: per kernel, head-dim class and heavy, the
+    TILE_CANDIDATES entry of largest BM·BN that compiles for sm_90 with no spill and at most max_registers,
+    wgmma over mma.sync, then the taller tile along the kernel's own axis (keys for dkdv, queries otherwise),
+    then fewer registers. None where nothing fits."""
+    from dlcore.kernels import attention
+
+    table: dict = {}
+    for kernel in attention.GPU_TABLE:
+        table[kernel] = {}
+        for bd in head_dims:
+            for heavy in (False, True):
+                ranked = []
+                for bm, bn, warps in attention.TILE_CANDIDATES:
+                    usage = triton_usage(attention.aot_config(kernel, bd, heavy, bm, bn, warps))
+                    if not usage.problems and usage.registers <= max_registers:
+                        rank = (bm * bn, usage.note == "wgmma", bn if kernel == "dkdv" else bm, -usage.registers)
+                        ranked.append((rank, (bm, bn, warps)))
+                table[kernel][(bd, heavy)] = max(ranked)[1] if ranked else None
+                print(f"{kernel} d{bd}{' heavy' if heavy else ''}: {table[kernel][(bd, heavy)]}", flush=True)
+    return table
+
+
 def main() -> int:
+    if "--search-attention" in sys.argv[1:]:
+        from dlcore.kernels import attention
+
+        table = search_attention_tiles()
+        print("GPU_TABLE =", table)
+        print("same as shipped" if table == attention.GPU_TABLE else "DIFFERS from kernels/attention.py's GPU_TABLE")
+        return 0
     rows = [triton_usage(cfg) for mod in kernel_modules() for cfg in mod.AOT_CONFIGS]
     if os.path.exists(PTXAS_REPORT):
         rows += cuda_usage()

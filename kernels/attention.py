@@ -319,24 +319,41 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def _blocks(d: int, heavy: bool, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(BM, BN, BD, num_warps) for head dim d: the shipped table on a GPU (each entry compiled for sm_90 without
-    spills by tests/test_static_gpu.py), large tiles for the interpreter (its cost is per program)."""
+def _blocks(kernel: str, d: int, heavy: bool, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, num_warps) of `kernel` ("forward", "dkdv" or "dq") for head dim d: its GPU_TABLE entry on a
+    GPU (each compiled for sm_90 without spills by tests/test_static_gpu.py), large tiles for the interpreter (its
+    cost is per program)."""
     bd = max(16, triton.next_power_of_2(d))
     if not on_gpu:
         return 64, 64, bd, 4
-    bm, bn, warps = GPU_TABLE[(bd, heavy)]
+    bm, bn, warps = GPU_TABLE[kernel][(bd, heavy)]
     return bm, bn, bd, warps
 
 
-# (head-dim class, heavy) → (BM, BN, num_warps). BD = head dim rounded up to a power of two (80, 96 → 128;
-# 192 → 256); "heavy" = an additive bias, key lengths or dropout (more live registers). The largest tiles from
-# (128,64,8) (128,64,4) (64,64,4) (64,64,8) (64,32,4) (64,32,8) (32,32,4) (32,32,8) (32,16,·) (16,16,·) that
-# compile for sm_90 with no spill in all three kernels (searched 2026-11-25 with dlcore._static_check; GPU timing
-# may prefer other spill-free entries: tune when a GPU is lent).
-GPU_TABLE = {(16, False): (128, 64, 8), (16, True): (64, 32, 4), (32, False): (128, 64, 8), (32, True): (64, 32, 4),
-             (64, False): (128, 64, 8), (64, True): (64, 32, 8), (128, False): (32, 32, 4), (128, True): (32, 32, 4),
-             (256, False): (32, 32, 8), (256, True): (16, 16, 4)}
+# kernel → (head-dim class, heavy) → (BM, BN, num_warps), each kernel its own tiles: the backward kernels hold
+# more live tiles than the forward, and one table for all three had held the forward at d 128 to 32×32 tiles on
+# mma.sync (HMMA: Hopper's slow path) where 128×64 compiles to wgmma without spills. BD = head dim rounded up to a
+# power of two (80, 96 → 128; 192 → 256); "heavy" = an additive bias, key lengths or dropout (more live
+# registers). Entries: `python -m dlcore._static_check --search-attention` (2026-12-01, triton 3.9, sm_90,
+# NUM_STAGES): the largest BM·BN of TILE_CANDIDATES that compiles with no spill and at most 243 registers (room
+# for what the runtime's argument specialisation changes), wgmma over mma.sync at equal area, then the taller
+# tile along the kernel's own loop-invariant axis (queries for forward and dq, keys for dkdv). Not timed on a GPU
+# yet: `make gpu-check` measures them.
+GPU_TABLE = {
+    "forward": {(16, False): (128, 128, 8), (16, True): (64, 32, 8), (32, False): (128, 128, 8),
+                (32, True): (64, 32, 8), (64, False): (128, 128, 8), (64, True): (64, 32, 8),
+                (128, False): (128, 64, 8), (128, True): (64, 32, 8), (256, False): (32, 32, 8),
+                (256, True): (32, 32, 8)},
+    "dkdv": {(16, False): (128, 64, 8), (16, True): (64, 64, 8), (32, False): (128, 64, 8), (32, True): (64, 64, 8),
+             (64, False): (128, 64, 8), (64, True): (64, 32, 8), (128, False): (32, 32, 8),
+             (128, True): (32, 32, 8), (256, False): (32, 32, 8), (256, True): (16, 16, 4)},
+    "dq": {(16, False): (128, 128, 8), (16, True): (64, 64, 8), (32, False): (128, 128, 8), (32, True): (64, 32, 8),
+           (64, False): (128, 128, 8), (64, True): (64, 32, 8), (128, False): (64, 64, 4), (128, True): (32, 32, 8),
+           (256, False): (32, 32, 8), (256, True): (16, 16, 4)},
+}
+TILE_CANDIDATES = [(128, 128, 8), (128, 64, 8), (128, 64, 4), (128, 32, 4), (64, 128, 8), (64, 64, 8), (64, 64, 4),
+                   (64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4), (32, 16, 4), (16, 16, 4)]
+NUM_STAGES = 3  # the launches pass it, so the configurations checked ahead of time are the ones that run
 
 
 def _heavy(bias, klen, dropout_p) -> bool:
@@ -419,14 +436,15 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
         attention_split_forward_kernel.launch((splits, b * h), q.device, q, k, v, part_acc, part_ml, bias_arg,
                                               klen_arg, *_strides(q), *_strides(k), *_strides(v), *sb,
                                               CHUNK=chunk, SPLITS=splits, BM=SPLIT_ROWS, BN=bn, BD=bd,
-                                              num_warps=warps, **args)
+                                              num_warps=warps, num_stages=NUM_STAGES, **args)
         attention_split_combine_kernel.launch((b * h,), q.device, part_acc, part_ml, o, lse, *_strides(o), H=h, LQ=lq,
-                                              D=d, SPLITS=splits, BM=SPLIT_ROWS, BD=bd, num_warps=4)
+                                              D=d, SPLITS=splits, BM=SPLIT_ROWS, BD=bd, num_warps=4,
+                                              num_stages=NUM_STAGES)
         return o, lse
-    bm, bn, bd, warps = _blocks(d, _heavy(bias, klen, dropout_p), q.is_cuda)
+    bm, bn, bd, warps = _blocks("forward", d, _heavy(bias, klen, dropout_p), q.is_cuda)
     attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse, bias_arg, klen_arg,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
-                                    BM=bm, BN=bn, BD=bd, num_warps=warps, **args)
+                                    BM=bm, BN=bn, BD=bd, num_warps=warps, num_stages=NUM_STAGES, **args)
     return o, lse
 
 
@@ -440,53 +458,59 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
     dv = torch.empty_like(dk)
     # zeros: blocks the window or key lengths skip are never written
     dbias = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) if bias_grad else None
-    bm, bn, bd, warps = _blocks(d, _heavy(bias, klen, dropout_p), q.is_cuda)
+    heavy = _heavy(bias, klen, dropout_p)
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *sb)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
+    bm, bn, bd, warps = _blocks("dkdv", d, heavy, q.is_cuda)
     attention_backward_dkdv_kernel.launch((triton.cdiv(lk, bn), b * h), q.device, q, k, v, do, lse, delta, dk, dv,
                                           bias_arg, klen_arg, *common, scale=scale, BM=bm, BN=bn, BD=bd,
-                                          num_warps=warps, **args)
+                                          num_warps=warps, num_stages=NUM_STAGES, **args)
+    bm, bn, bd, warps = _blocks("dq", d, heavy, q.is_cuda)
     attention_backward_dq_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, do, lse, delta, dq,
                                         q if dbias is None else dbias, bias_arg, klen_arg, *common, scale=scale,
-                                        BIAS_GRAD=bias_grad, BM=bm, BN=bn, BD=bd, num_warps=warps, **args)
+                                        BIAS_GRAD=bias_grad, BM=bm, BN=bn, BD=bd, num_warps=warps,
+                                        num_stages=NUM_STAGES, **args)
     if hk != h:  # GQA: each kv head's gradient is the sum over its group of query heads
         dk, dv = (t.view(b, hk, h // hk, lk, d).sum(2) for t in (dk, dv))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
 # ---------------------------------------------------------------------------------------------------- AOT configs
+_KERNELS = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
+            "dq": attention_backward_dq_kernel}
+_IO = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "BIAS")},  # fp16 compiles to the same register budget
+       "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32", "DBIAS": "*fp32",
+       "KLEN": "*i32", "PART_ACC": "*fp32", "PART_ML": "*fp32"}
+
+
+def aot_config(kernel: str, bd: int, heavy: bool, bm: int, bn: int, warps: int) -> AOTConfig:
+    """The configuration of `kernel` ("forward", "dkdv", "dq") at one tile; "heavy" with every optional feature
+    switched on (the worst case for registers)."""
+    fn = _KERNELS[kernel]
+    constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=bm, BN=bn, BD=bd,
+                      **({"BIAS_GRAD": heavy} if kernel == "dq" else {}))
+    sig = aot_signature(fn, _IO, constexprs, floats=("scale", "scale_log2", "drop_scale"), int64s=("seed", "threshold"))
+    return AOTConfig(fn, sig, constexprs, num_warps=warps, num_stages=NUM_STAGES,
+                     label=f"{fn.__name__} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}")
+
+
 def _aot_configs():
-    """Every GPU_TABLE entry, bf16 (fp16 compiles to the same register budget), all three kernels; "heavy"
-    entries with every optional feature switched on (the worst case for registers)."""
-    configs = []
-    ptr = "*bf16"
-    io = {n: ptr for n in ("Q", "K", "V", "O", "DO", "BIAS")}
-    stats = {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32", "DBIAS": "*fp32",
-             "KLEN": "*i32"}
-    for (bd, heavy), (bm, bn, warps) in GPU_TABLE.items():
-        flags = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=bm, BN=bn, BD=bd)
-        for kernel, extra in ((attention_forward_kernel, {}), (attention_backward_dkdv_kernel, {}),
-                              (attention_backward_dq_kernel, {"BIAS_GRAD": heavy})):
-            constexprs = {**flags, **extra}
-            sig = aot_signature(kernel, {**io, **stats}, constexprs, floats=("scale", "scale_log2", "drop_scale"),
-                                int64s=("seed", "threshold"))
-            configs.append(AOTConfig(kernel, sig, constexprs,
-                                     num_warps=warps, num_stages=2,
-                                     label=f"{kernel.__name__} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}"))
-    for bd, (bn, warps) in SPLIT_TABLE.items():  # the split-key forward and its combine
+    """Every GPU_TABLE entry of the three kernels, then the split-key forward and its combine."""
+    configs = [aot_config(kernel, bd, heavy, *tile) for kernel, table in GPU_TABLE.items()
+               for (bd, heavy), tile in table.items()]
+    for bd, (bn, warps) in SPLIT_TABLE.items():
         for heavy in (False, True):
             constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=SPLIT_ROWS, BN=bn, BD=bd)
-            sig = aot_signature(attention_split_forward_kernel, {**io, "PART_ACC": "*fp32", "PART_ML": "*fp32",
-                                                                 "KLEN": "*i32"}, constexprs,
-                                floats=("scale_log2", "drop_scale"), int64s=("seed", "threshold"))
-            configs.append(AOTConfig(attention_split_forward_kernel, sig, constexprs, num_warps=warps, num_stages=2,
+            sig = aot_signature(attention_split_forward_kernel, _IO, constexprs, floats=("scale_log2", "drop_scale"),
+                                int64s=("seed", "threshold"))
+            configs.append(AOTConfig(attention_split_forward_kernel, sig, constexprs, num_warps=warps,
+                                     num_stages=NUM_STAGES,
                                      label=f"attention_split_forward_kernel d{bd}{' heavy' if heavy else ''} "
                                            f"{SPLIT_ROWS}x{bn} w{warps}"))
         constexprs = dict(BM=SPLIT_ROWS, BD=bd)
-        sig = aot_signature(attention_split_combine_kernel, {"PART_ACC": "*fp32", "PART_ML": "*fp32", "O": ptr,
-                                                             "LSE": "*fp32"}, constexprs)
-        configs.append(AOTConfig(attention_split_combine_kernel, sig, constexprs, num_warps=4, num_stages=2,
+        sig = aot_signature(attention_split_combine_kernel, _IO, constexprs)
+        configs.append(AOTConfig(attention_split_combine_kernel, sig, constexprs, num_warps=4, num_stages=NUM_STAGES,
                                  label=f"attention_split_combine_kernel d{bd}"))
     return configs
 

@@ -59,6 +59,13 @@ def _grads(q, k, v, bias, klen, scale, window, p, seed, math_dtype, dout):
     return [o, lse] + list(torch.autograd.grad(o, wrt, dout.to(o.dtype)))
 
 
+def _assert_close_where_finite(got, exact, names=("o", "lse", "dq", "dk", "dv", "dbias")):
+    for name, g, e in zip(names, got, exact):
+        finite = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(g), finite), name
+        torch.testing.assert_close(g.double()[finite], e[finite], atol=2e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("backend,device,dtype", _backend_cases())
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_backend_matches_float64_reference(backend, device, dtype, case):
@@ -80,10 +87,7 @@ def test_backend_matches_float64_reference(backend, device, dtype, case):
     got = [o, lse] + list(grads[:3]) + ([grads[3]] if bias is not None else [])
     names = ["o", "lse", "dq", "dk", "dv", "dbias"]
     if dtype == torch.float32:
-        for name, g, e in zip(names, got, exact):
-            finite = torch.isfinite(e)
-            assert torch.equal(torch.isfinite(g), finite), name
-            torch.testing.assert_close(g.double()[finite], e[finite], atol=2e-5, rtol=1e-4, msg=name)
+        _assert_close_where_finite(got, exact)
         return
     # the FlashAttention criterion: error ≤ 2× the error of the same math done in the low dtype
     baseline = _grads(*low, klen, scale, window, p, seed, dtype, dout.to(dtype))
@@ -127,6 +131,45 @@ def test_triton_split_key_forward_matches_float64(dtype, case, monkeypatch):
         err = (g.double() - e)[finite].abs().max().item() if finite.any() else 0.0
         allowed = 2e-5 if dtype == torch.float32 else 2 * (b.double() - e)[finite].abs().max().item() + 1e-5
         assert err <= allowed, f"{name}: error {err:.3g} > {allowed:.3g}"
+
+
+def _gpu_tiles():
+    try:
+        from dlcore.kernels import attention as KA
+    except ImportError:  # no triton: the test below skips
+        return [(64, 64)]
+    return sorted({tile[:2] for table in KA.GPU_TABLE.values() for tile in table.values()})
+
+
+# causal + bias + key lengths + GQA + dropout, and a sliding window over Lq < Lk: lengths that are no multiple of
+# any tile, so the last query and key blocks are partial and the causal/window block skipping is exercised
+TILE_CASES = [(1, 2, 1, 70, 150, 16, (-1, 0), True, True, 0.1), (1, 1, 1, 45, 131, 32, (7, 20), False, False, 0.0)]
+
+
+@pytest.mark.parametrize("tile", _gpu_tiles(), ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("case", TILE_CASES, ids=["causal-bias-klen-gqa-dropout", "window"])
+def test_triton_kernels_at_the_gpu_tiles_match_float64(tile, case, monkeypatch):
+    """Every (BM, BN) tile GPU_TABLE ships, forced on the three kernels through the interpreter (on CPU tensors
+    they run 64×64 otherwise): the block ranges, masks and causal/window skipping at that tile give float64's
+    O, lse and every gradient."""
+    if ("triton", "cpu") not in backend_device_pairs(A.FORWARD, torch.float32):
+        pytest.skip("triton is not available")
+    from dlcore.kernels import attention as KA
+
+    used = []
+    monkeypatch.setattr(KA, "_blocks", lambda kernel, d, heavy, on_gpu: used.append(kernel) or
+                        (*tile, max(16, 1 << (d - 1).bit_length()), 4))
+    gen = torch.Generator().manual_seed(SEED + sum(tile))
+    q, k, v, bias, klen, scale, window, p, seed = _inputs(case, torch.float32, "cpu", gen)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    exact = _grads(q, k, v, bias, klen, scale, window, p, seed, torch.float64, dout)
+    low = [t.float() if t is not None else None for t in (q, k, v, bias)]
+    with dlcore.use_backend("triton"):
+        o, lse = A.attention_op(*low, klen, scale, *window, p, seed)
+        grads = A.attention_backward_op(dout.float(), *low[:3], o, lse, low[3], bias is not None, klen, scale,
+                                        *window, p, seed)
+    assert used == ["forward", "dkdv", "dq"]
+    _assert_close_where_finite([o, lse] + list(grads[:3]) + ([grads[3]] if bias is not None else []), exact)
 
 
 def test_triton_dropout_with_a_seed_below_2_31():

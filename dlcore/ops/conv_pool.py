@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from dlcore import _dispatch, _eager, _ext
 from dlcore.ops import batch_norm as channel_ops
 from dlcore.ops.batch_norm import as_layout
-from dlcore.ops.conv_relu import (_conv_grads, _pair, check_conv_args, check_groups, conv_output_shape, conv_pairs,
-                                  cpu_conv_grads, string_padding)
+from dlcore.ops.conv_relu import (_conv_grads, _pair, check_conv_args, check_groups, checked_output_shape,
+                                  conv_output_shape, conv_pairs, cpu_conv_grads, string_padding)
 
 FORWARD, BACKWARD = "conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward"
 for _name in (FORWARD, BACKWARD):
@@ -333,9 +333,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     x, padding = string_padding(x, weight, padding, stride, dilation)
     conv = conv_pairs(stride, padding, dilation, groups)
     kernel, pstride, ppad = pool_args(pool_kernel_size, pool_stride, pool_padding)
-    z_hw = conv_output_shape(x, weight, conv)[2:]
-    if any(s <= 0 for s in z_hw):
-        raise ValueError(f"the convolution's output would be empty ({tuple(z_hw)}) for input {tuple(x.shape)}")
+    z_hw = checked_output_shape(x, weight, conv)[2:]
     out = [pool_output_size(z_hw[i], kernel[i], pstride[i], ppad[i], ceil_mode) for i in range(2)]
     if any(o <= 0 for o in out):
         raise ValueError(f"pool window {tuple(kernel)} is larger than the padded convolution output {tuple(z_hw)}")

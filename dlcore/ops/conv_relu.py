@@ -46,6 +46,16 @@ def conv_output_shape(x, weight, conv) -> tuple:
               for i in range(2)])
 
 
+def checked_output_shape(x, weight, conv) -> tuple:
+    """conv_output_shape, or ValueError when the dilated kernel is larger than the padded input (an empty output;
+    torch raises a RuntimeError for it too, which a backend that does not call torch's convolution would miss)."""
+    shape = conv_output_shape(x, weight, conv)
+    if any(s <= 0 for s in shape[2:]):
+        raise ValueError(f"the convolution's output would be empty ({tuple(shape[2:])}): input {tuple(x.shape)} "
+                         f"with padding {conv[1]} is smaller than weight {tuple(weight.shape)} at dilation {conv[2]}")
+    return shape
+
+
 def check_conv_args(x, weight, bias, extra: dict, padding) -> None:
     """The checks every fused conv op makes of its convolution's arguments (x may be 3-D: the caller unsqueezes);
     `extra`: other tensors that must match x's device and dtype ({name: tensor or None})."""
@@ -267,6 +277,7 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     check_groups(x, weight, groups)
     x, padding = string_padding(x, weight, padding, stride, dilation)
     conv = conv_pairs(stride, padding, dilation, groups)
+    out_shape = checked_output_shape(x, weight, conv)
     if residual is not None:
-        _checks.shape("residual", residual, conv_output_shape(x, weight, conv))
+        _checks.shape("residual", residual, out_shape)
     return _conv2d_relu(x, weight, bias, residual, *conv)
