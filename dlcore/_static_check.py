@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
 REGISTER_LIMIT = 255
@@ -65,6 +65,21 @@ def kernel_modules():
                 yield mod
 
 
+def builds(cfg):
+    """The builds of one AOTConfig the runtime may make: Triton's launcher specialises each integer argument that
+    is a multiple of 16 (strides and lengths of power-of-two shapes) and compiles that code apart, with registers
+    up to ~45 apart from the unspecialised build's (a batch-norm kernel spilled only so). Yields cfg, then cfg with
+    every i32 argument a multiple of 16."""
+    yield cfg
+    ints = tuple(name for name, kind in cfg.signature.items() if kind == "i32")
+    if ints and not cfg.divisible_ints:
+        yield replace(cfg, divisible_ints=ints, label=f"{cfg.label or cfg.kernel.__name__} [ints %16]")
+
+
+def shipped_builds():
+    return [b for mod in kernel_modules() for cfg in mod.AOT_CONFIGS for b in builds(cfg)]
+
+
 def compile_config(cfg, arch: int = 90):
     """Compile one AOTConfig for `arch`; returns triton's CompiledKernel (asm: ttir, ttgir, ptx, cubin)."""
     import triton
@@ -73,7 +88,8 @@ def compile_config(cfg, arch: int = 90):
 
     fn = cfg.kernel.compiled
     constexprs = {(fn.arg_names.index(k),): v for k, v in cfg.constexprs.items()}
-    src = ASTSource(fn, cfg.signature, constexprs)
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in cfg.divisible_ints}
+    src = ASTSource(fn, cfg.signature, constexprs, attrs)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **cfg.options}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -132,7 +148,8 @@ def demangle(names: list[str]) -> list[str]:
 
 def search_attention_tiles(max_registers: int = 243, head_dims=(16, 32, 64, 128, 256)) -> dict:
     """kernels/attention.py's GPU_TABLE as its comment states the rule: per kernel, head-dim class and heavy, the
-    TILE_CANDIDATES entry of largest BM·BN that compiles for sm_90 with no spill and at most max_registers,
+    TILE_CANDIDATES entry of largest BM·BN whose builds() compile for sm_90 with no spill and at most max_registers
+    (over max_registers only where nothing else compiles without a spill),
     wgmma over mma.sync, then the taller tile along the kernel's own axis (keys for dkdv, queries otherwise),
     then fewer registers. None where nothing fits."""
     from dlcore.kernels import attention
@@ -144,9 +161,12 @@ def search_attention_tiles(max_registers: int = 243, head_dims=(16, 32, 64, 128,
             for heavy in (False, True):
                 ranked = []
                 for bm, bn, warps in attention.TILE_CANDIDATES:
-                    usage = triton_usage(attention.aot_config(kernel, bd, heavy, bm, bn, warps))
-                    if not usage.problems and usage.registers <= max_registers:
-                        rank = (bm * bn, usage.note == "wgmma", bn if kernel == "dkdv" else bm, -usage.registers)
+                    usages = [triton_usage(b) for b in builds(attention.aot_config(kernel, bd, heavy, bm, bn, warps))]
+                    if not any(u.problems for u in usages):
+                        registers = max(u.registers for u in usages)
+                        wgmma = all(u.note == "wgmma" for u in usages)
+                        rank = (registers <= max_registers, bm * bn, wgmma, bn if kernel == "dkdv" else bm,
+                                -registers)
                         ranked.append((rank, (bm, bn, warps)))
                 table[kernel][(bd, heavy)] = max(ranked)[1] if ranked else None
                 print(f"{kernel} d{bd}{' heavy' if heavy else ''}: {table[kernel][(bd, heavy)]}", flush=True)
@@ -154,14 +174,18 @@ def search_attention_tiles(max_registers: int = 243, head_dims=(16, 32, 64, 128,
 
 
 def main() -> int:
-    if "--search-attention" in sys.argv[1:]:
+    if "--search-attention" in sys.argv[1:]:  # [--head-dims 64,128]: those classes only
         from dlcore.kernels import attention
 
-        table = search_attention_tiles()
+        args = sys.argv[1:]
+        dims = tuple(int(d) for d in args[args.index("--head-dims") + 1].split(",")) if "--head-dims" in args \
+            else (16, 32, 64, 128, 256)
+        table = search_attention_tiles(head_dims=dims)
         print("GPU_TABLE =", table)
-        print("same as shipped" if table == attention.GPU_TABLE else "DIFFERS from kernels/attention.py's GPU_TABLE")
+        shipped = {k: {key: t for key, t in v.items() if key[0] in dims} for k, v in attention.GPU_TABLE.items()}
+        print("same as shipped" if table == shipped else "DIFFERS from kernels/attention.py's GPU_TABLE")
         return 0
-    rows = [triton_usage(cfg) for mod in kernel_modules() for cfg in mod.AOT_CONFIGS]
+    rows = [triton_usage(cfg) for cfg in shipped_builds()]
     if os.path.exists(PTXAS_REPORT):
         rows += cuda_usage()
     else:

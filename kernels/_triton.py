@@ -152,6 +152,9 @@ class AOTConfig:
     num_stages: int = 3
     label: str = ""
     options: dict = field(default_factory=dict)
+    # integer arguments compiled as multiples of 16, as the runtime specialises them when they are (strides and
+    # lengths of power-of-two shapes): see dlcore._static_check.builds
+    divisible_ints: tuple = ()
 
 
 

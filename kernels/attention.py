@@ -335,24 +335,25 @@ def _blocks(kernel: str, d: int, heavy: bool, on_gpu: bool) -> tuple[int, int, i
 # mma.sync (HMMA: Hopper's slow path) where 128×64 compiles to wgmma without spills. BD = head dim rounded up to a
 # power of two (80, 96 → 128; 192 → 256); "heavy" = an additive bias, key lengths or dropout (more live
 # registers). Entries: `python -m dlcore._static_check --search-attention` (2026-12-01, triton 3.9, sm_90,
-# NUM_STAGES): the largest BM·BN of TILE_CANDIDATES that compiles with no spill and at most 243 registers (room
-# for what the runtime's argument specialisation changes), wgmma over mma.sync at equal area, then the taller
-# tile along the kernel's own loop-invariant axis (queries for forward and dq, keys for dkdv). Not timed on a GPU
-# yet: `make gpu-check` measures them.
+# NUM_STAGES): the largest BM·BN of TILE_CANDIDATES that compiles with no spill and at most 243 registers in both
+# builds the runtime makes (integer arguments unspecialised and multiples of 16; _static_check.builds), wgmma over
+# mma.sync at equal area, then the taller tile along the kernel's own loop-invariant axis (queries for forward and
+# dq, keys for dkdv). Not timed on a GPU yet: `make gpu-check` measures them.
 GPU_TABLE = {
-    "forward": {(16, False): (128, 128, 8), (16, True): (64, 32, 8), (32, False): (128, 128, 8),
+    "forward": {(16, False): (128, 128, 8), (16, True): (64, 32, 8), (32, False): (128, 64, 8),
                 (32, True): (64, 32, 8), (64, False): (128, 128, 8), (64, True): (64, 32, 8),
                 (128, False): (128, 64, 8), (128, True): (64, 32, 8), (256, False): (32, 32, 8),
                 (256, True): (32, 32, 8)},
     "dkdv": {(16, False): (128, 64, 8), (16, True): (64, 64, 8), (32, False): (128, 64, 8), (32, True): (64, 64, 8),
-             (64, False): (128, 64, 8), (64, True): (64, 32, 8), (128, False): (32, 32, 8),
-             (128, True): (32, 32, 8), (256, False): (32, 32, 8), (256, True): (16, 16, 4)},
-    "dq": {(16, False): (128, 128, 8), (16, True): (64, 64, 8), (32, False): (128, 128, 8), (32, True): (64, 32, 8),
-           (64, False): (128, 128, 8), (64, True): (64, 32, 8), (128, False): (64, 64, 4), (128, True): (32, 32, 8),
-           (256, False): (32, 32, 8), (256, True): (16, 16, 4)},
+             (64, False): (32, 64, 4), (64, True): (64, 32, 8), (128, False): (32, 32, 8),
+             (128, True): (32, 32, 8), (256, False): (32, 32, 8), (256, True): (32, 16, 8)},
+    "dq": {(16, False): (128, 128, 8), (16, True): (64, 64, 8), (32, False): (128, 64, 8), (32, True): (64, 32, 8),
+           (64, False): (128, 128, 8), (64, True): (64, 32, 8), (128, False): (64, 32, 8), (128, True): (32, 32, 8),
+           (256, False): (32, 16, 4), (256, True): (32, 16, 8)},
 }
 TILE_CANDIDATES = [(128, 128, 8), (128, 64, 8), (128, 64, 4), (128, 32, 4), (64, 128, 8), (64, 64, 8), (64, 64, 4),
-                   (64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4), (32, 16, 4), (16, 16, 4)]
+                   (64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4), (32, 16, 8), (32, 16, 4),
+                   (16, 16, 8), (16, 16, 4)]
 NUM_STAGES = 3  # the launches pass it, so the configurations checked ahead of time are the ones that run
 
 

@@ -145,9 +145,10 @@ def backward_apply_kernel(DY, Y, X, A, B, K, DX, positions, channels, inner, slo
 # ---------------------------------------------------------------------------------------------------- launchers
 def _tile_shape(channels: int, inner: int, on_gpu: bool) -> tuple[int, int, int]:
     """(BP, BC, num_warps): 2K-element tiles on a GPU (8 elements per thread and array with 8 warps), 64K in the
-    interpreter (its cost is per program)."""
+    interpreter (its cost is per program). Channels_last: at most 32 channels a tile (64 spilled backward_reduce's
+    build for multiple-of-16 sizes: ptxas held it to 64 registers and spilled 8 bytes)."""
     elements = 2048 if on_gpu else 65536
-    bc = 1 if inner > 1 else min(triton.next_power_of_2(channels), 64)
+    bc = 1 if inner > 1 else min(triton.next_power_of_2(channels), 32 if on_gpu else 64)
     return elements // bc, bc, 8 if on_gpu else 4
 
 
