@@ -9,6 +9,7 @@ one of them ahead of time for sm_90 and fails the tests on a register spill or a
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass, field
 
@@ -114,6 +115,27 @@ class DualKernel:
     def launch(self, grid, device: torch.device, *args, **kwargs):
         runner = self.compiled if torch.device(device).type == "cuda" else self.interpreted
         return runner[grid](*args, **kwargs)
+
+
+_GPU_TILES_ON_CPU = False
+
+
+def gpu_tiles(t: torch.Tensor) -> bool:
+    """Whether a launch on t takes the kernels' GPU tiles: on CUDA tensors, and on CPU tensors inside
+    interpret_gpu_tiles() (the interpreter otherwise takes large tiles: its cost is per program)."""
+    return t.is_cuda or _GPU_TILES_ON_CPU
+
+
+@contextlib.contextmanager
+def interpret_gpu_tiles():
+    """Run the GPU tile sizes (and block counts) through the interpreter: the masks and block ranges at the tiles
+    that ship, checked where no GPU is (tests/test_gpu_tiles_interpreted.py)."""
+    global _GPU_TILES_ON_CPU
+    before, _GPU_TILES_ON_CPU = _GPU_TILES_ON_CPU, True
+    try:
+        yield
+    finally:
+        _GPU_TILES_ON_CPU = before
 
 
 def dual_kernel(fn) -> DualKernel:

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, max_combine, sum_combine
+from dlcore.kernels._triton import (AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, max_combine,
+                                    sum_combine)
 
 MAX_WIDTH = 1024
 
@@ -111,7 +112,7 @@ def forward(ws, uh, v, h, lengths):
     D = h.shape[2]
     ctx = torch.empty((B, D), dtype=h.dtype, device=h.device)
     alpha = torch.empty((B, S), dtype=torch.float32, device=h.device)
-    bs, ba, bd, warps = _tile(A, D, h.is_cuda)
+    bs, ba, bd, warps = _tile(A, D, gpu_tiles(h))
     additive_attention_forward_kernel.launch((B,), h.device, ws, uh, v, h, lengths, ctx, alpha, S, A, D, BS=bs, BA=ba,
                                              BD=bd, num_warps=warps)
     return ctx, alpha
@@ -123,7 +124,7 @@ def backward(dc, ws, uh, v, h, lengths, alpha):
     dalpha = torch.empty((B, S), dtype=torch.float32, device=h.device)
     dws, duh, dh = torch.empty_like(ws), torch.empty_like(uh), torch.empty_like(h)
     dv = torch.empty((B, A), dtype=torch.float32, device=h.device)
-    bs, ba, bd, warps = _tile(A, D, h.is_cuda)
+    bs, ba, bd, warps = _tile(A, D, gpu_tiles(h))
     additive_attention_backward_kernel.launch((B,), h.device, dc, ws, uh, v, h, lengths, alpha, dalpha, dws, duh, dv,
                                               dh, S, A, D, BS=bs, BA=ba, BD=bd, num_warps=warps)
     return dws, duh, dv.sum(0), dh

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, max_combine, sum_combine
+from dlcore.kernels._triton import (AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, max_combine,
+                                    sum_combine)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -427,7 +428,7 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
-    bn, bd, warps = _split_blocks(d, q.is_cuda)
+    bn, bd, warps = _split_blocks(d, gpu_tiles(q))
     splits = decode_splits(b * h, lq, k.shape[2], bn, q.device)
     if splits > 1:
         chunk = triton.cdiv(triton.cdiv(k.shape[2], splits), bn) * bn  # whole key blocks per split
@@ -442,7 +443,7 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
                                               D=d, SPLITS=splits, BM=SPLIT_ROWS, BD=bd, num_warps=4,
                                               num_stages=NUM_STAGES)
         return o, lse
-    bm, bn, bd, warps = _blocks("forward", d, _heavy(bias, klen, dropout_p), q.is_cuda)
+    bm, bn, bd, warps = _blocks("forward", d, _heavy(bias, klen, dropout_p), gpu_tiles(q))
     attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse, bias_arg, klen_arg,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
                                     BM=bm, BN=bn, BD=bd, num_warps=warps, num_stages=NUM_STAGES, **args)
@@ -463,11 +464,11 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *sb)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
-    bm, bn, bd, warps = _blocks("dkdv", d, heavy, q.is_cuda)
+    bm, bn, bd, warps = _blocks("dkdv", d, heavy, gpu_tiles(q))
     attention_backward_dkdv_kernel.launch((triton.cdiv(lk, bn), b * h), q.device, q, k, v, do, lse, delta, dk, dv,
                                           bias_arg, klen_arg, *common, scale=scale, BM=bm, BN=bn, BD=bd,
                                           num_warps=warps, num_stages=NUM_STAGES, **args)
-    bm, bn, bd, warps = _blocks("dq", d, heavy, q.is_cuda)
+    bm, bn, bd, warps = _blocks("dq", d, heavy, gpu_tiles(q))
     attention_backward_dq_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, do, lse, delta, dq,
                                         q if dbias is None else dbias, bias_arg, klen_arg, *common, scale=scale,
                                         BIAS_GRAD=bias_grad, BM=bm, BN=bn, BD=bd, num_warps=warps,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, sum_combine
 
 IDENTITY, RELU, LEAKY_RELU = 0, 1, 2
 
@@ -165,7 +165,7 @@ def stats_partials(x, dims):
     merges them (dlcore.ops.batch_norm.merge_partials)."""
     outer, channels, inner = dims
     positions = outer * inner
-    bp, bc, warps = _tile_shape(channels, inner, x.is_cuda)
+    bp, bc, warps = _tile_shape(channels, inner, gpu_tiles(x))
     programs, per_program = _position_programs(positions, bp, triton.cdiv(channels, bc), x.device)
     pmean = torch.empty((programs, channels), dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
@@ -179,7 +179,7 @@ def apply(x, residual, scale, shift, y, dims, activation: int, slope: float):
     """y = act(scale·x + shift + residual) (absent scale: 1, shift: 0); y may be x."""
     outer, channels, inner = dims
     positions = outer * inner
-    bp, bc, warps = _tile_shape(channels, inner, x.is_cuda)
+    bp, bc, warps = _tile_shape(channels, inner, gpu_tiles(x))
     apply_kernel.launch((triton.cdiv(positions, bp), triton.cdiv(channels, bc)), x.device, x,
                         x if residual is None else residual, x if scale is None else scale,
                         x if shift is None else shift, y, positions, channels, inner, slope, ACT=activation,
@@ -192,7 +192,7 @@ def backward_reduce(dy, y, x, mean, dz, dims, activation: int, slope: float):
     """(Σ dz, Σ dz·(x − μ)) fp32 [C] (the second zeros when x is None); dz written when given."""
     outer, channels, inner = dims
     positions = outer * inner
-    bp, bc, warps = _tile_shape(channels, inner, dy.is_cuda)
+    bp, bc, warps = _tile_shape(channels, inner, gpu_tiles(dy))
     programs, per_program = _position_programs(positions, bp, triton.cdiv(channels, bc), dy.device)
     ps1 = torch.empty((programs, channels), dtype=torch.float32, device=dy.device)
     ps2 = torch.empty_like(ps1)
@@ -207,7 +207,7 @@ def backward_apply(dy, y, x, a, b, k, dx, dims, activation: int, slope: float):
     """dx = a·act'(y)·dy + b·x + k (b, k both given or both None)."""
     outer, channels, inner = dims
     positions = outer * inner
-    bp, bc, warps = _tile_shape(channels, inner, dy.is_cuda)
+    bp, bc, warps = _tile_shape(channels, inner, gpu_tiles(dy))
     backward_apply_kernel.launch((triton.cdiv(positions, bp), triton.cdiv(channels, bc)), dy.device, dy,
                                  dy if y is None else y, dy if x is None else x, a, a if b is None else b,
                                  a if k is None else k, dx, positions, channels, inner, slope, ACT=activation,

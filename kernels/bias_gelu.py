@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, sum_combine
 from dlcore.kernels.attention import _dropout_keep
 
 
@@ -95,7 +95,7 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
 def forward(x, bias, activation: int, dropout_p: float = 0.0, seed: int = 0):
     rows, cols = x.shape
     y = torch.empty_like(x)
-    rb, bc, warps = _tile(x.is_cuda)
+    rb, bc, warps = _tile(gpu_tiles(x))
     bias_gelu_forward_kernel.launch((triton.cdiv(rows, rb), triton.cdiv(cols, bc)), x.device, x,
                                     x if bias is None else bias, y, rows, cols, HAS_BIAS=bias is not None,
                                     ACT=activation, RB=rb, BC=bc, num_warps=warps,
@@ -105,7 +105,7 @@ def forward(x, bias, activation: int, dropout_p: float = 0.0, seed: int = 0):
 
 def backward(grad_y, x, bias, activation: int, dropout_p: float = 0.0, seed: int = 0):
     rows, cols = x.shape
-    rb, bc, warps = _tile(x.is_cuda)
+    rb, bc, warps = _tile(gpu_tiles(x))
     dx = torch.empty_like(x)
     partial = torch.empty((triton.cdiv(rows, rb), cols), dtype=torch.float32, device=x.device)
     bias_gelu_backward_kernel.launch((triton.cdiv(rows, rb), triton.cdiv(cols, bc)), x.device, grad_y, x,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, sum_combine
 
 
 @dual_helper
@@ -179,7 +179,7 @@ def forward(z, bias, geometry, keep_argmax: bool = True):
     n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
     y = torch.empty((n, c, oh, ow), dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
     arg = torch.empty_like(y, dtype=torch.uint8) if keep_argmax else None
-    bp, bc, warps = _tiles(c, z.is_cuda)
+    bp, bc, warps = _tiles(c, gpu_tiles(z))
     pool_forward_kernel.launch((triton.cdiv(n * oh * ow, bp), triton.cdiv(c, bc)), z.device, z,
                                z if bias is None else bias, y, y if arg is None else arg, n * oh * ow, c, h, w, oh,
                                ow, sh, sw, ph, pw, HAS_BIAS=bias is not None, KH=kh, KW=kw, BP=bp, BC=bc,
@@ -198,7 +198,7 @@ def fused_forward(x, wt, bias, y, arg, dims):
     dims as dlcore/ops/conv_pool.py's fused_problem makes them."""
     m, cin, cout = dims[:3]
     kh, kw, psh, psw, pph, ppw, pkh, pkw = dims[23:]
-    bm, bn, bk, warps = FUSED_TILES["gpu" if x.is_cuda else "interpreter"]
+    bm, bn, bk, warps = FUSED_TILES["gpu" if gpu_tiles(x) else "interpreter"]
     bk = min(bk, max(16, triton.next_power_of_2(cin)))
     fused_forward_kernel.launch(
         (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y,
@@ -211,7 +211,7 @@ def backward(grad_y, y, arg, geometry, want_bias: bool):
     """(dz channels_last [N, C, H, W] in y's dtype, db fp32 [C] or None); inputs channels_last."""
     n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = geometry
     dz = torch.empty((n, c, h, w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
-    bp, bc, warps = _tiles(c, y.is_cuda)
+    bp, bc, warps = _tiles(c, gpu_tiles(y))
     pool_backward_kernel.launch((triton.cdiv(n * h * w, bp), triton.cdiv(c, bc)), y.device, grad_y, y, arg, dz,
                                 n * h * w, c, h, w, oh, ow, sh, sw, ph, pw, KH=kh, KW=kw,
                                 SPAN_H=triton.cdiv(kh, sh), SPAN_W=triton.cdiv(kw, sw), BP=bp, BC=bc,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, max_combine, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, gpu_tiles, max_combine, sum_combine
 
 
 @dual_kernel
@@ -67,7 +67,7 @@ def launch(logits, target, loss, lse, grad, scale, ignore_index: int, smoothing:
     """logits [rows, V] (last dim contiguous; rows `stride` apart, the gradient buffer likewise); scale: fp32 [rows]
     or an expanded scalar (stride 0)."""
     rows, V = logits.shape
-    rb, bv, warps = _tile(logits.is_cuda)
+    rb, bv, warps = _tile(gpu_tiles(logits))
     dummy = lse
     cross_entropy_kernel.launch((triton.cdiv(rows, rb),), logits.device, logits, target,
                                 dummy if loss is None else loss, lse, logits if grad is None else grad,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, gpu_tiles
 
 GPU_BLOCK = 1024
 INTERPRET_BLOCK = 1 << 16
@@ -70,7 +70,7 @@ def sample(index, frames, ended, reward, terminated, episode_start, stack: int, 
     frame_stack_sample_kernel.launch(
         (batch, 2 * stack), device, index, frames.view(torch.uint8), ended, reward, terminated, episode_start,
         stacks.view(torch.uint8), *outs, batch, frames.shape[0], frame_bytes, float(gamma), N_STEP=n_step,
-        STACK=stack, ZERO_PAD=bool(zero_pad), BLOCK=GPU_BLOCK if index.is_cuda else INTERPRET_BLOCK, num_warps=4)
+        STACK=stack, ZERO_PAD=bool(zero_pad), BLOCK=GPU_BLOCK if gpu_tiles(index) else INTERPRET_BLOCK, num_warps=4)
     return (stacks, *outs)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, dual_kernel
+from dlcore.kernels._triton import AOTConfig, dual_kernel, gpu_tiles
 
 GPU_BLOCK = 1024
 INTERPRET_BLOCK = 1 << 16
@@ -37,7 +37,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> None:
     n, fields = index.numel(), table.shape[0]
     if n == 0 or fields == 0:
         return
-    block = GPU_BLOCK if index.is_cuda else INTERPRET_BLOCK
+    block = GPU_BLOCK if gpu_tiles(index) else INTERPRET_BLOCK
     gather_rows_kernel.launch((n, fields), index.device, table, index, BLOCK=block, num_warps=4)
 
 

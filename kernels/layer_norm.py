@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, gpu_tiles, sum_combine
 
 MAX_COLS = 4096
 
@@ -101,7 +101,7 @@ def forward(x, residual, weight, bias, eps: float):
     h = torch.empty_like(x) if residual is not None else None
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    rb, bn, warps = _tile(cols, x.is_cuda)
+    rb, bn, warps = _tile(cols, gpu_tiles(x))
     layer_norm_forward_kernel.launch((triton.cdiv(rows, rb),), x.device, x, x if residual is None else residual,
                                      x if weight is None else weight, x if bias is None else bias, y,
                                      y if h is None else h, mean, rstd, rows, cols, eps, HAS_RES=residual is not None,
@@ -112,7 +112,7 @@ def forward(x, residual, weight, bias, eps: float):
 def backward(grad_y, grad_h, h, weight, mean, rstd):
     """Returns (grad_input [rows, cols] in h's dtype, dw fp32 [cols], db fp32 [cols])."""
     rows, cols = h.shape
-    rb, bn, warps = _tile(cols, h.is_cuda, backward=True)
+    rb, bn, warps = _tile(cols, gpu_tiles(h), backward=True)
     programs = min(triton.cdiv(rows, rb), (torch.cuda.get_device_properties(h.device).multi_processor_count * 2
                                            if h.is_cuda else 2))
     per_program = triton.cdiv(triton.cdiv(rows, programs), rb) * rb

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, max_combine, sum_combine
+from dlcore.kernels._triton import AOTConfig, aot_signature, dual_kernel, gpu_tiles, max_combine, sum_combine
 
 
 @dual_kernel
@@ -89,7 +89,7 @@ def forward(u: torch.Tensor, temperature: float):
     m, d = u.shape
     lse = torch.empty(m, dtype=torch.float32, device=u.device)
     pos = torch.empty_like(lse)
-    bm, bn, bd, warps, precision = _tiles(d, u.is_cuda)
+    bm, bn, bd, warps, precision = _tiles(d, gpu_tiles(u))
     nt_xent_forward_kernel.launch((triton.cdiv(m, bm),), u.device, u, lse, pos, m, d, m // 2, 1.0 / temperature,
                                   BM=bm, BN=bn, BD=bd, PRECISION=precision, num_warps=warps)
     return lse, pos
@@ -99,7 +99,7 @@ def backward(u: torch.Tensor, lse: torch.Tensor, temperature: float, scale: floa
     """du [M, d] fp32 (see the module docstring); scale = g/(M·τ)."""
     m, d = u.shape
     du = torch.empty_like(u)
-    bm, bn, bd, warps, precision = _tiles(d, u.is_cuda)
+    bm, bn, bd, warps, precision = _tiles(d, gpu_tiles(u))
     nt_xent_backward_kernel.launch((triton.cdiv(m, bm),), u.device, u, lse, du, m, d, m // 2, 1.0 / temperature,
                                    scale, BM=bm, BN=bn, BD=bd, PRECISION=precision, num_warps=warps)
     return du
