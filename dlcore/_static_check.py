@@ -146,14 +146,25 @@ def demangle(names: list[str]) -> list[str]:
     return out if len(out) == len(names) else names
 
 
-def search_attention_tiles(max_registers: int = 243, head_dims=(16, 32, 64, 128, 256)) -> dict:
-    """kernels/attention.py's GPU_TABLE as its comment states the rule: per kernel, head-dim class and heavy, the
-    TILE_CANDIDATES entry of largest BM·BN whose builds() compile for sm_90 with no spill and at most max_registers
-    (over max_registers only where nothing else compiles without a spill),
-    wgmma over mma.sync, then the taller tile along the kernel's own axis (keys for dkdv, queries otherwise),
-    then fewer registers. None where nothing fits."""
+def _fits(configs, max_registers: int):
+    """(compiles everywhere without a spill, within max_registers, all wgmma, most registers) over every build of
+    the configurations."""
+    usages = [triton_usage(b) for cfg in configs for b in builds(cfg)]
+    registers = max(u.registers for u in usages)
+    return (not any(u.problems for u in usages), registers <= max_registers, all(u.note == "wgmma" for u in usages),
+            registers)
+
+
+def search_attention_tiles(fp32: bool = False, max_registers: int = 243, head_dims=(16, 32, 64, 128, 256)):
+    """kernels/attention.py's GPU_TABLE (fp32: GPU_TABLE_FP32, every fp32 dot precision) as its comment states the
+    rule: per kernel, head-dim class and heavy, the TILE_CANDIDATES entry of largest BM·BN whose builds() compile
+    for sm_90 with no spill and at most max_registers (over max_registers only where nothing else compiles without
+    a spill), wgmma over mma.sync, then the taller tile along the kernel's own axis (keys for dkdv, queries
+    otherwise), then fewer registers. None where nothing fits. Then the split-key forward's table (SPLIT_TABLE /
+    SPLIT_TABLE_FP32, heavy and not): the largest key block, then the fewest registers."""
     from dlcore.kernels import attention
 
+    precisions = attention._precisions(fp32)
     table: dict = {}
     for kernel in attention.GPU_TABLE:
         table[kernel] = {}
@@ -161,29 +172,43 @@ def search_attention_tiles(max_registers: int = 243, head_dims=(16, 32, 64, 128,
             for heavy in (False, True):
                 ranked = []
                 for bm, bn, warps in attention.TILE_CANDIDATES:
-                    usages = [triton_usage(b) for b in builds(attention.aot_config(kernel, bd, heavy, bm, bn, warps))]
-                    if not any(u.problems for u in usages):
-                        registers = max(u.registers for u in usages)
-                        wgmma = all(u.note == "wgmma" for u in usages)
-                        rank = (registers <= max_registers, bm * bn, wgmma, bn if kernel == "dkdv" else bm,
-                                -registers)
-                        ranked.append((rank, (bm, bn, warps)))
+                    clean, roomy, wgmma, registers = _fits(
+                        [attention.aot_config(kernel, bd, heavy, bm, bn, warps, p) for p in precisions], max_registers)
+                    if clean:
+                        ranked.append(((roomy, bm * bn, wgmma, bn if kernel == "dkdv" else bm, -registers),
+                                       (bm, bn, warps)))
                 table[kernel][(bd, heavy)] = max(ranked)[1] if ranked else None
                 print(f"{kernel} d{bd}{' heavy' if heavy else ''}: {table[kernel][(bd, heavy)]}", flush=True)
-    return table
+    split = {}
+    for bd in head_dims:
+        ranked = []
+        for bn in (64, 32, 16):
+            for warps in (4, 8):
+                clean, roomy, _, registers = _fits([attention._split_config(bd, heavy, bn, warps, p)
+                                                    for heavy in (False, True) for p in precisions], 255)
+                if clean:
+                    ranked.append(((bn, -registers), (bn, warps)))
+        split[bd] = max(ranked)[1] if ranked else None
+        print(f"split d{bd}: {split[bd]}", flush=True)
+    return table, split
 
 
 def main() -> int:
-    if "--search-attention" in sys.argv[1:]:  # [--head-dims 64,128]: those classes only
+    if "--search-attention" in sys.argv[1:]:  # [--fp32] [--head-dims 64,128]: fp32 inputs; those classes only
         from dlcore.kernels import attention
 
         args = sys.argv[1:]
         dims = tuple(int(d) for d in args[args.index("--head-dims") + 1].split(",")) if "--head-dims" in args \
             else (16, 32, 64, 128, 256)
-        table = search_attention_tiles(head_dims=dims)
-        print("GPU_TABLE =", table)
-        shipped = {k: {key: t for key, t in v.items() if key[0] in dims} for k, v in attention.GPU_TABLE.items()}
-        print("same as shipped" if table == shipped else "DIFFERS from kernels/attention.py's GPU_TABLE")
+        fp32 = "--fp32" in args
+        table, split = search_attention_tiles(fp32=fp32, head_dims=dims)
+        names = ("GPU_TABLE_FP32", "SPLIT_TABLE_FP32") if fp32 else ("GPU_TABLE", "SPLIT_TABLE")
+        print(f"{names[0]} =", table)
+        print(f"{names[1]} =", split)
+        shipped = {k: {key: t for key, t in v.items() if key[0] in dims}
+                   for k, v in getattr(attention, names[0]).items()}
+        shipped_split = {bd: t for bd, t in getattr(attention, names[1]).items() if bd in dims}
+        print("same as shipped" if (table, split) == (shipped, shipped_split) else "DIFFERS from what ships")
         return 0
     rows = [triton_usage(cfg) for cfg in shipped_builds()]
     if os.path.exists(PTXAS_REPORT):

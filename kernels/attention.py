@@ -62,9 +62,10 @@ def _dropout_keep(seed, rows, cols, bh, threshold):
 
 
 @dual_helper
-def _scores(q, k, rows, cols, klen, LQ, LK, BIAS, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS: tl.constexpr):
+def _scores(q, k, rows, cols, klen, LQ, LK, BIAS, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS: tl.constexpr,
+            PRECISION: tl.constexpr):
     """s·log2(e) for a [rows × cols] tile, -inf where the mask hides the key."""
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     visible = (cols[None, :] < klen) & (rows[:, None] >= 0)
     if WIN_R >= 0:
         visible = visible & (cols[None, :] <= rows[:, None] + WIN_R)
@@ -97,7 +98,7 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
                              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sbb, sbh, sbm, sbn,
                              H, GROUP, LQ, LK, D, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
                              HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr, DROPOUT: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -115,14 +116,14 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
     klen, lo, hi = _key_range(KLEN, b, LK, pid_m, WIN_L, WIN_R, HAS_KLEN, BM, BN)
     m_i, l_i, acc = _online_softmax(q, k_base, v_base, bias_base, rows, lo, hi, klen, bh, skn, svn, sbm, sbn, LQ, LK,
                                     D, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale, HAS_BIAS, DROPOUT,
-                                    BM, BN, BD)
+                                    BM, BN, BD, PRECISION)
     _store_output(O + b * sob + h * soh, LSE + bh * LQ, m_i, l_i, acc, rows, som, LQ, D, BD)
 
 
 @dual_helper
 def _online_softmax(q, k_base, v_base, bias_base, rows, lo, hi, klen, bh, skn, svn, sbm, sbn, LQ, LK, D, scale_log2,
                     WIN_L, WIN_R, seed, threshold, drop_scale, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
     """(m, l, acc) over keys [lo, hi) in BN blocks: row max (base 2), Σ 2^(s−m), Σ 2^(s−m)·keep/(1−p)·v."""
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -134,7 +135,8 @@ def _online_softmax(q, k_base, v_base, bias_base, rows, lo, hi, klen, bh, skn, s
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < klen) & dmask
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
+        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS,
+                    PRECISION)
         m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         p = tl.exp2(s - m_safe[:, None])
@@ -143,7 +145,7 @@ def _online_softmax(q, k_base, v_base, bias_base, rows, lo, hi, klen, bh, skn, s
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, cols, bh, threshold), p * drop_scale, 0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -165,7 +167,8 @@ def attention_split_forward_kernel(Q, K, V, PART_ACC, PART_ML, BIAS, KLEN,
                                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn,
                                    H, GROUP, LQ, LK, D, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
                                    CHUNK, SPLITS, HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr,
-                                   DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                   DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                                   PRECISION: tl.constexpr):
     """Program (split, b·h): every row (LQ ≤ BM) over keys [split·CHUNK, (split+1)·CHUNK) ∩ what the rows can see;
     writes its unnormalised (acc [BM, BD], m [BM], l [BM]) partials."""
     split = tl.program_id(0)
@@ -182,7 +185,7 @@ def attention_split_forward_kernel(Q, K, V, PART_ACC, PART_ML, BIAS, KLEN,
     hi = tl.minimum(hi, split * CHUNK + CHUNK)
     m_i, l_i, acc = _online_softmax(q, K + b * skb + hk * skh, V + b * svb + hk * svh, BIAS + b * sbb + h * sbh,
                                     rows, lo, hi, klen, bh, skn, svn, sbm, sbn, LQ, LK, D, scale_log2, WIN_L, WIN_R,
-                                    seed, threshold, drop_scale, HAS_BIAS, DROPOUT, BM, BN, BD)
+                                    seed, threshold, drop_scale, HAS_BIAS, DROPOUT, BM, BN, BD, PRECISION)
     part = bh.to(tl.int64) * SPLITS + split
     tl.store(PART_ACC + part * BM * BD + rows[:, None] * BD + offs_d[None, :], acc)
     tl.store(PART_ML + part * 2 * BM + rows, m_i)
@@ -219,7 +222,7 @@ def attention_backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KLEN,
                                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn,
                                    H, GROUP, LQ, LK, D, scale, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
                                    HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr, DROPOUT: tl.constexpr,
-                                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -254,18 +257,19 @@ def attention_backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KLEN,
         lse = tl.load(LSE + bh * LQ + rows, mask=row_mask, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = exp(s - inf) = 0
         delta = tl.load(DELTA + bh * LQ + rows, mask=row_mask, other=0.0)
-        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
+        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS,
+                    PRECISION)
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, rows, cols, bh, threshold)
             pd = tl.where(keep, p * drop_scale, 0.0)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
             pd = p
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     out = bh.to(tl.int64) * LK * D + cols[:, None] * D + offs_d[None, :]
     out_mask = (cols[:, None] < LK) & dmask
     tl.store(DK + out, dk * scale, mask=out_mask)
@@ -277,7 +281,8 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
                                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn,
                                  H, GROUP, LQ, LK, D, scale, scale_log2, WIN_L, WIN_R, seed, threshold, drop_scale,
                                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_KLEN: tl.constexpr,
-                                 DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                 DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                                 PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -305,30 +310,46 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
         kv_mask = (cols[:, None] < klen) & dmask
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS)
+        s = _scores(q, k, rows, cols, klen, LQ, LK, bias_base, sbm, sbn, scale_log2, WIN_L, WIN_R, HAS_BIAS,
+                    PRECISION)
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, rows, cols, bh, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:
             tl.store(DBIAS + bh.to(tl.int64) * LQ * LK + rows[:, None] * LK + cols[None, :], ds,
                      mask=row_mask[:, None] & (cols[None, :] < LK))
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + bh.to(tl.int64) * LQ * D + rows[:, None] * D + offs_d[None, :], dq * scale,
              mask=row_mask[:, None] & dmask)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def _blocks(kernel: str, d: int, heavy: bool, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(BM, BN, BD, num_warps) of `kernel` ("forward", "dkdv" or "dq") for head dim d: its GPU_TABLE entry on a
-    GPU (each compiled for sm_90 without spills by tests/test_static_gpu.py), large tiles for the interpreter (its
-    cost is per program)."""
+def _blocks(kernel: str, d: int, heavy: bool, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, num_warps) of `kernel` ("forward", "dkdv" or "dq") for head dim d: its GPU_TABLE (16-bit
+    inputs) or GPU_TABLE_FP32 entry on a GPU (each compiled for sm_90 without spills by tests/test_static_gpu.py),
+    large tiles for the interpreter (its cost is per program)."""
     bd = max(16, triton.next_power_of_2(d))
     if not on_gpu:
         return 64, 64, bd, 4
-    bm, bn, warps = GPU_TABLE[kernel][(bd, heavy)]
+    bm, bn, warps = (GPU_TABLE_FP32 if fp32 else GPU_TABLE)[kernel][(bd, heavy)]
     return bm, bn, bd, warps
+
+
+def gpu_supports(dtype: torch.dtype, d: int) -> bool:
+    """Whether the GPU tables hold tiles for this input dtype and head dim (fp32: up to 64; see GPU_TABLE_FP32)."""
+    bd = max(16, triton.next_power_of_2(d))
+    return (bd, False) in (GPU_TABLE_FP32 if dtype == torch.float32 else GPU_TABLE)["forward"]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: 16-bit inputs multiply exactly on tensor cores whatever it says ("ieee"); fp32
+    inputs follow torch's matmul setting, as torch's SDPA does: TF32 under torch.backends.cuda.matmul.allow_tf32,
+    else 3×TF32 (fp32-grade products on tensor cores; triton's own default would be plain TF32)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 # kernel → (head-dim class, heavy) → (BM, BN, num_warps), each kernel its own tiles: the backward kernels hold
@@ -352,6 +373,19 @@ GPU_TABLE = {
            (64, False): (128, 128, 8), (64, True): (64, 32, 8), (128, False): (64, 32, 8), (128, True): (32, 32, 8),
            (256, False): (32, 16, 4), (256, True): (32, 16, 8)},
 }
+# fp32 inputs (the same search with `--fp32`, every build in both dot precisions: 3×TF32 and TF32): fp32 tiles take
+# twice the shared memory, and 3×TF32 splits each operand in two, so the 16-bit table's tiles spill or overflow
+# shared memory (d64 forward 128×128: 168 B spilled, 229 KB shared). Up to head dim 64 only: at 128 no candidate of
+# the dK/dV kernel compiled clean (each spilled or overflowed), so fp32 with larger heads runs the reference by
+# default on a GPU (gpu_supports), and the triton backend asked for by name refuses it.
+GPU_TABLE_FP32 = {
+    "forward": {(16, False): (128, 64, 8), (16, True): (64, 32, 8), (32, False): (128, 64, 8),
+                (32, True): (64, 32, 8), (64, False): (32, 32, 8), (64, True): (32, 32, 8)},
+    "dkdv": {(16, False): (32, 64, 4), (16, True): (32, 64, 4), (32, False): (32, 64, 4), (32, True): (32, 16, 8),
+             (64, False): (16, 16, 8), (64, True): (16, 16, 4)},
+    "dq": {(16, False): (128, 64, 8), (16, True): (64, 32, 8), (32, False): (128, 64, 8), (32, True): (64, 32, 8),
+           (64, False): (16, 16, 4), (64, True): (32, 32, 8)},
+}
 TILE_CANDIDATES = [(128, 128, 8), (128, 64, 8), (128, 64, 4), (128, 32, 4), (64, 128, 8), (64, 64, 8), (64, 64, 4),
                    (64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4), (32, 16, 8), (32, 16, 4),
                    (16, 16, 8), (16, 16, 4)]
@@ -374,7 +408,8 @@ def _common(q, k, bias, klen, scale, window, dropout_p, seed):
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     args = dict(H=h, GROUP=h // hk, LQ=lq, LK=lk, D=d, WIN_L=window[0], WIN_R=window[1], seed=seed,
                 threshold=threshold, drop_scale=drop_scale, scale_log2=scale * LOG2E,
-                HAS_BIAS=bias is not None, HAS_KLEN=klen is not None, DROPOUT=dropout_p > 0)
+                HAS_BIAS=bias is not None, HAS_KLEN=klen is not None, DROPOUT=dropout_p > 0,
+                PRECISION=dot_precision(q.dtype))
     return args, bias_strides
 
 
@@ -406,10 +441,10 @@ def decode_splits(batch_heads: int, lq: int, lk: int, bn: int, device: torch.dev
     return max(1, min(triton.cdiv(lk, bn), triton.cdiv(SPLIT_WAVES * sms, batch_heads), MAX_SPLITS))
 
 
-def _split_blocks(d: int, on_gpu: bool) -> tuple[int, int, int]:
+def _split_blocks(d: int, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int]:
     """(BN, BD, num_warps) of the split-key forward: BM = SPLIT_ROWS; see SPLIT_TABLE."""
     bd = max(16, triton.next_power_of_2(d))
-    bn, warps = SPLIT_TABLE[bd] if on_gpu else (64, 4)
+    bn, warps = (SPLIT_TABLE_FP32 if fp32 else SPLIT_TABLE)[bd] if on_gpu else (64, 4)
     return bn, bd, warps
 
 
@@ -418,6 +453,7 @@ def _split_blocks(d: int, on_gpu: bool) -> tuple[int, int, int]:
 # (searched 2026-12-01 with dlcore._static_check: at 4 warps d128 BN 64 and d256 BN 32 spill with bias, key lengths
 # and dropout on). Not timed on a GPU yet.
 SPLIT_TABLE = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (64, 8), 256: (32, 8)}
+SPLIT_TABLE_FP32 = {16: (32, 8), 32: (64, 8), 64: (32, 8)}  # fp32 inputs, as GPU_TABLE_FP32 up to head dim 64
 
 
 def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_p: float, seed: int):
@@ -428,7 +464,7 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
-    bn, bd, warps = _split_blocks(d, gpu_tiles(q))
+    bn, bd, warps = _split_blocks(d, gpu_tiles(q), q.dtype == torch.float32)
     splits = decode_splits(b * h, lq, k.shape[2], bn, q.device)
     if splits > 1:
         chunk = triton.cdiv(triton.cdiv(k.shape[2], splits), bn) * bn  # whole key blocks per split
@@ -443,7 +479,7 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
                                               D=d, SPLITS=splits, BM=SPLIT_ROWS, BD=bd, num_warps=4,
                                               num_stages=NUM_STAGES)
         return o, lse
-    bm, bn, bd, warps = _blocks("forward", d, _heavy(bias, klen, dropout_p), gpu_tiles(q))
+    bm, bn, bd, warps = _blocks("forward", d, _heavy(bias, klen, dropout_p), gpu_tiles(q), q.dtype == torch.float32)
     attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse, bias_arg, klen_arg,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
                                     BM=bm, BN=bn, BD=bd, num_warps=warps, num_stages=NUM_STAGES, **args)
@@ -464,11 +500,11 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
     args, sb = _common(q, k, bias, klen, scale, window, dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *sb)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
-    bm, bn, bd, warps = _blocks("dkdv", d, heavy, gpu_tiles(q))
+    bm, bn, bd, warps = _blocks("dkdv", d, heavy, gpu_tiles(q), q.dtype == torch.float32)
     attention_backward_dkdv_kernel.launch((triton.cdiv(lk, bn), b * h), q.device, q, k, v, do, lse, delta, dk, dv,
                                           bias_arg, klen_arg, *common, scale=scale, BM=bm, BN=bn, BD=bd,
                                           num_warps=warps, num_stages=NUM_STAGES, **args)
-    bm, bn, bd, warps = _blocks("dq", d, heavy, gpu_tiles(q))
+    bm, bn, bd, warps = _blocks("dq", d, heavy, gpu_tiles(q), q.dtype == torch.float32)
     attention_backward_dq_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, do, lse, delta, dq,
                                         q if dbias is None else dbias, bias_arg, klen_arg, *common, scale=scale,
                                         BIAS_GRAD=bias_grad, BM=bm, BN=bn, BD=bd, num_warps=warps,
@@ -481,37 +517,54 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
 # ---------------------------------------------------------------------------------------------------- AOT configs
 _KERNELS = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
             "dq": attention_backward_dq_kernel}
-_IO = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "BIAS")},  # fp16 compiles to the same register budget
-       "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32", "DBIAS": "*fp32",
-       "KLEN": "*i32", "PART_ACC": "*fp32", "PART_ML": "*fp32"}
+_STATS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32", "DBIAS": "*fp32",
+          "KLEN": "*i32", "PART_ACC": "*fp32", "PART_ML": "*fp32"}
 
 
-def aot_config(kernel: str, bd: int, heavy: bool, bm: int, bn: int, warps: int) -> AOTConfig:
+def _io(fp32: bool) -> dict:
+    """Pointer types: q, k, v, o, dO and the bias in bf16 (fp16 compiles to the same register budget) or fp32."""
+    return {**{n: "*fp32" if fp32 else "*bf16" for n in ("Q", "K", "V", "O", "DO", "BIAS")}, **_STATS}
+
+
+def _precisions(fp32: bool) -> tuple[str, ...]:
+    return ("tf32x3", "tf32") if fp32 else ("ieee",)  # dot_precision's choices for the dtype
+
+
+def aot_config(kernel: str, bd: int, heavy: bool, bm: int, bn: int, warps: int, precision: str = "ieee"
+               ) -> AOTConfig:
     """The configuration of `kernel` ("forward", "dkdv", "dq") at one tile; "heavy" with every optional feature
-    switched on (the worst case for registers)."""
+    switched on (the worst case for registers); precision "ieee" for 16-bit inputs, "tf32x3"/"tf32" for fp32."""
     fn = _KERNELS[kernel]
-    constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=bm, BN=bn, BD=bd,
+    constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=bm, BN=bn, BD=bd, PRECISION=precision,
                       **({"BIAS_GRAD": heavy} if kernel == "dq" else {}))
-    sig = aot_signature(fn, _IO, constexprs, floats=("scale", "scale_log2", "drop_scale"), int64s=("seed", "threshold"))
+    sig = aot_signature(fn, _io(precision != "ieee"), constexprs, floats=("scale", "scale_log2", "drop_scale"),
+                        int64s=("seed", "threshold"))
     return AOTConfig(fn, sig, constexprs, num_warps=warps, num_stages=NUM_STAGES,
-                     label=f"{fn.__name__} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}")
+                     label=f"{fn.__name__} {precision} d{bd}{' heavy' if heavy else ''} {bm}x{bn} w{warps}")
+
+
+def _split_config(bd: int, heavy: bool, bn: int, warps: int, precision: str) -> AOTConfig:
+    constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=SPLIT_ROWS, BN=bn, BD=bd, PRECISION=precision)
+    sig = aot_signature(attention_split_forward_kernel, _io(precision != "ieee"), constexprs,
+                        floats=("scale_log2", "drop_scale"), int64s=("seed", "threshold"))
+    return AOTConfig(attention_split_forward_kernel, sig, constexprs, num_warps=warps, num_stages=NUM_STAGES,
+                     label=f"attention_split_forward_kernel {precision} d{bd}{' heavy' if heavy else ''} "
+                           f"{SPLIT_ROWS}x{bn} w{warps}")
 
 
 def _aot_configs():
-    """Every GPU_TABLE entry of the three kernels, then the split-key forward and its combine."""
-    configs = [aot_config(kernel, bd, heavy, *tile) for kernel, table in GPU_TABLE.items()
-               for (bd, heavy), tile in table.items()]
-    for bd, (bn, warps) in SPLIT_TABLE.items():
-        for heavy in (False, True):
-            constexprs = dict(HAS_BIAS=heavy, HAS_KLEN=heavy, DROPOUT=heavy, BM=SPLIT_ROWS, BN=bn, BD=bd)
-            sig = aot_signature(attention_split_forward_kernel, _IO, constexprs, floats=("scale_log2", "drop_scale"),
-                                int64s=("seed", "threshold"))
-            configs.append(AOTConfig(attention_split_forward_kernel, sig, constexprs, num_warps=warps,
-                                     num_stages=NUM_STAGES,
-                                     label=f"attention_split_forward_kernel d{bd}{' heavy' if heavy else ''} "
-                                           f"{SPLIT_ROWS}x{bn} w{warps}"))
+    """Every entry of GPU_TABLE and GPU_TABLE_FP32 (each fp32 dot precision), then the split-key forward (both
+    tables) and its combine."""
+    configs = [aot_config(kernel, bd, heavy, *tile, precision)
+               for fp32, tables in ((False, GPU_TABLE), (True, GPU_TABLE_FP32)) for precision in _precisions(fp32)
+               for kernel, table in tables.items() for (bd, heavy), tile in table.items()]
+    for fp32, table in ((False, SPLIT_TABLE), (True, SPLIT_TABLE_FP32)):
+        for precision in _precisions(fp32):
+            configs += [_split_config(bd, heavy, bn, warps, precision) for bd, (bn, warps) in table.items()
+                        for heavy in (False, True)]
+    for bd in SPLIT_TABLE:
         constexprs = dict(BM=SPLIT_ROWS, BD=bd)
-        sig = aot_signature(attention_split_combine_kernel, _IO, constexprs)
+        sig = aot_signature(attention_split_combine_kernel, _io(False), constexprs)
         configs.append(AOTConfig(attention_split_combine_kernel, sig, constexprs, num_warps=4, num_stages=NUM_STAGES,
                                  label=f"attention_split_combine_kernel d{bd}"))
     return configs

@@ -9,7 +9,8 @@ epilogue; the un-pooled activation never reaches global memory.
   (AlexNet's 3×3/2) recompute shared positions: (KH·KW)/(SH·SW) = 2.25× the convolution's FLOPs, traded for never
   writing or re-reading the full-size activation.
 - x and y are read and written through their strides: NCHW and channels_last alike, no layout copies.
-- fp32 inputs use tf32 tensor cores (input_precision="tf32"), bf16/fp16 their own; fp32 accumulation.
+- fp32 inputs use tf32 tensor cores (input_precision="tf32") as torch's cuDNN convolutions do by default, or
+  3×TF32 (fp32-grade) when torch.backends.cudnn.allow_tf32 is off; bf16/fp16 their own; fp32 accumulation.
 v1 (still used for grouped convolutions, and for backward): torch's convolution, then the pool epilogue below.
 z is the bias-free convolution output in channels_last ([N, H, W, C] in memory); pooled outputs [N, OH, OW, C].
 - forward: a program per (BP output positions × BC channels) tile; the KH×KW window unrolled (constexpr), −∞
@@ -193,6 +194,13 @@ def forward(z, bias, geometry, keep_argmax: bool = True):
 FUSED_TILES = {"gpu": (64, 64, 32, 8), "interpreter": (128, 64, 64, 4)}
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision, as torch's convolutions: TF32 for fp32 unless cuDNN's TF32 is switched off."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+
+
 def fused_forward(x, wt, bias, y, arg, dims):
     """The implicit-GEMM fused forward (groups = 1) into y and arg (None: no argmax written); operands and the 31
     dims as dlcore/ops/conv_pool.py's fused_problem makes them."""
@@ -203,7 +211,7 @@ def fused_forward(x, wt, bias, y, arg, dims):
     fused_forward_kernel.launch(
         (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y,
         y if arg is None else arg, *dims[:23], psh, psw, pph, ppw, KH=kh, KW=kw, PKH=pkh, PKW=pkw,
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, PRECISION="tf32" if x.dtype == torch.float32 else "ieee",
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, PRECISION=_precision(x.dtype),
         STORE_ARG=arg is not None, num_warps=warps)
 
 
@@ -240,13 +248,16 @@ def _aot_configs():
         configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
                                  label=f"{kernel.__name__} 3x3/2 {bp}x{bc} w{warps}"))
     bm, bn, bk, warps = FUSED_TILES["gpu"]
-    for dtype, store_arg in (("bf16", True), ("fp32", True), ("bf16", False)):  # AlexNet conv2 (5×5, pad 2) → pool 3×3/2
-        constexprs = dict(KH=5, KW=5, PKH=3, PKW=3, HAS_BIAS=True, BM=bm, BN=bn, BK=bk,
-                          PRECISION="tf32" if dtype == "fp32" else "ieee", STORE_ARG=store_arg)
+    # AlexNet conv2 (5×5, pad 2) → pool 3×3/2; fp32 in both of _precision's dot precisions
+    for dtype, precision, store_arg in (("bf16", "ieee", True), ("fp32", "tf32", True), ("fp32", "tf32x3", True),
+                                        ("bf16", "ieee", False)):
+        constexprs = dict(KH=5, KW=5, PKH=3, PKW=3, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, PRECISION=precision,
+                          STORE_ARG=store_arg)
         ptrs = {"X": f"*{dtype}", "WT": f"*{dtype}", "BIAS": "*fp32", "Y": f"*{dtype}", "ARG": "*u8"}
         configs.append(AOTConfig(fused_forward_kernel, aot_signature(fused_forward_kernel, ptrs, constexprs),
                                  constexprs, num_warps=warps,
-                                 label=f"fused implicit-GEMM conv 5x5 + pool 3x3/2 {dtype} {bm}x{bn}x{bk} w{warps}"
+                                 label=f"fused implicit-GEMM conv 5x5 + pool 3x3/2 {dtype} {precision} {bm}x{bn}x{bk} "
+                                       f"w{warps}"
                                        + ("" if store_arg else " (inference: no argmax)")))
     return configs
 

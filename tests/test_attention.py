@@ -138,7 +138,8 @@ def _gpu_tiles():
         from dlcore.kernels import attention as KA
     except ImportError:  # no triton: the test below skips
         return [(64, 64)]
-    return sorted({tile[:2] for table in KA.GPU_TABLE.values() for tile in table.values()})
+    return sorted({tile[:2] for tables in (KA.GPU_TABLE, KA.GPU_TABLE_FP32) for table in tables.values()
+                   for tile in table.values() if tile is not None})
 
 
 # causal + bias + key lengths + GQA + dropout, and a sliding window over Lq < Lk: lengths that are no multiple of
@@ -157,7 +158,7 @@ def test_triton_kernels_at_the_gpu_tiles_match_float64(tile, case, monkeypatch):
     from dlcore.kernels import attention as KA
 
     used = []
-    monkeypatch.setattr(KA, "_blocks", lambda kernel, d, heavy, on_gpu: used.append(kernel) or
+    monkeypatch.setattr(KA, "_blocks", lambda kernel, d, heavy, on_gpu, fp32=False: used.append(kernel) or
                         (*tile, max(16, 1 << (d - 1).bit_length()), 4))
     gen = torch.Generator().manual_seed(SEED + sum(tile))
     q, k, v, bias, klen, scale, window, p, seed = _inputs(case, torch.float32, "cpu", gen)

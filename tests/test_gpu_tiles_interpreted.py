@@ -121,3 +121,59 @@ def test_gather_rows():
         got = gather_rows(sources, index)
     for g, s in zip(got, sources):
         assert torch.equal(g, s[index])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_takes_the_table_of_its_dtype(dtype, monkeypatch):
+    """fp32 inputs take GPU_TABLE_FP32 (fp32 tiles need twice the shared memory and 3×TF32 dots more registers:
+    the 16-bit table's tiles spill or overflow shared memory in fp32) and the 3×TF32 dot unless torch allows
+    TF32; 16-bit inputs take GPU_TABLE. At those tiles the output and gradients match float64."""
+    from dlcore.kernels import attention as KA
+    from dlcore.ops import attention as A
+
+    picked = []
+    blocks = KA._blocks
+    monkeypatch.setattr(KA, "_blocks", lambda *a: picked.append(a) or blocks(*a))
+    q, k, v = _randn(1, 2, 150, 64), _randn(1, 2, 131, 64), _randn(1, 2, 131, 64)
+    if dtype == torch.float32:
+        _check(lambda q, k, v: A.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
+    else:  # a bf16 run against the same math in float64: bf16's rounding of the inputs and of P
+        with dlcore.use_backend("triton"), interpret_gpu_tiles():
+            o = A.scaled_dot_product_attention(*(t.to(dtype) for t in (q, k, v)), is_causal=True)
+        want = torch.nn.functional.scaled_dot_product_attention(*(t.to(dtype).double() for t in (q, k, v)),
+                                                                is_causal=True)
+        torch.testing.assert_close(o.double(), want, atol=2e-2, rtol=2e-2)
+    fp32 = dtype == torch.float32
+    assert picked and all(a[3] and a[4] == fp32 for a in picked)  # on_gpu tiles, the dtype's table
+    table = KA.GPU_TABLE_FP32 if fp32 else KA.GPU_TABLE
+    assert [blocks(*a)[:2] for a in picked] == [table[a[0]][(64, False)][:2] for a in picked]
+    assert KA.dot_precision(dtype) == ("tf32x3" if fp32 else "ieee")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert KA.dot_precision(dtype) == ("tf32" if fp32 else "ieee")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_fp32_attention_past_the_fp32_tables_runs_the_reference_or_refuses_by_name(monkeypatch):
+    """No fp32 tile compiles clean at head dim 128 (GPU_TABLE_FP32 stops at 64): where triton is the default (a
+    GPU; here the GPU tables on CPU tensors with triton made the default) the reference runs instead, and the
+    triton backend asked for by name says why."""
+    from dlcore import _dispatch
+    from dlcore.ops import attention as A
+
+    select, ran = _dispatch.select, []
+    monkeypatch.setattr(_dispatch, "select", lambda name, device, dtype: ("triton", select(name, device, dtype)[1])
+                        if name in (A.FORWARD, A.BACKWARD) else select(name, device, dtype))
+    for name in (A.FORWARD, A.BACKWARD):
+        impl = _dispatch.get_op(name).impls["reference"]
+        monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _n=name: ran.append(_n) or _fn(*a))
+    q, k, v = (torch.randn(1, 2, 9, 128, requires_grad=True) for _ in range(3))
+    with interpret_gpu_tiles():
+        o = A.scaled_dot_product_attention(q, k, v)
+        o.sum().backward()
+        assert ran == [A.FORWARD, A.BACKWARD]
+        torch.testing.assert_close(o, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        with dlcore.use_backend("triton"), pytest.raises(dlcore.BackendUnavailableError, match="head dim 128"):
+            A.scaled_dot_product_attention(q, k, v)
