@@ -3,7 +3,8 @@ its resource usage from the cubin (cuobjdump), and read the CUDA extension's ptx
 time (setup.py). A register spill, a kernel over 255 registers or over Hopper's shared memory fails.
 
     python -m dlcore._static_check        # prints one row per kernel and exits non-zero on a violation
-    python -m dlcore._static_check --search-attention   # proposes the attention kernels' GPU_TABLE
+    python -m dlcore._static_check --search-attention [--fp32] [--head-dims 64,128]
+                                          # proposes kernels/attention.py's tile tables (16-bit, or fp32 inputs)
 """
 from __future__ import annotations
 
