@@ -3,8 +3,8 @@
 # (GPU_CHECK_BUDGET_S, default 540 s: the device tool allows 600 s a call and a session has ~15 minutes in all):
 #   1. build (sm_90 only, parallel) and `dlcore info`;
 #   2. the GPU tests: those marked gpu or with cuda in their id (every kernel natively on CUDA tensors) and the
-#      check that the CUDA extension built, under a timeout of about half the time left; the CPU suite and the
-#      sm_90 static checks run on CI, not here;
+#      check that the CUDA extension built, under a timeout of about half the time left; the CPU suite, the
+#      sm_90 static checks and the interpreter runs of the GPU tiles run on CI, not here;
 #   3. `dlcore bench --device cuda` (--quick when under GPU_CHECK_FULL_BENCH_S is left) under the rest; it rewrites
 #      its JSON/Markdown report after every case, so a run cut short still reports what it measured.
 # The log and results go to benchmarks/results/ and, after every stage, to $OUT when the device tool sets it
@@ -36,7 +36,8 @@ if [ "$limit" -ge 30 ]; then
   say "GPU tests (limit $limit s)"
   timeout --signal=INT --kill-after=15 "$limit" \
     "$PY" -m pytest tests -q -p no:cacheprovider -rs \
-    -k "((cuda or gpu) and not test_static_gpu) or test_cuda_extension_was_built_when_nvcc_is_present" >>"$log" 2>&1
+    -k "((cuda or gpu) and not test_static_gpu and not test_gpu_tiles_interpreted) or test_cuda_extension_was_built_when_nvcc_is_present" \
+    >>"$log" 2>&1
   test_rc=$?
   [ "$test_rc" -eq 124 ] && say "GPU tests stopped at their time limit"
   tail -25 "$log"
