@@ -119,6 +119,18 @@ class DualKernel:
 
 _GPU_TILES_ON_CPU = False
 
+FP32_DOT_PRECISIONS = ("tf32x3", "tf32")  # what dot_precision gives fp32 inputs (the AOT checks compile both)
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """tl.dot's input precision as torch's own op would multiply: 16-bit inputs exactly on tensor cores whatever it
+    says ("ieee"); fp32 in TF32 when torch's flag for that op allows it (torch.backends.cuda.matmul.allow_tf32 for
+    matmuls and attention, torch.backends.cudnn.allow_tf32 for convolutions), else 3×TF32 (fp32-grade products on
+    tensor cores; triton's own default would be plain TF32)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if allow_tf32 else "tf32x3"
+
 
 def gpu_tiles(t: torch.Tensor) -> bool:
     """Whether a launch on t takes the kernels' GPU tiles: on CUDA tensors, and on CPU tensors inside

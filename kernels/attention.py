@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlcore.kernels import _triton
 from dlcore.kernels._triton import (AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, max_combine,
                                     sum_combine)
 
@@ -326,11 +327,16 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
+def _head_class(d: int) -> int:
+    """BD: the head dim rounded up to a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def _blocks(kernel: str, d: int, heavy: bool, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int, int]:
     """(BM, BN, BD, num_warps) of `kernel` ("forward", "dkdv" or "dq") for head dim d: its GPU_TABLE (16-bit
     inputs) or GPU_TABLE_FP32 entry on a GPU (each compiled for sm_90 without spills by tests/test_static_gpu.py),
     large tiles for the interpreter (its cost is per program)."""
-    bd = max(16, triton.next_power_of_2(d))
+    bd = _head_class(d)
     if not on_gpu:
         return 64, 64, bd, 4
     bm, bn, warps = (GPU_TABLE_FP32 if fp32 else GPU_TABLE)[kernel][(bd, heavy)]
@@ -339,17 +345,12 @@ def _blocks(kernel: str, d: int, heavy: bool, on_gpu: bool, fp32: bool = False) 
 
 def gpu_supports(dtype: torch.dtype, d: int) -> bool:
     """Whether the GPU tables hold tiles for this input dtype and head dim (fp32: up to 64; see GPU_TABLE_FP32)."""
-    bd = max(16, triton.next_power_of_2(d))
-    return (bd, False) in (GPU_TABLE_FP32 if dtype == torch.float32 else GPU_TABLE)["forward"]
+    return (_head_class(d), False) in (GPU_TABLE_FP32 if dtype == torch.float32 else GPU_TABLE)["forward"]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: 16-bit inputs multiply exactly on tensor cores whatever it says ("ieee"); fp32
-    inputs follow torch's matmul setting, as torch's SDPA does: TF32 under torch.backends.cuda.matmul.allow_tf32,
-    else 3×TF32 (fp32-grade products on tensor cores; triton's own default would be plain TF32)."""
-    if dtype != torch.float32:
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    """The dots' input precision: torch's matmul setting, as torch's SDPA follows (see _triton.dot_precision)."""
+    return _triton.dot_precision(dtype, torch.backends.cuda.matmul.allow_tf32)
 
 
 # kernel → (head-dim class, heavy) → (BM, BN, num_warps), each kernel its own tiles: the backward kernels hold
@@ -443,7 +444,7 @@ def decode_splits(batch_heads: int, lq: int, lk: int, bn: int, device: torch.dev
 
 def _split_blocks(d: int, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int]:
     """(BN, BD, num_warps) of the split-key forward: BM = SPLIT_ROWS; see SPLIT_TABLE."""
-    bd = max(16, triton.next_power_of_2(d))
+    bd = _head_class(d)
     bn, warps = (SPLIT_TABLE_FP32 if fp32 else SPLIT_TABLE)[bd] if on_gpu else (64, 4)
     return bn, bd, warps
 
@@ -527,7 +528,7 @@ def _io(fp32: bool) -> dict:
 
 
 def _precisions(fp32: bool) -> tuple[str, ...]:
-    return ("tf32x3", "tf32") if fp32 else ("ieee",)  # dot_precision's choices for the dtype
+    return _triton.FP32_DOT_PRECISIONS if fp32 else ("ieee",)  # dot_precision's choices for the dtype
 
 
 def aot_config(kernel: str, bd: int, heavy: bool, bm: int, bn: int, warps: int, precision: str = "ieee"

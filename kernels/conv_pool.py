@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, sum_combine
+from dlcore.kernels._triton import (FP32_DOT_PRECISIONS, AOTConfig, aot_signature, dot_precision, dual_helper,
+                                    dual_kernel, gpu_tiles, sum_combine)
 
 
 @dual_helper
@@ -194,13 +195,6 @@ def forward(z, bias, geometry, keep_argmax: bool = True):
 FUSED_TILES = {"gpu": (64, 64, 32, 8), "interpreter": (128, 64, 64, 4)}
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision, as torch's convolutions: TF32 for fp32 unless cuDNN's TF32 is switched off."""
-    if dtype != torch.float32:
-        return "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
-
-
 def fused_forward(x, wt, bias, y, arg, dims):
     """The implicit-GEMM fused forward (groups = 1) into y and arg (None: no argmax written); operands and the 31
     dims as dlcore/ops/conv_pool.py's fused_problem makes them."""
@@ -211,7 +205,7 @@ def fused_forward(x, wt, bias, y, arg, dims):
     fused_forward_kernel.launch(
         (triton.cdiv(m, bm), triton.cdiv(cout, bn)), x.device, x, wt, wt if bias is None else bias, y,
         y if arg is None else arg, *dims[:23], psh, psw, pph, ppw, KH=kh, KW=kw, PKH=pkh, PKW=pkw,
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, PRECISION=_precision(x.dtype),
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, PRECISION=dot_precision(x.dtype, torch.backends.cudnn.allow_tf32),
         STORE_ARG=arg is not None, num_warps=warps)
 
 
@@ -248,8 +242,8 @@ def _aot_configs():
         configs.append(AOTConfig(kernel, aot_signature(kernel, ptrs, constexprs), constexprs, num_warps=warps,
                                  label=f"{kernel.__name__} 3x3/2 {bp}x{bc} w{warps}"))
     bm, bn, bk, warps = FUSED_TILES["gpu"]
-    # AlexNet conv2 (5×5, pad 2) → pool 3×3/2; fp32 in both of _precision's dot precisions
-    for dtype, precision, store_arg in (("bf16", "ieee", True), ("fp32", "tf32", True), ("fp32", "tf32x3", True),
+    # AlexNet conv2 (5×5, pad 2) → pool 3×3/2; fp32 in each of dot_precision's precisions
+    for dtype, precision, store_arg in (("bf16", "ieee", True), *(("fp32", p, True) for p in FP32_DOT_PRECISIONS),
                                         ("bf16", "ieee", False)):
         constexprs = dict(KH=5, KW=5, PKH=3, PKW=3, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, PRECISION=precision,
                           STORE_ARG=store_arg)

@@ -242,12 +242,6 @@ def cuda_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dro
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
-def _gpu_tiles_on_cpu() -> bool:  # the tests' interpret_gpu_tiles(): CPU tensors take the GPU tables
-    from dlcore.kernels import _triton
-
-    return _triton._GPU_TILES_ON_CPU
-
-
 def _launcher(name: str, q: torch.Tensor, v: torch.Tensor):
     """The dispatch choice, except that a value head dim unlike the query's (torch allows it), or fp32 on a GPU at a
     head dim the Triton tables have no tiles for, runs the reference unless a backend was asked for by name (then
@@ -256,10 +250,10 @@ def _launcher(name: str, q: torch.Tensor, v: torch.Tensor):
     why = None
     if backend != "reference" and v.shape[-1] != q.shape[-1]:
         why = f"needs value head dim == query head dim, got {v.shape[-1]} and {q.shape[-1]}"
-    elif backend == "triton" and (q.is_cuda or _gpu_tiles_on_cpu()):
+    elif backend == "triton":
         from dlcore.kernels import attention as kernel
 
-        if not kernel.gpu_supports(q.dtype, q.shape[-1]):
+        if kernel.gpu_tiles(q) and not kernel.gpu_supports(q.dtype, q.shape[-1]):
             why = (f"has no spill-free GPU tiles for {q.dtype} at head dim {q.shape[-1]} (fp32: up to 64; "
                    f"bf16/fp16: up to 256)")
     if why is not None:
