@@ -5,6 +5,8 @@ ranges and multi-block reductions of the GPU tiles (2K-element batch-norm tiles 
 chunks, 64×64×32 implicit-GEMM tiles, ...) would first run on a GPU. Inside kernels._triton.interpret_gpu_tiles()
 they run here, on shapes that are no multiple of any tile, against the reference backend in float64 (outputs and
 every gradient). The attention kernels' tiles have their own test (test_attention.py, every GPU_TABLE tile)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -33,15 +35,10 @@ def _reference():
     return dlcore.use_backend("reference")
 
 
-class _TritonAtGpuTiles:
-    def __enter__(self):
-        self._backend, self._tiles = dlcore.use_backend("triton"), interpret_gpu_tiles()
-        self._backend.__enter__()
-        self._tiles.__enter__()
-
-    def __exit__(self, *exc):
-        self._tiles.__exit__(*exc)
-        self._backend.__exit__(*exc)
+@contextlib.contextmanager
+def _triton_at_gpu_tiles():
+    with dlcore.use_backend("triton"), interpret_gpu_tiles():
+        yield
 
 
 def _check(fn, inputs, atol=2e-4, rtol=2e-4, seed=0):
@@ -50,7 +47,7 @@ def _check(fn, inputs, atol=2e-4, rtol=2e-4, seed=0):
     want, want_grads = _run(fn, inputs, _reference)
     torch.manual_seed(seed)  # the same dropout seed: every backend draws the same Philox mask
     low = [t.float() if t.is_floating_point() else t for t in inputs]
-    got, got_grads = _run(fn, low, _TritonAtGpuTiles)
+    got, got_grads = _run(fn, low, _triton_at_gpu_tiles)
     for name, g, w in [(f"output {i}", g, w) for i, (g, w) in enumerate(zip(got, want))] + \
                       [(f"grad {i}", g, w) for i, (g, w) in enumerate(zip(got_grads, want_grads))]:
         assert (g is None) == (w is None), name
