@@ -34,12 +34,12 @@ def _find(tree, mass):
     return tree.sample(offsets, 0.0)[0]
 
 
-@pytest.mark.parametrize("capacity", [1, 7, 129, 1000])
-def test_update_kernels_agree_exactly_with_duplicates(capacity):
+@pytest.mark.parametrize("capacity,batch", [(1, 37), (7, 37), (129, 37), (1000, 37), (70_001, 259)])
+def test_update_kernels_agree_exactly_with_duplicates(capacity, batch):
     gen = torch.Generator().manual_seed(SEED)
     trees = {b: SumTree(capacity) for b in BACKENDS}
     written = {}
-    for index, value in _random_updates(capacity, 20, 37, gen):
+    for index, value in _random_updates(capacity, 20, batch, gen):
         index[:5] = index[0]  # duplicates in one batch: the last write wins
         written.update(zip(index.tolist(), value.tolist()))
         for backend, tree in trees.items():
@@ -306,9 +306,14 @@ def test_sample_gather_equals_sample_then_rows(row_shape, dtype):
             with dlcore.use_backend(backend):
                 index, weight = tree.sample(offsets, 0.4)
                 fused_index, fused_weight, rows = tree.sample_gather(offsets, 0.4, sources)
+                weight32 = tree.sample_gather(offsets, 0.4, sources, weight_dtype=torch.float32)[1]
             assert torch.equal(fused_index, index) and torch.equal(fused_weight, weight), backend
+            # float32 weights (the buffer's): the float64 weight rounded once, however the backend writes it
+            assert weight32.dtype == torch.float32 and torch.equal(weight32, weight.float()), backend
             for source, got in zip(sources, rows):
                 assert got.dtype == source.dtype and torch.equal(got, source.index_select(0, index)), backend
+    with pytest.raises(TypeError, match="weight_dtype"):
+        tree.sample_gather(offsets, 0.4, sources, weight_dtype=torch.float16)
 
 
 def test_sample_gather_refuses_a_source_shorter_than_the_drawn_leaves():

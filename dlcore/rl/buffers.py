@@ -209,14 +209,16 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             offsets = torch.rand(batch_size, generator=self._gen, dtype=torch.float64)
             # w_i = (N·P(i))^-β / max_j (N·P(j))^-β = (p_i / p_min)^-β: the max weight belongs to the min priority
             if self._gathers_fields:  # the draw and the gather of every field in one call (one launch on a GPU)
-                index, weight, rows = self._tree.sample_gather(offsets, beta, list(self._storage.values()))
+                index, weight, rows = self._tree.sample_gather(offsets, beta, list(self._storage.values()),
+                                                               weight_dtype=torch.float32)
                 out = dict(zip(self._storage, rows))
                 out["index"] = index
             else:
                 index, weight = self._tree.sample(offsets, beta)
                 out = self._gather(index)
+                weight = weight.to(self.device, torch.float32)
             self._samples_drawn += 1
-            out["weight"] = weight.to(self.device, torch.float32)
+            out["weight"] = weight
             return out
 
     def update_priorities(self, index, priority) -> None:

@@ -23,7 +23,8 @@ microseconds. `cpu` and `numba` compute the same trees and draws bit for bit (`l
 tree_layout(capacity), on the tree's device):
   sum_tree_sample(tree, min_tree, levels, offsets, beta) -> (leaf index, importance weight)
       stratified: target mass (b + offsets[b])·total/B for b < B, one descent each; weight (p_i / p_min)^-β
-  sum_tree_sample_gather(tree, min_tree, levels, offsets, beta, sources) -> (leaf index, weight, rows of each source)
+  sum_tree_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=float64)
+      -> (leaf index, weight, rows of each source); the weight computed in float64, returned in weight_dtype
       the sample and the replay batch's gather in one call: one kernel launch on a GPU (triton, cuda), one C++
       call on the CPU (numba: its descent, then the C++ gather_rows)
   sum_tree_update(tree, min_tree, levels, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
@@ -154,9 +155,9 @@ def _gather_table(sources, n):
 
 
 @_dispatch.register(SAMPLE_GATHER_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))
-def reference_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+def reference_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     index, weight = reference_sample(tree, min_tree, levels, offsets, beta)
-    return index, weight, [s.index_select(0, index.to(s.device)) for s in sources]
+    return index, weight.to(weight_dtype), [s.index_select(0, index.to(s.device)) for s in sources]
 _dispatch.register(UPDATE_OP, "reference", devices=("cpu", "cuda"), dtypes=(torch.float64,))(reference_update)
 
 
@@ -211,7 +212,7 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
 
 @_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
                     available=_ext.cuda_unavailable)
-def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     offsets = offsets.to(tree.device).contiguous()
     batch = offsets.numel()
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
@@ -222,7 +223,7 @@ def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources):
         _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
                                          offsets.data_ptr(), index.data_ptr(), weight.data_ptr(), table.data_ptr(),
                                          table.shape[0], batch, float(beta), _ext.cuda_stream(tree.device))
-    return index, weight, outs
+    return index, weight.to(weight_dtype), outs  # (a second launch for fp32: not yet fused into the kernel)
 
 
 # ---------------------------------------------------------------------------------------------------- triton
@@ -236,12 +237,12 @@ def triton_sample(tree, min_tree, levels, offsets, beta):
 
 @_dispatch.register(SAMPLE_GATHER_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
                     available=_ext.triton_unavailable("sum_tree"))
-def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     from dlcore.kernels import sum_tree as kernel
 
     outs, table = _gather_table(sources, offsets.numel())
     index, weight = kernel.sample_gather(tree, min_tree, levels, offsets.to(tree.device), beta, table.to(tree.device))
-    return index, weight, outs
+    return index, weight.to(weight_dtype), outs
 
 
 def _triton_update_kernel(tree, min_tree, levels, index, value):
@@ -349,9 +350,9 @@ def numba_sample(tree, min_tree, levels, offsets, beta):
 
 @_dispatch.register(SAMPLE_GATHER_OP, "numba", devices=("cpu",), dtypes=(torch.float64,),
                     available=_numba_available)
-def numba_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+def numba_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     index, weight = numba_sample(tree, min_tree, levels, offsets, beta)
-    return index, weight, cpu_gather_rows(sources, index, min(s.shape[0] for s in sources))
+    return index, weight.to(weight_dtype), cpu_gather_rows(sources, index, min(s.shape[0] for s in sources))
 
 
 @_dispatch.register(UPDATE_OP, "numba", devices=("cpu",), dtypes=(torch.float64,), available=_numba_available)
@@ -361,10 +362,10 @@ def numba_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
 
 
 # ---------------------------------------------------------------------------------------------------- C++ (CPU)
-def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources):
+def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     batch = offsets.numel()
     index = torch.empty(batch, dtype=torch.int64)
-    weight = torch.empty(batch, dtype=torch.float64)
+    weight = torch.empty(batch, dtype=weight_dtype)  # written in either dtype by the C++ (saves a conversion call)
     # outputs, addresses, row sizes and the shortest source in one pass: at ~1 µs a Python-level tensor call on
     # the slow VMs, a pass per list cost ~5 of a sample's ~35 µs
     outs, src_addrs, out_addrs, row_bytes, limit = [], [], [], [], None
@@ -378,7 +379,8 @@ def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources):
         limit = shape[0] if limit is None else min(limit, shape[0])
     status = _ext.cpu.sum_tree_sample_gather(
         tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2, offsets.data_ptr(), batch,
-        float(beta), index.data_ptr(), weight.data_ptr(), src_addrs, out_addrs, row_bytes, limit or 0)
+        float(beta), index.data_ptr(), weight.data_ptr(), weight_dtype == torch.float32, src_addrs, out_addrs,
+        row_bytes, limit or 0)
     if status:  # a drawn leaf past a source's rows: the caller's sources are shorter than the tree's written part
         raise IndexError(f"sampled index {int(index.max())} is past the rows of a source ({limit})")
     return index, weight, outs
@@ -467,9 +469,13 @@ class SumTree:
         self.sum.copy_(tree_sum)
         self.min.copy_(tree_min)
 
-    def sample_gather(self, offsets: torch.Tensor, beta: float, sources: list[torch.Tensor]):
+    def sample_gather(self, offsets: torch.Tensor, beta: float, sources: list[torch.Tensor],
+                      weight_dtype: torch.dtype = torch.float64):
         """sample(), plus rows `index` of every tensor in `sources` (contiguous, on the tree's device, at least as
-        many rows as the leaves that can be drawn): (index, weight, [rows of each source])."""
+        many rows as the leaves that can be drawn): (index, weight in weight_dtype (float64 or float32, computed in
+        float64), [rows of each source])."""
+        if weight_dtype not in (torch.float64, torch.float32):
+            raise TypeError(f"weight_dtype must be torch.float64 or torch.float32, got {weight_dtype}")
         offsets = as_vector(offsets, torch.float64, self.device)
         rows = min((s.shape[0] for s in sources), default=self.capacity)
         # a source shorter than the tree: refused up front when a leaf past its rows can be drawn (non-zero), since
@@ -478,7 +484,7 @@ class SumTree:
         if rows < self.capacity and bool(self.leaf_values[rows:].any()):
             raise IndexError(f"a source has {rows} rows, but leaves from {rows} on can be drawn (non-zero)")
         _, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
-        return launch(self.sum, self.min, self.levels, offsets, beta, sources)
+        return launch(self.sum, self.min, self.levels, offsets, beta, sources, weight_dtype)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
