@@ -222,7 +222,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             return out
 
     def update_priorities(self, index, priority) -> None:
-        """Set p = |priority| + eps for the transitions at `index` (e.g. |TD error|); the last of duplicates wins."""
+        """Set p = priority + eps for the transitions at `index`; priority is non-negative and finite (pass |TD
+        error|: a negative one is a ValueError, not silently folded); the last of duplicates wins."""
         with self._lock:
             # one call (SumTree.update converts index and priority once): validation (finite, non-negative, index < transitions stored), leaves, ancestors
             top = self._tree.update(index, priority, eps=self.eps, alpha=self.alpha, limit=self._size)
