@@ -320,6 +320,31 @@ def test_cross_entropy_torch_forms_match_float64(backend, device, dtype, shape, 
         _check(a, w64, s, dtype, f"{backend} {name}")
 
 
+@pytest.mark.parametrize("backend,device,dtype", [c for c in _cases(ce_mod.FORWARD) if c[2] != torch.float16])
+def test_cross_entropy_ignore_index_anywhere(backend, device, dtype):
+    """ignore_index may be any integer, a class in [0, C) or one past it (torch allows both): its rows drop out of
+    the loss, the 'mean' denominator and the gradient, with class weights and smoothing too."""
+    gen = _gen("ce-ignore", dtype)
+    classes = 7
+    z, = _representable(dtype, torch.randn(9, classes, generator=gen, dtype=torch.float64) * 3)
+    cw = torch.rand(classes, generator=gen, dtype=torch.float64) + 0.2
+    for ignore_index in (-100, 2, classes, classes + 5):
+        t = torch.randint(0, classes, (9,), generator=gen)
+        t[::3] = ignore_index
+        for kw in (dict(), dict(weight=cw, label_smoothing=0.1), dict(label_smoothing=0.2, reduction="sum")):
+            def run(dt, fn):
+                zi = z.to(device, dt).requires_grad_()
+                args = {k: (v.to(device, dt) if k == "weight" else v) for k, v in kw.items()}
+                loss = fn(zi, t.to(device), ignore_index=ignore_index, **args)
+                return [loss, torch.autograd.grad(loss, zi)[0]]
+            want = run(torch.float64, F.cross_entropy)
+            low = run(dtype, F.cross_entropy) if dtype in LOW else want
+            with dlcore.use_backend(backend):
+                got = run(dtype, cross_entropy)
+            for a, w64, lo, name in zip(got, want, low, ("loss", "dlogits")):
+                _check(a, w64, lo, dtype, f"{backend} ignore_index={ignore_index} {kw.keys()} {name}")
+
+
 @pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
 def test_cross_entropy_loss_module_is_a_drop_in():
     """dlcore.nn.CrossEntropyLoss takes nn.CrossEntropyLoss's arguments (class weights included) and state."""
@@ -396,6 +421,8 @@ def test_cross_entropy_bad_input():
         cross_entropy(z, torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="class probabilities must have input's shape"):
         cross_entropy(z, torch.zeros(4))
+    with pytest.raises(ValueError, match="ignore_index"):  # as torch: probabilities have no ignored rows
+        cross_entropy(z, torch.softmax(torch.randn(4, 10), 1), ignore_index=0)
     with pytest.raises(ValueError, match=r"weight must have shape \(10,\)"):
         cross_entropy(z, torch.zeros(4, dtype=torch.long), torch.ones(9))
     with pytest.raises(ValueError, match=r"target must have shape \(4, 3\)"):

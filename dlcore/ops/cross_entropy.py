@@ -47,10 +47,16 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------- reference
+def _gatherable(target, ignore_index):
+    """target with ignored rows sent to class 0 (masked by the caller): ignore_index may be any integer, in
+    [0, C) or past it (torch allows both), so clamping negatives alone does not make it an index."""
+    return torch.where(target == ignore_index, 0, target)
+
+
 def _reference_grad(z, target, lse, scale, ignore_index, smoothing):
     ignored = target == ignore_index
     g = torch.exp(z - lse[:, None]) - smoothing / z.shape[1]
-    g.scatter_add_(1, target.clamp_min(0)[:, None], torch.full_like(lse[:, None], -(1.0 - smoothing)))
+    g.scatter_add_(1, _gatherable(target, ignore_index)[:, None], torch.full_like(lse[:, None], -(1.0 - smoothing)))
     return torch.where(ignored[:, None], 0.0, g * scale[:, None])
 
 
@@ -58,7 +64,7 @@ def _reference_grad(z, target, lse, scale, ignore_index, smoothing):
 def reference_forward(logits, target, ignore_index, smoothing, grad, grad_scale):
     z = logits.to(math_dtype(logits.dtype))
     lse = torch.logsumexp(z, 1)
-    z_t = z.gather(1, target.clamp_min(0)[:, None])[:, 0]
+    z_t = z.gather(1, _gatherable(target, ignore_index)[:, None])[:, 0]
     loss = torch.where(target == ignore_index, 0.0, lse - (1.0 - smoothing) * z_t - smoothing / z.shape[1] * z.sum(1))
     if grad is not None:
         scale = torch.full_like(lse, grad_scale)
@@ -322,6 +328,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         if target.shape != input.shape:
             raise ValueError(f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
                              f"{tuple(target.shape)} (class indices must be integers)")
+        if ignore_index != -100:  # torch refuses it too: no row of probabilities is "ignored"
+            raise ValueError(f"ignore_index ({ignore_index}) is not supported with class-probability targets")
         losses = _probability_loss(logits, _as_rows(target), weight, float(label_smoothing))
         if reduction == "none":
             return losses.view(row_shape)
@@ -340,11 +348,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         # (ε/C)·Σ_c w_c·(lse − z_c) = (ε/C)·(lse·Σw − z·w) per row to (1 − ε)·w[t]·(lse − z_t).
         nll, _ = _cross_entropy(logits, tgt, ignore_index, 0.0)
         w = weight.to(nll.dtype)
-        row_weight = torch.where(tgt == ignore_index, 0.0, w[tgt.clamp_min(0)])
+        kept = _gatherable(tgt, ignore_index)
+        row_weight = torch.where(tgt == ignore_index, 0.0, w[kept])
         losses = nll * row_weight
         if smoothing:
             z = logits.to(nll.dtype)
-            lse = nll + z.gather(1, tgt.clamp_min(0)[:, None])[:, 0]  # lse = nll + z_t (ignored rows masked below)
+            lse = nll + z.gather(1, kept[:, None])[:, 0]  # lse = nll + z_t (ignored rows masked below)
             smooth = torch.where(tgt == ignore_index, 0.0, lse * w.sum() - torch.mv(z, w))
             losses = (1.0 - smoothing) * losses + (smoothing / n_classes) * smooth
     out = _reduce(losses, tgt, ignore_index, reduction, row_weight)
