@@ -307,25 +307,58 @@ def test_gradcheck_reference_grade():
             lambda *t: scaled_dot_product_attention(*t[:3], attn_mask=t[3], enable_gqa=True), (q, k, v, bias))
 
 
-def test_varlen_matches_per_sequence_attention():
+def _flash_attn_reference(q, k, v, lens_q, lens_k, causal, window):
+    """FlashAttention's varlen semantics, one sequence at a time in float64: masks aligned bottom-right (query i of
+    n_q sees keys j <= i + n_k - n_q (+ right), j >= i + n_k - n_q - left); a query that sees no key gives 0."""
+    outs, lses, start_q, start_k = [], [], 0, 0
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    for n_q, n_k in zip(lens_q, lens_k):
+        qs = q[start_q:start_q + n_q].transpose(0, 1).double()
+        ks, vs = (t[start_k:start_k + n_k].transpose(0, 1).double().repeat_interleave(q.shape[1] // k.shape[1], 0)
+                  for t in (k, v))
+        start_q, start_k = start_q + n_q, start_k + n_k
+        s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
+        diag = torch.arange(n_q)[:, None] + n_k - n_q
+        j = torch.arange(n_k)[None, :]
+        seen = ((j <= diag + right) | (right < 0)) & ((j >= diag - left) | (left < 0))
+        s = s.masked_fill(~seen, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        outs.append((torch.exp(s - lse[..., None]).nan_to_num(0.0) @ vs).transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+VARLEN_CASES = [  # (queries per sequence, keys per sequence, causal, window_size)
+    ([5, 1, 17], [7, 3, 17], True, (-1, -1)),   # fewer queries than keys: one decode step sees its whole cache
+    ([9, 4, 0, 6], [3, 4, 2, 1], True, (-1, -1)),  # more queries than keys: the first rows see nothing
+    ([9, 2, 13], [3, 11, 13], False, (3, 1)),  # a window alone aligns bottom-right too
+    ([6, 8], [9, 2], True, (2, -1)),
+    ([4, 7], [9, 2], False, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b, d in backend_device_pairs(A.FORWARD, torch.float32) if d == "cpu"])
+@pytest.mark.parametrize("lens_q,lens_k,causal,window", VARLEN_CASES)
+def test_varlen_matches_flash_attention_per_sequence(backend, lens_q, lens_k, causal, window):
     gen = torch.Generator().manual_seed(SEED)
-    lens_q, lens_k = [5, 1, 17], [7, 3, 17]
-    cu_q = torch.tensor([0] + lens_q).cumsum(0)
-    cu_k = torch.tensor([0] + lens_k).cumsum(0)
+    cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0) for lens in (lens_q, lens_k))
     q = torch.randn(sum(lens_q), 4, 32, generator=gen, requires_grad=True)
-    k = torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True)
-    v = torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True)
-    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
-    for i in range(3):
-        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
-        ks, vs = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1) for t in (k, v))
-        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
-        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], ref, atol=2e-5, rtol=1e-4)
-        s = (qs @ ks.repeat_interleave(2, 0).transpose(1, 2)) / math.sqrt(32)
-        s = s.masked_fill(~torch.ones(s.shape[1:], dtype=torch.bool).tril(), float("-inf"))
-        torch.testing.assert_close(lse[:, cu_q[i]:cu_q[i + 1]], torch.logsumexp(s, -1), atol=2e-5, rtol=1e-4)
-    out.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    k, v = (torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True) for _ in range(2))
+    dout = torch.randn(sum(lens_q), 4, 32, generator=gen)
+    with dlcore.use_backend(backend):
+        out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=causal, window_size=window, return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want, want_lse = _flash_attn_reference(q64, k64, v64, lens_q, lens_k, causal, window)
+    torch.testing.assert_close(out.double(), want.detach(), atol=2e-5, rtol=1e-4)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # -inf exactly where a query sees no key
+    seen = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse.double()[seen], want_lse[seen], atol=2e-5, rtol=1e-4)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for got, ref, name in zip(grads, want_grads, ("dq", "dk", "dv")):
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4, msg=f"{backend} {name}")
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -457,9 +457,11 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
     q (total_q, Hq, E), k/v (total_k, Hk, E) hold the sequences one after another; cu_seqlens_q/k (int, [B+1],
     starting at 0) their cumulative lengths. Sequence b's queries attend only to sequence b's keys. causal and
-    window_size align top-left within each sequence (query i sees key j <= i), as dlcore's SDPA. GQA when Hq is a
-    multiple of Hk. Returns out (total_q, Hq, E) and, with return_lse, the natural-log log-sum-exp (Hq, total_q)
-    (not differentiable; -inf for a query that sees no key).
+    window_size align bottom-right within each sequence, as FlashAttention's: with n_q queries and n_k keys, query i
+    sees keys j <= i + n_k - n_q (+ window_size[1]) and j >= i + n_k - n_q - window_size[0] (so one new query over
+    a cache of n_k keys sees them all; SDPA's is_causal aligns top-left, as torch's). GQA when Hq is a multiple of
+    Hk. Returns out (total_q, Hq, E), zeros for a query that sees no key, and, with return_lse, the natural-log
+    log-sum-exp (Hq, total_q) (not differentiable; -inf for a query that sees no key).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -484,24 +486,39 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if lq < int(len_q.max()) or lk < int(len_k.max()):
         raise ValueError("max_seqlen_q/max_seqlen_k is smaller than the longest sequence")
 
-    def positions(lengths, total):  # (sequence, position) of every packed row
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    # The kernels align masks top-left (query row P sees key rows J <= P + right, J >= P - left). Placing query i
+    # of a sequence at padded row i + shift_q and key j at row j + shift_k, with shift_q - shift_k = n_k - n_q,
+    # turns that into FlashAttention's bottom-right rule; both shifts are >= 0, and keys moved down by shift_k > 0
+    # (a sequence with more queries than keys) leave padded rows above them that a key mask hides. Without a causal
+    # mask or a window the alignment does not matter and nothing moves.
+    shift_q, shift_k = torch.zeros_like(len_q), torch.zeros_like(len_k)
+    if causal or left >= 0 or right >= 0:
+        shift_q, shift_k = (len_k - len_q).clamp_min(0), (len_q - len_k).clamp_min(0)
+    lq, lk = max(lq, int((len_q + shift_q).max())), max(lk, int((len_k + shift_k).max()))
+
+    def positions(lengths, shift, total):  # (sequence, padded row) of every packed row
         seq = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
-        return seq, torch.arange(total, device=q.device) - starts[seq]
+        return seq, torch.arange(total, device=q.device) - starts[seq] + shift[seq]
 
     def pad(t, where, length):  # packed (total, H, D) → padded [B, H, length, D] (a view with a dense last dim)
         out = t.new_zeros(batch, length, *t.shape[1:])
         return out.index_put(where, t).transpose(1, 2)
 
-    where_q, where_k = positions(len_q, q.shape[0]), positions(len_k, k.shape[0])
-    left, right = (int(w) for w in window_size)
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    where_q, where_k = positions(len_q, shift_q, q.shape[0]), positions(len_k, shift_k, k.shape[0])
+    key_bias = None
+    if bool((shift_k > 0).any()):  # -inf on the padded rows above each moved sequence's keys, [B, 1, 1, lk] expanded
+        keep = (torch.arange(lk, device=q.device) >= shift_k[:, None])[:, None, None, :]
+        key_bias = _broadcast_bias(_as_bias(keep, "key mask", q), "key mask", (batch, q.shape[1], lq, lk))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.shape[0] == 0:
         out, lse = q.new_zeros((0, q.shape[1], v.shape[-1])), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
         return (out, lse) if return_lse else out
-    o, lse = _attention(pad(q, where_q, lq), pad(k, where_k, lk), pad(v, where_k, lk), None,
-                        len_k.to(torch.int32), scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    o, lse = _attention(pad(q, where_q, lq), pad(k, where_k, lk), pad(v, where_k, lk), key_bias,
+                        (len_k + shift_k).to(torch.int32), scale, left, right, float(dropout_p),
+                        _draw_seed(dropout_p))
     out = o.transpose(1, 2)[where_q]
     return (out, lse.permute(1, 0, 2)[:, where_q[0], where_q[1]]) if return_lse else out
