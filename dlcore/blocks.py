@@ -233,6 +233,15 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
 
 
+def is_projection(downsample) -> bool:
+    """None or torchvision's projection shortcut, Sequential(Conv2d[, BatchNorm2d]) (dlcore's BatchNorm2d too, or
+    the folded form)."""
+    if downsample is None:
+        return True
+    kinds = tuple(type(m) for m in downsample) if type(downsample) is nn.Sequential else None
+    return kinds in ((nn.Conv2d, nn.BatchNorm2d), (nn.Conv2d, BatchNorm2d), (nn.Conv2d,), (FoldedConv2d,))
+
+
 class _FusedBlock(nn.Module):
     """Shared by BasicBlock and Bottleneck: the convs and BNs are named convK / bnK (torchvision's names); every
     bnK but the last applies ReLU, the last adds the shortcut and then applies ReLU."""
@@ -256,19 +265,37 @@ class _FusedBlock(nn.Module):
 
     @torch.no_grad()
     def fuse_(self, winograd: bool = False) -> "_FusedBlock":
-        """Fold every BN into its convolution (inference only; see fuse_for_inference)."""
+        """Fold every BN into its convolution (inference only; see fuse_for_inference). A projection shortcut is
+        folded when it is torchvision's Sequential(Conv2d[, BatchNorm2d]); any other (ResNet-D's average pool
+        first, say) is left to run as it is."""
         for k, (conv, bn) in enumerate(self._pairs(), start=1):
             if not isinstance(conv, FoldedConv2d):
                 setattr(self, f"conv{k}", FoldedConv2d.fold(conv, bn, relu=True, winograd=winograd))
                 setattr(self, f"bn{k}", nn.Identity())
-        if self.downsample is not None and not isinstance(self.downsample[0], FoldedConv2d):
+        if self.downsample is not None and is_projection(self.downsample) and type(self.downsample[0]) is nn.Conv2d:
             bn = self.downsample[1] if len(self.downsample) > 1 else None
             self.downsample = nn.Sequential(FoldedConv2d.fold(self.downsample[0], bn, relu=False))
         return self
 
     @classmethod
+    def matches(cls, block: nn.Module) -> bool:
+        """Whether `block` is built as torchvision's block of this kind: exactly the children conv1..convK (nn.Conv2d),
+        bn1..bnK (nn.BatchNorm2d), relu (nn.ReLU) and an optional torchvision projection shortcut, and a stride.
+        Anything more (a squeeze-excitation, another activation or norm, a different shortcut) means a forward
+        this block does not compute, so such blocks are not converted."""
+        pairs = [(f"conv{k}", nn.Conv2d) for k in range(1, cls.depth + 1)]
+        pairs += [(f"bn{k}", nn.BatchNorm2d) for k in range(1, cls.depth + 1)] + [("relu", nn.ReLU)]
+        children = dict(block.named_children())
+        if not hasattr(block, "stride") or not is_projection(getattr(block, "downsample", False)):
+            return False
+        if set(children) - {"downsample"} != {name for name, _ in pairs}:
+            return False
+        return all(type(children[name]) is kind for name, kind in pairs)
+
+    @classmethod
     def from_block(cls, block: nn.Module) -> "_FusedBlock":
-        """A dlcore block sharing a torchvision-style block's modules (parameters and buffers are the same objects)."""
+        """A dlcore block sharing a torchvision-style block's modules (parameters and buffers are the same objects);
+        `block` must pass cls.matches."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         for k in range(1, cls.depth + 1):

@@ -2,7 +2,10 @@
 
 patch(model) — for training and inference alike; every swap shares the old modules' parameters and buffers (the
 same tensors, so optimizers already built keep working) and leaves the state_dict keys as they were:
-- torchvision-style ResNet blocks → dlcore.nn.BasicBlock / Bottleneck, the stem's bn1 + relu → BatchNorm2dReLU;
+- torchvision-style ResNet blocks → dlcore.nn.BasicBlock / Bottleneck (recognised by class name and exactly
+  torchvision's children: a block with more — a squeeze-excitation, another norm or activation, a ResNet-D
+  shortcut — is left as it is), the stem's bn1 + relu → BatchNorm2dReLU (when relu is an nn.ReLU and the
+  model has layer1: a block's own conv1 → bn1 → relu is no stem);
 - runs of layers inside an nn.Sequential (or a subclass that keeps Sequential's forward, as torchvision's
   Conv2dNormActivation does), by the table RUNS below: the first module of a run becomes the fused layer and the
   rest nn.Identity, so the indices (features.3.weight, …) stay; only exact torch.nn types match, so a subclass
@@ -25,7 +28,7 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from dlcore import nn as dnn
-from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock
+from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock, is_projection
 from dlcore.ops.conv_pool import fusable_pool
 
 # (module types in order, builder(*modules) → the fused module in the first one's place); longest first where
@@ -98,30 +101,30 @@ def replace_runs(model: nn.Module, table, skip: Iterable[nn.Module] = ()) -> int
     return count
 
 
-def _stem(model: nn.Module):
-    """(conv1, bn1) of a ResNet-style stem (conv1 → bn1 → relu → maxpool attributes), else None."""
-    conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
-    if isinstance(conv, (nn.Conv2d,)) and isinstance(bn, nn.BatchNorm2d) and hasattr(model, "relu"):
-        return conv, bn
-    return None
+def _stem(model: nn.Module) -> Optional[str]:
+    """A torchvision ResNet's stem (layer1 … after conv1 → bn1 → relu → maxpool, relu used there alone): "plain"
+    (Conv2d, BatchNorm2d, ReLU), "fused" (Conv2d, dlcore's BatchNorm2dReLU, Identity: patched, or dlcore's
+    ResNet), else None. Exact types only: another activation, or a block (which also has conv1, bn1 and relu but
+    reuses relu after its residual add), is no stem."""
+    if not hasattr(model, "layer1") or type(getattr(model, "conv1", None)) is not nn.Conv2d:
+        return None
+    kinds = (type(getattr(model, "bn1", None)), type(getattr(model, "relu", None)))
+    return {(nn.BatchNorm2d, nn.ReLU): "plain", (BatchNorm2dReLU, nn.Identity): "fused"}.get(kinds)
 
 
 def _torchvision_block(module: nn.Module) -> Optional[type]:
-    """dlcore's block class for a torchvision-style block (by class name and attributes), else None."""
-    name = type(module).__name__
-    if isinstance(module, _FusedBlock):
+    """dlcore's block class for a torchvision block (by class name and exactly torchvision's children), else None."""
+    block_cls = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}.get(type(module).__name__)
+    if block_cls is None or isinstance(module, _FusedBlock) or not block_cls.matches(module):
         return None
-    if name == "BasicBlock" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample")):
-        return BasicBlock
-    if name == "Bottleneck" and all(hasattr(module, a) for a in ("conv1", "bn1", "conv3", "bn3", "downsample")):
-        return Bottleneck
-    return None
+    return block_cls
 
 
 def _block_downsamples(model: nn.Module) -> list[nn.Module]:
     """The projection shortcuts of the model's residual blocks (folded by the blocks themselves)."""
     return [m.downsample for m in model.modules()
-            if (isinstance(m, _FusedBlock) or _torchvision_block(m) is not None) and m.downsample is not None]
+            if (isinstance(m, _FusedBlock) or _torchvision_block(m) is not None)
+            and m.downsample is not None and is_projection(m.downsample)]
 
 
 def patch(model: nn.Module, verbose: bool = False) -> nn.Module:
@@ -146,8 +149,7 @@ def _patch(model: nn.Module) -> None:
             block_cls = _torchvision_block(child)
             if block_cls is not None:
                 setattr(parent, name, block_cls.from_block(child))
-    stem = _stem(model)
-    if stem is not None and type(model.bn1) is nn.BatchNorm2d and isinstance(model.relu, nn.ReLU):
+    if _stem(model) == "plain":
         model.bn1, model.relu = BatchNorm2dReLU.from_module(model.bn1), nn.Identity()
     replace_runs(model, RUNS)
     swap_classes(model)
@@ -181,8 +183,7 @@ def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
     for module in model.modules():
         if isinstance(module, _FusedBlock):
             module.fuse_(winograd=winograd)
-    stem = _stem(model)
-    if stem is not None and not isinstance(model.conv1, FoldedConv2d):
+    if _stem(model) == "fused":  # patch() above made a plain stem fused
         pool = model.maxpool if fusable_pool(getattr(model, "maxpool", None)) else None
         model.conv1 = FoldedConv2d.fold(model.conv1, model.bn1, relu=True, pool=pool)
         model.bn1, model.relu = nn.Identity(), nn.Identity()

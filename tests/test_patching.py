@@ -186,3 +186,99 @@ def test_verbose_patch_says_what_it_swapped(capsys):
     assert capsys.readouterr().out.strip() == "dlcore.patch: Conv2dReLUMaxPool2d ×1, Linear ×1"
     dlcore.patch(model, verbose=True)
     assert capsys.readouterr().out.strip() == "dlcore.patch: nothing to swap"
+
+
+# ------------------------------------------------------------------------------ residual blocks and stems
+def _warm_batch_norms(model: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters away from their defaults, so a wrong fold shows."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.double()
+
+
+def _stock_blocks():
+    from dlcore.models import resnet as tv  # the stock twins: torchvision's module tree and forward
+
+    class SqueezeExcite(tv.BasicBlock):  # a torchvision-named block with one more child: another forward
+        def __init__(self, channels):
+            super().__init__(channels, channels)
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1), nn.Sigmoid())
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out * self.se(out) + x)
+
+    SqueezeExcite.__name__ = "BasicBlock"
+
+    class Stem(nn.Module):  # a torchvision-style stem whose activation is chosen by the test
+        def __init__(self, act):
+            super().__init__()
+            self.conv1, self.bn1, self.relu = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act
+            self.maxpool, self.layer1 = nn.MaxPool2d(3, 2, 1), nn.Sequential(tv.BasicBlock(8, 8))
+
+        def forward(self, x):
+            return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    group_norm, leaky = tv.BasicBlock(8, 8), tv.BasicBlock(8, 8)
+    group_norm.bn1, group_norm.bn2 = nn.GroupNorm(2, 8), nn.GroupNorm(4, 8)
+    leaky.relu = nn.LeakyReLU(0.1)
+    resnet_d = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    return {  # name → (model, how many torchvision blocks dlcore.patch may convert)
+        "a block itself": (tv.BasicBlock(8, 8), 0),  # it has conv1, bn1 and relu too, but is no stem
+        "a bottleneck itself": (tv.Bottleneck(8, 2), 0),
+        "squeeze-excite block": (nn.Sequential(SqueezeExcite(8)), 0),
+        "group-norm block": (nn.Sequential(group_norm), 0),
+        "leaky-relu block": (nn.Sequential(leaky), 0),
+        "resnet-d shortcut": (nn.Sequential(tv.BasicBlock(8, 16, 2, resnet_d)), 0),
+        "silu stem": (Stem(nn.SiLU()), 1),
+        "identity stem": (Stem(nn.Identity()), 1),
+        "relu stem": (Stem(nn.ReLU()), 1),
+    }
+
+
+@pytest.mark.parametrize("case", list(_stock_blocks()))
+@pytest.mark.parametrize("mode", ["patch-train", "patch-eval", "fuse"])
+def test_blocks_and_stems_are_converted_only_when_they_compute_torchvisions_forward(case, mode):
+    """Blocks are recognised by torchvision's class name and exactly its children; a stem by conv1 → bn1 → relu
+    (exact types) in a model with layer1. Anything else runs as it was, and every model computes what it did."""
+    torch.manual_seed(0)
+    stock, convertible = _stock_blocks()[case]
+    stock = _warm_batch_norms(stock).train(mode == "patch-train")
+    model = copy.deepcopy(stock)
+    model = dlcore.fuse_for_inference(model) if mode == "fuse" else dlcore.patch(model)
+    kinds = {type(m).__name__ + "/" + type(m).__module__ for m in model.modules()}
+    converted = sum(isinstance(m, (dnn.BasicBlock, dnn.Bottleneck)) for m in model.modules())
+    assert converted == convertible, kinds
+    if hasattr(stock, "layer1"):  # the stem: fused (patch) or folded with its pool (fuse) only when it is ReLU's
+        fused_stem = (getattr(model.conv1, "pool", None) is not None if mode == "fuse"
+                     else type(model.bn1) is dnn.BatchNorm2dReLU)
+        assert fused_stem == (case == "relu stem")
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
+    if mode == "fuse":
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
+    else:
+        _compare(model, stock, x)
+
+
+def test_fuse_for_inference_folds_grouped_dilated_bottlenecks_and_leaves_odd_shortcuts_unfolded():
+    """ResNeXt-style grouped, dilated 3×3 convolutions fold; a dlcore block's ResNet-D shortcut (average pool
+    first) is not folded by the block, but its Conv2d + BatchNorm2d run is folded as any Sequential run."""
+    from dlcore.models import resnet as tv
+
+    torch.manual_seed(0)
+    grouped = tv.Bottleneck(8, 2)
+    grouped.conv2 = nn.Conv2d(2, 2, 3, padding=2, dilation=2, groups=2, bias=False)
+    shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    stock = _warm_batch_norms(nn.Sequential(grouped, dnn.BasicBlock(8, 16, 2, shortcut))).eval()
+    model = dlcore.fuse_for_inference(copy.deepcopy(stock))
+    assert isinstance(model[0], dnn.Bottleneck) and model[0].conv2.groups == 2 and model[0].conv2.dilation == (2, 2)
+    assert [type(m) for m in model[1].downsample] == [nn.AvgPool2d, FoldedConv2d, nn.Identity]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
