@@ -33,6 +33,9 @@ class _BatchNormAct(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, negative_slope: float = 0.01):
+        if self.activation == "leaky_relu" and not negative_slope >= 0:  # raised here so patch() leaves the run
+            raise ValueError(f"negative_slope must be >= 0 (the backward reads the sign from the output), "
+                             f"got {negative_slope}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.negative_slope = negative_slope
 
@@ -233,6 +236,13 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
 
 
+def has_hooks(*modules: Optional[nn.Module]) -> bool:
+    """Whether any of `modules` has forward or backward hooks: a module replaced by a fused one would drop them,
+    and the intermediate they observe may not exist any more, so the rewrites leave such modules as they are."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(m is not None and any(getattr(m, name, None) for name in names) for m in modules)
+
+
 def is_projection(downsample) -> bool:
     """None or torchvision's projection shortcut, Sequential(Conv2d[, BatchNorm2d]) (dlcore's BatchNorm2d too, or
     the folded form)."""
@@ -267,12 +277,14 @@ class _FusedBlock(nn.Module):
     def fuse_(self, winograd: bool = False) -> "_FusedBlock":
         """Fold every BN into its convolution (inference only; see fuse_for_inference). A projection shortcut is
         folded when it is torchvision's Sequential(Conv2d[, BatchNorm2d]); any other (ResNet-D's average pool
-        first, say) is left to run as it is."""
+        first, say) is left to run as it is, and so is any pair or shortcut with hooks (see has_hooks)."""
         for k, (conv, bn) in enumerate(self._pairs(), start=1):
-            if not isinstance(conv, FoldedConv2d):
+            if not isinstance(conv, FoldedConv2d) and not has_hooks(conv, bn):
                 setattr(self, f"conv{k}", FoldedConv2d.fold(conv, bn, relu=True, winograd=winograd))
                 setattr(self, f"bn{k}", nn.Identity())
-        if self.downsample is not None and is_projection(self.downsample) and type(self.downsample[0]) is nn.Conv2d:
+        shortcut = self.downsample
+        if (shortcut is not None and is_projection(shortcut) and type(shortcut[0]) is nn.Conv2d
+                and not has_hooks(shortcut, *shortcut)):
             bn = self.downsample[1] if len(self.downsample) > 1 else None
             self.downsample = nn.Sequential(FoldedConv2d.fold(self.downsample[0], bn, relu=False))
         return self
@@ -287,6 +299,8 @@ class _FusedBlock(nn.Module):
         pairs += [(f"bn{k}", nn.BatchNorm2d) for k in range(1, cls.depth + 1)] + [("relu", nn.ReLU)]
         children = dict(block.named_children())
         if not hasattr(block, "stride") or not is_projection(getattr(block, "downsample", False)):
+            return False
+        if has_hooks(block, *children.values()):
             return False
         if set(children) - {"downsample"} != {name for name, _ in pairs}:
             return False

@@ -14,7 +14,8 @@ same tensors, so optimizers already built keep working) and leaves the state_dic
   nn.MultiheadAttention → dlcore.nn.MultiheadAttention, by a class swap (they add no state); dlcore's attention
   runs for need_weights=False calls, as nn.TransformerEncoderLayer and DecoderLayer make, torch's forward
   otherwise.
-A run the fused layer cannot express (a max pool with dilation or returned indices) is left as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
+A run the fused layer cannot express (a max pool with dilation or returned indices), and any module with
+forward or backward hooks (fusing would drop them, and what they observe), is left as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
 
 fuse_for_inference(model) — eval mode, batch norms folded into the convolution before them (FoldedConv2d): the
 ResNet blocks and stem as before, and Sequential runs (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) — VGG-BN,
@@ -28,7 +29,7 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from dlcore import nn as dnn
-from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock, is_projection
+from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock, has_hooks, is_projection
 from dlcore.ops.conv_pool import fusable_pool
 
 # (module types in order, builder(*modules) → the fused module in the first one's place); longest first where
@@ -85,7 +86,7 @@ def replace_runs(model: nn.Module, table, skip: Iterable[nn.Module] = ()) -> int
         while i < len(names):
             for types, build in table:
                 run = [seq._modules[n] for n in names[i:i + len(types)]]
-                if len(run) < len(types) or any(type(m) is not t for m, t in zip(run, types)):
+                if len(run) < len(types) or any(type(m) is not t for m, t in zip(run, types)) or has_hooks(*run):
                     continue
                 try:
                     fused = build(*run)
@@ -109,6 +110,8 @@ def _stem(model: nn.Module) -> Optional[str]:
     if not hasattr(model, "layer1") or type(getattr(model, "conv1", None)) is not nn.Conv2d:
         return None
     kinds = (type(getattr(model, "bn1", None)), type(getattr(model, "relu", None)))
+    if has_hooks(model.conv1, model.bn1, model.relu, getattr(model, "maxpool", None)):
+        return None
     return {(nn.BatchNorm2d, nn.ReLU): "plain", (BatchNorm2dReLU, nn.Identity): "fused"}.get(kinds)
 
 

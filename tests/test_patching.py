@@ -282,3 +282,29 @@ def test_fuse_for_inference_folds_grouped_dilated_bottlenecks_and_leaves_odd_sho
     x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rewrite", ["patch", "fuse"])
+def test_modules_with_hooks_and_negative_leaky_slopes_are_left_alone(rewrite):
+    """A hooked module is never replaced (its hook would be dropped, and what it observes may be fused away); a
+    LeakyReLU with a negative slope (torch allows it; the fused backward does not) keeps its run unfused."""
+    from dlcore.models import resnet as tv
+
+    torch.manual_seed(0)
+    seen = []
+    head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.LeakyReLU(-0.2),
+                         nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+    body = nn.Sequential(tv.BasicBlock(8, 8), tv.BasicBlock(8, 8))
+    stock = _warm_batch_norms(nn.Sequential(head, body)).eval()
+    model = copy.deepcopy(stock)
+    model[0][0].register_forward_hook(lambda m, i, out: seen.append("conv"))
+    model[1][0].bn2.register_forward_pre_hook(lambda m, i: seen.append("bn2"))
+    model[0][4].register_full_backward_hook(lambda m, gi, go: None)
+    model = dlcore.fuse_for_inference(model) if rewrite == "fuse" else dlcore.patch(model)
+    assert [type(m) for m in model[0][:4]] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, nn.LeakyReLU]
+    assert type(model[0][4]) is nn.Conv2d and type(model[0][5]) is not nn.BatchNorm2d  # (bn, relu) still fuse
+    assert type(model[1][0]) is tv.BasicBlock and isinstance(model[1][1], dnn.BasicBlock)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
+    assert seen == ["conv", "bn2"]
