@@ -136,14 +136,14 @@ class FoldedConv2d(nn.Conv2d):
             if _onednn_usable(self, x, None):  # oneDNN's conv + ReLU beats conv + our pool epilogue here (~1 ms)
                 z = self._onednn_forward(x, None)
                 y = cpu_maxpool_inference(z, self.pool)  # our pool without argmax; torch's keeps indices
-                return self.pool(z) if y is None else y
+                return _layout_of(x, self.pool(z) if y is None else y)
             p = self.pool
             return conv2d_relu_maxpool2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                          self.groups, p.kernel_size, p.stride, p.padding, p.ceil_mode)
         if self.winograd and _winograd_usable(self, x, residual):
-            return self._winograd_forward(x, residual)
+            return _layout_of(x, self._winograd_forward(x, residual))
         if _onednn_usable(self, x, residual):
-            return self._onednn_forward(x, residual)
+            return _layout_of(x, self._onednn_forward(x, residual))
         if self.relu:
             return conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                                residual=residual)
@@ -182,6 +182,13 @@ class FoldedConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "") + (", winograd=True" if self.winograd
                                                                              else "")
+
+
+def _layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y in x's memory format, as nn.Conv2d returns it: the CPU inference paths compute channels-last, and an
+    NCHW caller may .view() the output. Feed channels_last (model.to(memory_format=torch.channels_last)) to skip
+    the copy."""
+    return y.contiguous() if x.is_contiguous() else y  # x is NCHW-dense or channels-last here (_cpu_inference)
 
 
 def _cpu_inference(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[torch.Tensor], dtypes) -> bool:

@@ -308,3 +308,25 @@ def test_modules_with_hooks_and_negative_leaky_slopes_are_left_alone(rewrite):
     with torch.no_grad():
         torch.testing.assert_close(model(x), stock(x), rtol=1e-9, atol=1e-9)
     assert seen == ["conv", "bn2"]
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_convolutions_return_their_inputs_memory_format(winograd, channels_last):
+    """nn.Conv2d returns NCHW for NCHW input, so callers .view() its output; the folded CPU paths (oneDNN,
+    Winograd, the stem's pool) compute channels-last and must hand back the input's format."""
+    torch.manual_seed(0)
+    stock = _warm_batch_norms(nn.Sequential(
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),                        # oneDNN or Winograd
+        nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16))).float().eval()
+    model = dlcore.fuse_for_inference(copy.deepcopy(stock), winograd=winograd)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 32, 24, 24).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        for k in (2, 6, 8):  # the ends of the three folded runs
+            y, want = model[:k + 1](x), stock[:k + 1](x)
+            assert y.stride() == want.stride(), k
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+        if not channels_last:
+            y.view(2, -1)  # raised for the channels-last result before
