@@ -248,3 +248,23 @@ def test_folded_stem_with_the_inference_pool_matches_stock():
         want = pool(torch.relu(stem(x)))
         got = folded(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c[2] == torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "hw_transposed", "sliced_channels_last"])
+def test_output_memory_format_is_torchs(backend, device, dtype, layout):
+    """The output has the strides torch's conv → relu → pool chain gives the same input: channels-last only for
+    a dense channels-last input. A transposed view counted as channels-last (its channel stride was not
+    checked), and its result could not be .view()ed."""
+    g = torch.Generator().manual_seed(SEED)
+    base = torch.randn(2, 11, 13, 6, generator=g, dtype=dtype)
+    x = {"nchw": base.permute(0, 3, 1, 2).contiguous(),
+         "channels_last": base.permute(0, 3, 1, 2),
+         "hw_transposed": base.permute(0, 3, 2, 1),
+         "sliced_channels_last": base[:, :, :, :5].permute(0, 3, 1, 2)}[layout].to(device)
+    w = torch.randn(4, x.shape[1], 3, 3, generator=g, dtype=dtype).to(device)
+    with dlcore.use_backend(backend):
+        y = conv2d_relu_maxpool2d(x, w, None, padding=1, pool_kernel_size=2)
+    want = F.max_pool2d(F.relu(F.conv2d(x, w, None, 1, 1)), 2)
+    assert y.stride() == want.stride()
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)

@@ -58,13 +58,27 @@ def channel_dims(t: torch.Tensor) -> tuple[int, int, int]:
     return n, c, inner
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """t's strides are channels-last-like (channels_last_3d for 5-D), as torch's Tensor.suggest_memory_format
+    decides the layout of a convolution's or batch norm's result: a dense or sliced channels-last tensor, not a
+    transposed view whose channel stride happens to be 1, nor an ambiguous one (C = 1 or 1×1) made contiguous."""
+    if t.dim() not in (4, 5):
+        return False
+    if _suggest_memory_format is not None:
+        return _suggest_memory_format(t) is not torch.contiguous_format
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.shape[1] > 1 and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+
+
+try:  # the Python mirror of eager's Tensor.suggest_memory_format (private; absent from older torch)
+    from torch._prims_common import suggest_memory_format as _suggest_memory_format
+except ImportError:  # pragma: no cover
+    _suggest_memory_format = None
+
+
 def dense_like(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """t dense in `like`'s layout (channels_last kept as is, anything else made contiguous)."""
-    like = t if like is None else like
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(like.dim())
-    channels_last = (fmt is not None and like.shape[1] > 1 and not like.is_contiguous()
-                     and like.is_contiguous(memory_format=fmt))
-    return as_layout(t, channels_last)
+    return as_layout(t, is_channels_last(t if like is None else like))
 
 
 _WORD_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,

@@ -96,8 +96,7 @@ def reference_backward(grad_y, x, weight, y, argmax, has_bias, conv, pool, mask)
 
 
 # ---------------------------------------------------------------------------------------------------- cpu (C++)
-def _channels_last(t: torch.Tensor) -> bool:
-    return channel_ops.channel_dims(t)[2] == 1 and t.shape[1] > 1
+_channels_last = channel_ops.is_channels_last
 
 
 def _in_layout_of(x: torch.Tensor, y: torch.Tensor, argmax: Optional[torch.Tensor]) -> tuple:
@@ -152,7 +151,7 @@ def cpu_maxpool_inference(z: torch.Tensor, pool: torch.nn.MaxPool2d) -> Optional
     """relu(maxpool(z)) for a non-negative channels-last CPU tensor z (after a conv + ReLU), no argmax kept: the
     pool of the folded ResNet stem in inference (the C++ epilogue without its offsets: 8×64×112×112, 3×3/2 →
     see blocks.FoldedConv2d). None when it does not apply (then the caller pools with torch)."""
-    if (_ext.cpu is None or z.dtype not in channel_ops.LOW or not _channels_last(z) or z.requires_grad
+    if (_ext.cpu is None or z.dtype not in channel_ops.LOW or not z.is_contiguous(memory_format=CL) or z.requires_grad
             or not fusable_pool(pool)):
         return None
     try:
