@@ -15,7 +15,8 @@ same tensors, so optimizers already built keep working) and leaves the state_dic
   runs for need_weights=False calls, as nn.TransformerEncoderLayer and DecoderLayer make, torch's forward
   otherwise.
 A run the fused layer cannot express (a max pool with dilation or returned indices), and any module with
-forward or backward hooks (fusing would drop them, and what they observe), is left as it was. Dropout after a fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
+forward or backward hooks (fusing would drop them, and what they observe), is left as it was. Dropout after a
+fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's generator.
 
 fuse_for_inference(model) — eval mode, batch norms folded into the convolution before them (FoldedConv2d): the
 ResNet blocks and stem as before, and Sequential runs (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) — VGG-BN,

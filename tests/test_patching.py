@@ -330,3 +330,15 @@ def test_folded_convolutions_return_their_inputs_memory_format(winograd, channel
             torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
         if not channels_last:
             y.view(2, -1)  # raised for the channels-last result before
+    # residual blocks: the convolutions inside pass channels-last on, the block's result takes x's format
+    from dlcore.models import resnet as tv
+
+    shortcut = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+    stock = _warm_batch_norms(nn.Sequential(tv.BasicBlock(32, 64, 2, shortcut), tv.BasicBlock(64, 64))).float()
+    model = dlcore.fuse_for_inference(copy.deepcopy(stock.eval()), winograd=winograd)
+    assert isinstance(model[0].conv2, FoldedConv2d) and not model[0].conv1.caller_layout
+    with torch.no_grad():
+        for k in (0, 1):
+            y, want = model[:k + 1](x), stock[:k + 1](x)
+            assert y.stride() == want.stride(), k
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
