@@ -16,7 +16,7 @@ transforms, tensor subclasses — takes the custom op itself, as before.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -49,6 +49,30 @@ def autocast_dtype(t: torch.Tensor):
         return None
     device_type = t.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_inputs(low: torch.dtype, *tensors):
+    """Autocast's rule for an op on its lower-precision list: floating tensors other than float64 cast to `low`
+    (anything else, None included, passes through)."""
+    return [t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def bias_in_gemm(input: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether torch's GEMM or convolution should add `bias` itself, not a fused epilogue after it: when its
+    output is 16-bit (a 16-bit input with a bias of its dtype, or autocast to 16 bits). torch adds the bias in
+    fp32 before its one rounding; rounding x·w first and adding the bias after moves pre-activations near 0 by up
+    to 2⁻⁸·|x·w| and flips ReLU masks (bf16 gradients 10–170× torch's own error against float64, measured on
+    linear_act and conv2d_relu). fp32 and fp64 keep the fused bias: their rounding is 2⁻²⁴ or finer."""
+    if bias is None:
+        return False
+    cast = autocast_dtype(input)
+    if cast is not None:
+        return cast in HALF_DTYPES
+    return input.dtype in HALF_DTYPES and bias.dtype == input.dtype
 
 
 def wants_grad(args) -> bool:

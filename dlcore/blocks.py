@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlcore import _eager
 from dlcore.ops import winograd
 from dlcore.ops.batch_norm import batch_norm_act, dense_like, is_channels_last
 from dlcore.ops.conv_pool import conv2d_relu_maxpool2d, cpu_maxpool_inference
@@ -206,8 +207,8 @@ def _cpu_inference(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[torch
     if residual is not None and (residual.shape != (x.shape[0], conv.out_channels) + residual.shape[2:]
                                  or residual.dtype != x.dtype or residual.dim() != 4):
         return False
-    if torch.compiler.is_compiling() or requested_backend() is not None:
-        return False
+    if torch.compiler.is_compiling() or requested_backend() is not None or _eager.autocast_dtype(x) is not None:
+        return False  # (under autocast the portable path computes in autocast's dtype, as nn.Conv2d)
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -377,12 +377,6 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout_p > 0 else 0
 
 
-def _autocast_inputs(low: torch.dtype, *tensors):
-    """Autocast's rule for an op on its lower-precision list: floating tensors other than float64 cast to `low`."""
-    return [t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]
-
-
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
@@ -405,7 +399,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """
     low = _eager.autocast_dtype(query) if isinstance(query, torch.Tensor) else None
     if low is not None:
-        query, key, value, attn_mask, key_padding_mask = _autocast_inputs(low, query, key, value, attn_mask,
+        query, key, value, attn_mask, key_padding_mask = _eager.autocast_inputs(low, query, key, value, attn_mask,
                                                                           key_padding_mask)
     _check_qkv(query, key, value, enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:

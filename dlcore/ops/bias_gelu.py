@@ -302,7 +302,9 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                activation: str = "relu", dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """dropout(act(F.linear(input, weight, bias))): the matmul without its bias, then the fused bias + activation
     (+ dropout). On the CPU, fp32 inputs of at most 64 rows use dlcore's skinny GEMMs for the matmul's forward and
-    its input gradient."""
+    its input gradient. 16-bit (or autocast): F.linear adds the bias, before its rounding (_eager.bias_in_gemm)."""
+    if _eager.bias_in_gemm(input, bias):
+        return bias_act(F.linear(input, weight, bias), None, activation, dropout_p, training)
     return bias_act(_matmul_nt(input, weight), bias, activation, dropout_p, training)
 
 

@@ -74,10 +74,11 @@ def _window_offsets(indices: torch.Tensor, geometry: tuple) -> torch.Tensor:
 
 @_dispatch.register(FORWARD, "reference", devices=("cpu", "cuda"), dtypes=FLOATS)
 def reference_forward(x, weight, bias, conv, pool, keep_argmax=True):
-    z = F.conv2d(x, weight, None, *conv)
+    inside = bias is not None and bias.dtype == x.dtype  # torch's chain: the convolution adds it, before rounding
+    z = F.conv2d(x, weight, bias if inside else None, *conv)
     geometry = _geometry(z.shape, pool)
     pooled, indices = F.max_pool2d(z, pool[:2], pool[2:4], pool[4:6], 1, pool[6], return_indices=True)
-    if bias is not None:
+    if bias is not None and not inside:  # (a bias of another dtype: added in the pooled output's)
         pooled = pooled + bias.to(pooled.dtype)[:, None, None]
     return F.relu(pooled), _window_offsets(indices, geometry) if keep_argmax else None
 
@@ -114,7 +115,9 @@ CL = torch.channels_last
 
 @_dispatch.register(FORWARD, "cpu", devices=("cpu",), dtypes=channel_ops.LOW, available=_ext.cpu_unavailable)
 def cpu_forward(x, weight, bias, conv, pool, keep_argmax=True):
-    z = as_layout(F.conv2d(as_layout(x, True), weight, None, *conv), True)
+    # 16-bit: the convolution adds the bias before its rounding (_eager.bias_in_gemm); max commutes with it
+    conv_bias, bias = (bias, None) if _eager.bias_in_gemm(x, bias) else (None, bias)
+    z = as_layout(F.conv2d(as_layout(x, True), weight, conv_bias, *conv), True)
     geometry = _geometry(z.shape, pool)
     shape = (geometry[0], geometry[1], geometry[4], geometry[5])
     y = torch.empty(shape, dtype=z.dtype, memory_format=CL)
@@ -211,7 +214,8 @@ def triton_forward(x, weight, bias, conv, pool, keep_argmax=True):
         x, wt, y, arg, dims = fused_problem(x, weight, conv, pool, keep_argmax)
         kernels.fused_forward(x, wt, b, y, arg, dims)
         return y, arg
-    z = as_layout(F.conv2d(as_layout(x, True), weight, None, *conv), True)
+    conv_bias, b = (bias, None) if _eager.bias_in_gemm(x, bias) else (None, b)
+    z = as_layout(F.conv2d(as_layout(x, True), weight, conv_bias, *conv), True)
     y, argmax = kernels.forward(z, b, _geometry(z.shape, pool), keep_argmax)
     return _in_layout_of(x, y, argmax)
 
@@ -323,7 +327,11 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """F.max_pool2d(F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups)), pool_kernel_size,
     pool_stride, pool_padding, ceil_mode=ceil_mode) as one op. pool_stride None means the kernel size (torch's
     rule). x: [N, C_in, H, W] or [C_in, H, W] (NCHW or channels_last; the output keeps the layout), floating point
-    (the CPU twin runs fp32/bf16/fp16, other dtypes and CUDA tensors the reference)."""
+    (the CPU twin runs fp32/bf16/fp16, other dtypes and CUDA tensors the reference). Under autocast the floating
+    arguments run in autocast's dtype, as F.conv2d's do (the result too)."""
+    low = _eager.autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if low is not None:
+        x, weight, bias = _eager.autocast_inputs(low, x, weight, bias)
     check_conv_args(x, weight, bias, {}, padding)
     if x.dim() == 3:
         return conv2d_relu_maxpool2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,

@@ -188,7 +188,11 @@ def _epilogue_backends(backend: str, dtypes):
 
             launch = _dispatch.get_op(conv_pool.FORWARD).impls[backend].fn
             return launch(x, weight, bias, (stride, padding, dilation, groups), conv_pool.NO_POOL, False)[0]
-        y = channel_ops.dense_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+        if _eager.bias_in_gemm(x, bias):  # 16-bit: the convolution adds the bias before its rounding
+            bias, y = None, F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        else:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        y = channel_ops.dense_like(y)
         r = None if residual is None else channel_ops.dense_like(residual, y)
         shift = None if bias is None else _checks.dense_vector(bias, torch.float32)
         return affine.fn(y, r, None, shift, y, channel_ops.channel_dims(y), RELU, 0.0)
@@ -269,7 +273,11 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """relu(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), as torch.nn.functional.conv2d
     followed by an add and relu. x: [N, C_in, H, W] or [C_in, H, W] (NCHW or channels_last), weight:
     [C_out, C_in/groups, kH, kW], bias: [C_out] or None, residual: None or the output's shape; floating dtypes
-    (the CPU twin runs fp32/bf16/fp16, float64 the reference)."""
+    (the CPU twin runs fp32/bf16/fp16, float64 the reference). Under autocast the floating arguments run in
+    autocast's dtype, as F.conv2d's do (the result too)."""
+    low = _eager.autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if low is not None:
+        x, weight, bias, residual = _eager.autocast_inputs(low, x, weight, bias, residual)
     check_conv_args(x, weight, bias, {"residual": residual}, padding)
     if x.dim() == 3:
         r = None if residual is None else residual.unsqueeze(0)
