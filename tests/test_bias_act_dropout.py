@@ -150,6 +150,7 @@ def test_skinny_linear_matches_float64(lead, k, n, monkeypatch):
     if x.numel() * n < ops.SKINNY_MIN_MACS:
         assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(x, w, b))
     monkeypatch.setattr(ops, "SKINNY_MIN_MACS", 0)
+    monkeypatch.setattr(ops, "SKINNY_HOST", True)  # (the kernel is tested on every host; it runs on AMD ones)
     y = linear_act(x, w, b, "identity")
     assert "_SkinnyLinearBackward" in _autograd_nodes(y), "the skinny GEMM did not run"
     dy = torch.randn(y.shape, generator=gen)
@@ -184,7 +185,7 @@ def test_linear_matches_float64(lead, k, n, bias):
     assert list(layer.state_dict()) == list(torch.nn.Linear(k, n, bias=bias).state_dict())
     y = layer(x)
     skinny = (getattr(dlcore._ext.cpu, "simd", None) == "avx512" and x.numel() <= ops.SKINNY_MAX_ROWS * k
-              and x.numel() * n >= ops.SKINNY_MIN_MACS)
+              and x.numel() * n >= ops.SKINNY_MIN_MACS and ops.SKINNY_HOST)
     assert ("_SkinnyLinearBackward" in _autograd_nodes(y)) == skinny
     dy = torch.randn(y.shape, generator=gen)
     y.backward(dy)
@@ -205,3 +206,23 @@ def test_linear_matches_float64(lead, k, n, bias):
         linear(x, torch.randn(n, k + 1))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # torch's autocast rule: the linear runs (and returns) bf16
         assert layer(x).dtype == torch.nn.functional.linear(x, layer.weight, layer.bias).dtype == torch.bfloat16
+
+
+def test_skinny_gemm_runs_where_the_host_rule_says(monkeypatch):
+    """SKINNY_HOST: DLCORE_SKINNY_GEMM=1/0 forces it; otherwise AMD CPUs only (MKL beats it on Intel ones)."""
+    monkeypatch.setenv("DLCORE_SKINNY_GEMM", "1")
+    assert ops._skinny_host()
+    monkeypatch.setenv("DLCORE_SKINNY_GEMM", "0")
+    assert not ops._skinny_host()
+    monkeypatch.delenv("DLCORE_SKINNY_GEMM")
+    try:
+        with open("/proc/cpuinfo") as f:
+            amd = "AuthenticAMD" in f.read()
+    except OSError:
+        amd = False
+    assert ops._skinny_host() == amd
+    x, w = torch.randn(2, 1024), torch.randn(512, 1024)
+    for host in (False, True):
+        monkeypatch.setattr(ops, "SKINNY_HOST", host)
+        avx512 = getattr(dlcore._ext.cpu, "simd", None) == "avx512"
+        assert ("_SkinnyLinearBackward" in _autograd_nodes(linear_act(x.requires_grad_(), w))) == (host and avx512)

@@ -64,10 +64,11 @@ def is_channels_last(t: torch.Tensor) -> bool:
     transposed view whose channel stride happens to be 1, nor an ambiguous one (C = 1 or 1×1) made contiguous."""
     if t.dim() not in (4, 5):
         return False
-    if _suggest_memory_format is not None:
-        return _suggest_memory_format(t) is not torch.contiguous_format
     fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
-    return t.shape[1] > 1 and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+    dense, dense_cl = t.is_contiguous(), t.is_contiguous(memory_format=fmt)
+    if dense != dense_cl or _suggest_memory_format is None:  # (the common cases, without the Python mirror)
+        return dense_cl and not dense and t.shape[1] > 1
+    return _suggest_memory_format(t) is not torch.contiguous_format  # ambiguous (C = 1, 1×1) or not dense
 
 
 try:  # the Python mirror of eager's Tensor.suggest_memory_format (private; absent from older torch)

@@ -28,6 +28,7 @@ Backends
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -230,6 +231,22 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     return input.copy_(out) if inplace and out is not input else out
 
 
+def _skinny_host() -> bool:
+    """Whether this host's BLAS leaves the skinny shapes to us: DLCORE_SKINNY_GEMM=1/0 if set, else an AMD CPU.
+    torch's x86 builds call MKL, which runs few-row fp32 GEMMs far below peak on AMD (our kernel 1.1–3.4× it on
+    the 2-core EPYC VM) but well on Intel (2-core Xeon VM with AVX-512, 2026-12-02: ours 0.84–0.96× MKL on every
+    shape from 1×768×2304 to 64×512×2048, GPT-2 generate 0.86× its stock twin), so Intel keeps torch's GEMM."""
+    forced = os.environ.get("DLCORE_SKINNY_GEMM")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
+SKINNY_HOST = _skinny_host()
 SKINNY_MAX_ROWS = 64  # measured on the 2-core AMD VM: ours 1.1–3.4× torch's sgemm up to 64 rows, even at 128
 # and from 2^18 multiply-adds: below, our call's ~13 µs of Python and binding cost more than the GEMV saves
 # (1 row, 256×256: 15.4 µs against torch's 6.1; 256×1024: 22.5 against 25.6; 4 rows of 256×1024: 32.7 against 57.9)
@@ -265,15 +282,16 @@ class _SkinnyLinear(torch.autograd.Function):
 
 
 def _skinny(input: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether F.linear(input, weight) runs our skinny GEMM: few rows of fp32 on the CPU (AVX-512 builds), enough
-    multiply-adds, the cpu backend the one chosen (so use_backend("reference") stays pure torch), not under
-    torch.compile, and not under CPU autocast (where torch's linear computes in the autocast dtype and returns it)."""
+    """Whether F.linear(input, weight) runs our skinny GEMM: few rows of fp32 on the CPU (AVX-512 builds, on a
+    host where it beats torch's BLAS: SKINNY_HOST), enough multiply-adds, the cpu backend the one chosen (so
+    use_backend("reference") stays pure torch), not under torch.compile, and not under CPU autocast (where torch's
+    linear computes in the autocast dtype and returns it)."""
     return (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
             and _eager.autocast_dtype(input) is None
             and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous() and input.dim() >= 1
             and input.shape[-1] == weight.shape[1] and 0 < input.numel() <= SKINNY_MAX_ROWS * weight.shape[1]
             and input.numel() * weight.shape[0] >= SKINNY_MIN_MACS and not torch.compiler.is_compiling()
-            and getattr(_ext.cpu, "simd", None) == "avx512"
+            and getattr(_ext.cpu, "simd", None) == "avx512" and SKINNY_HOST
             and _dispatch.select(FORWARD, input.device, input.dtype)[0] == "cpu")
 
 
