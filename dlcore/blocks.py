@@ -154,6 +154,16 @@ class FoldedConv2d(nn.Conv2d):
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return y if residual is None else y + residual
 
+    # per-shape caches derived from the weights (oneDNN's packed weights: an opaque tensor, which neither pickles nor
+    # deep-copies); rebuilt on the next call, so a copy or a saved model leaves them out
+    _CACHES = ("_packed", "_packed_key", "_winograd_weight", "_winograd_key")
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in self._CACHES:
+            state.pop(name, None)
+        return state
+
     def _layout_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y in x's memory format, as nn.Conv2d returns it: the CPU inference paths compute channels-last, and an
         NCHW caller may .view() the output. Feed channels_last (model.to(memory_format=torch.channels_last)) to

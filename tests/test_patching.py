@@ -342,3 +342,23 @@ def test_folded_convolutions_return_their_inputs_memory_format(winograd, channel
             y, want = model[:k + 1](x), stock[:k + 1](x)
             assert y.stride() == want.stride(), k
             torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_a_folded_model_that_has_run_copies_and_saves(winograd):
+    """FoldedConv2d keeps oneDNN's packed weights (an opaque tensor) after its first call: copy.deepcopy and
+    torch.save of the whole model raised until the caches were left out of its pickled state."""
+    import io
+
+    from dlcore.models import resnet as tv
+
+    torch.manual_seed(0)
+    model = dlcore.fuse_for_inference(_warm_batch_norms(tv.resnet18(num_classes=10, stock=True)).float(),
+                                      winograd=winograd)
+    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        for other in (copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+            torch.testing.assert_close(other(x), want, rtol=0, atol=0)

@@ -120,6 +120,33 @@ def test_save_load_round_trip_continues_identically(tmp_path):
         PrioritizedFrameStackReplayBuffer(50, frame_shape=FRAME, n_step=2).load(tmp_path / "b.pt")
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_buffer_continues_identically_and_independently(how):
+    """copy.deepcopy / pickle / torch.save of the buffer object (it held a lock, which neither copies): the copy
+    samples what the original samples, and adding to one leaves the other as it was."""
+    import copy
+    import pickle
+
+    from dlcore.rl import PrioritizedReplayBuffer
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    frames = PrioritizedFrameStackReplayBuffer(50, frame_shape=FRAME, n_step=3, seed=5)
+    _play(frames, gen, 6, 4, 3, 0.99, "reset")
+    flat = PrioritizedReplayBuffer(20, seed=3)
+    for i in range(7):
+        flat.add(obs=torch.randn(3, generator=gen), act=torch.tensor(i))
+    for buf in (frames, flat):
+        other = copy.deepcopy(buf) if how == "deepcopy" else pickle.loads(pickle.dumps(buf))
+        x, y = buf.sample(5), other.sample(5)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+        before = len(buf)
+        if buf is flat:
+            other.add(obs=torch.zeros(3), act=torch.tensor(0))
+        else:
+            other.add(torch.ones(FRAME, dtype=torch.uint8), 2, 1.0, None, terminated=False)
+        assert len(buf) == before
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="padding"):
         FrameStackReplayBuffer(100, padding="edge")

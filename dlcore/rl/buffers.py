@@ -155,6 +155,18 @@ class ReplayBuffer:
     def save(self, path) -> None:
         torch.save(self.state_dict(), path)
 
+    def __getstate__(self) -> dict:
+        """copy.deepcopy, pickle and torch.save of the buffer itself: everything but the lock (a fresh one after),
+        taken under it so no add() is half written into the copy."""
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def load(self, path) -> None:
         self.load_state_dict(torch.load(path, weights_only=False))
 
