@@ -166,8 +166,9 @@ class FoldedConv2d(nn.Conv2d):
 
     def _layout_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y in x's memory format, as nn.Conv2d returns it: the CPU inference paths compute channels-last, and an
-        NCHW caller may .view() the output. Feed channels_last (model.to(memory_format=torch.channels_last)) to
-        skip the copy (ResNet-18 B8 fp32 on an NCHW input: 1.57× → 1.2–1.3× stock with a copy after every conv)."""
+        NCHW caller may .view() the output. Inside a folded residual block (caller_layout False) only the block's
+        result is converted (_FusedBlock.forward). Feed channels_last (model.to(memory_format=torch.channels_last))
+        to skip the copies (README, "Memory format")."""
         return y if not self.caller_layout or is_channels_last(x) else y.contiguous()
 
     def _onednn_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:

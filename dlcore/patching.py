@@ -111,9 +111,10 @@ def _stem(model: nn.Module) -> Optional[str]:
     if not hasattr(model, "layer1") or type(getattr(model, "conv1", None)) is not nn.Conv2d:
         return None
     kinds = (type(getattr(model, "bn1", None)), type(getattr(model, "relu", None)))
-    if has_hooks(model.conv1, model.bn1, model.relu, getattr(model, "maxpool", None)):
+    stem = {(nn.BatchNorm2d, nn.ReLU): "plain", (BatchNorm2dReLU, nn.Identity): "fused"}.get(kinds)
+    if stem is None or has_hooks(model.conv1, model.bn1, model.relu, getattr(model, "maxpool", None)):
         return None
-    return {(nn.BatchNorm2d, nn.ReLU): "plain", (BatchNorm2dReLU, nn.Identity): "fused"}.get(kinds)
+    return stem
 
 
 def _torchvision_block(module: nn.Module) -> Optional[type]:

@@ -223,6 +223,14 @@ def _stock_blocks():
         def forward(self, x):
             return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
 
+    class NoNormStem(nn.Module):  # conv1 and layer1 but no bn1 / relu (looking them up raised)
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.layer1 = nn.Conv2d(8, 8, 3, padding=1), nn.Sequential(tv.BasicBlock(8, 8))
+
+        def forward(self, x):
+            return self.layer1(self.conv1(x))
+
     group_norm, leaky = tv.BasicBlock(8, 8), tv.BasicBlock(8, 8)
     group_norm.bn1, group_norm.bn2 = nn.GroupNorm(2, 8), nn.GroupNorm(4, 8)
     leaky.relu = nn.LeakyReLU(0.1)
@@ -237,6 +245,7 @@ def _stock_blocks():
         "silu stem": (Stem(nn.SiLU()), 1),
         "identity stem": (Stem(nn.Identity()), 1),
         "relu stem": (Stem(nn.ReLU()), 1),
+        "stem without norm": (NoNormStem(), 1),
     }
 
 
@@ -255,7 +264,7 @@ def test_blocks_and_stems_are_converted_only_when_they_compute_torchvisions_forw
     assert converted == convertible, kinds
     if hasattr(stock, "layer1"):  # the stem: fused (patch) or folded with its pool (fuse) only when it is ReLU's
         fused_stem = (getattr(model.conv1, "pool", None) is not None if mode == "fuse"
-                     else type(model.bn1) is dnn.BatchNorm2dReLU)
+                     else type(getattr(model, "bn1", None)) is dnn.BatchNorm2dReLU)
         assert fused_stem == (case == "relu stem")
     x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
     if mode == "fuse":

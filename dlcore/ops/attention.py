@@ -400,7 +400,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     low = _eager.autocast_dtype(query) if isinstance(query, torch.Tensor) else None
     if low is not None:
         query, key, value, attn_mask, key_padding_mask = _eager.autocast_inputs(low, query, key, value, attn_mask,
-                                                                          key_padding_mask)
+                                                                                key_padding_mask)
     _check_qkv(query, key, value, enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")

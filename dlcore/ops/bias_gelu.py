@@ -235,7 +235,8 @@ def _skinny_host() -> bool:
     """Whether this host's BLAS leaves the skinny shapes to us: DLCORE_SKINNY_GEMM=1/0 if set, else an AMD CPU.
     torch's x86 builds call MKL, which runs few-row fp32 GEMMs far below peak on AMD (our kernel 1.1–3.4× it on
     the 2-core EPYC VM) but well on Intel (2-core Xeon VM with AVX-512, 2026-12-02: ours 0.84–0.96× MKL on every
-    shape from 1×768×2304 to 64×512×2048, GPT-2 generate 0.86× its stock twin), so Intel keeps torch's GEMM."""
+    shape from 1×768×2304 to 64×512×2048; AlexNet fc6 fwd+bwd 0.84× eager with it, 0.99× without), so Intel
+    keeps torch's GEMM."""
     forced = os.environ.get("DLCORE_SKINNY_GEMM")
     if forced in ("0", "1"):
         return forced == "1"

@@ -156,10 +156,9 @@ class ReplayBuffer:
         torch.save(self.state_dict(), path)
 
     def __getstate__(self) -> dict:
-        """copy.deepcopy, pickle and torch.save of the buffer itself: everything but the lock (a fresh one after),
-        taken under it so no add() is half written into the copy."""
-        with self._lock:
-            state = self.__dict__.copy()
+        """copy.deepcopy, pickle and torch.save of the buffer itself: everything but the lock (a fresh one after).
+        The tensors are copied after this returns, so copy a buffer while no other thread adds to it."""
+        state = self.__dict__.copy()
         del state["_lock"]
         return state
 
