@@ -416,8 +416,6 @@ def test_bad_input_is_named():
         scaled_dot_product_attention(x, x.double(), x)
     with pytest.raises(TypeError, match="attn_mask"):
         scaled_dot_product_attention(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="exclusive"):
-        scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
     with pytest.raises(ValueError, match="dropout_p"):
         scaled_dot_product_attention(x, x, x, dropout_p=1.5)
     with pytest.raises(ValueError, match="key_padding_mask"):
@@ -427,3 +425,30 @@ def test_bad_input_is_named():
         flash_attn_varlen_func(t, t, t, torch.tensor([0, 4]), torch.tensor([0, 5]))
     empty = torch.randn(1, 2, 0, 16)
     assert scaled_dot_product_attention(empty, x, x).shape == (1, 2, 0, 16)
+
+
+def test_torch_2_13_semantics_mask_with_causal_broadcast_kv_and_empty_queries():
+    """What torch 2.13's SDPA accepts: attn_mask together with is_causal (both apply), key/value batch dims of
+    size 1 and a single key/value head (broadcast, without enable_gqa), a float32 mask for 16-bit queries; and an
+    empty result that backward runs through (zero gradients). Each was an error here."""
+    gen = torch.Generator().manual_seed(SEED)
+    q = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(2, 1, 5, 7, generator=gen) > 0.3
+    causal = torch.ones(5, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask & causal))
+    k1, v1 = k[:1, :1], v[:1, :1]
+    torch.testing.assert_close(scaled_dot_product_attention(q, k1, v1),
+                               F.scaled_dot_product_attention(q, k1.expand(2, 3, 7, 8), v1.expand(2, 3, 7, 8)))
+    bias = torch.randn(5, 7, generator=gen)
+    got = scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=bias)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.bfloat16().double())
+    assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() < 0.05
+    with pytest.raises(TypeError, match="attn_mask"):  # torch's rule: bool, float32 or query's dtype
+        scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.half())
+    leaves = [t.clone().requires_grad_() for t in (q[:, :, :0], k, v)]
+    out = scaled_dot_product_attention(*leaves)
+    assert out.shape == (2, 3, 0, 8)
+    out.sum().backward()
+    assert all(t.grad is not None and not t.grad.any() for t in leaves)

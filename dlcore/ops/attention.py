@@ -335,8 +335,9 @@ def _check_qkv(q, k, v, enable_gqa: bool) -> None:
             raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
         if t.dim() < 3:
             raise ValueError(f"{name} must be at least 3-D (..., heads, length, dim), got shape {tuple(t.shape)}")
-        if t.dim() != q.dim() or t.shape[:-3] != q.shape[:-3]:
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match query {tuple(q.shape)} in the batch dims")
+        if t.dim() != q.dim() or any(a not in (b, 1) for a, b in zip(t.shape[:-3], q.shape[:-3])):
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match query {tuple(q.shape)} in the batch dims "
+                             f"(equal, or 1 to broadcast)")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}")
     if k.shape[-2] != v.shape[-2] or k.shape[-3] != v.shape[-3]:
@@ -344,7 +345,7 @@ def _check_qkv(q, k, v, enable_gqa: bool) -> None:
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"head dim {max(q.shape[-1], v.shape[-1])} is over the supported maximum {MAX_HEAD_DIM}")
     hq, hk = q.shape[-3], k.shape[-3]
-    if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
+    if hq != hk and not (hk == 1 or enable_gqa and hk > 0 and hq % hk == 0):  # (one key/value head broadcasts)
         raise ValueError(f"query has {hq} heads and key/value {hk}: " + (
             "query heads must be a multiple of key/value heads for GQA" if enable_gqa else
             "pass enable_gqa=True for grouped-query attention"))
@@ -360,9 +361,9 @@ def _as_bias(mask, name: str, q: torch.Tensor) -> Optional[torch.Tensor]:
         raise ValueError(f"{name} is on {mask.device} but query is on {q.device}")
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    if mask.dtype != q.dtype:
-        raise TypeError(f"{name} must be bool or query's dtype {q.dtype}, got {mask.dtype}")
-    return mask
+    if mask.dtype not in (q.dtype, torch.float32):  # torch's rule: bool, float32, or query's dtype
+        raise TypeError(f"{name} must be bool, float32 or query's dtype {q.dtype}, got {mask.dtype}")
+    return mask.to(q.dtype)  # (a float32 mask for 16-bit queries: the kernels read the bias in query's dtype)
 
 
 def _broadcast_bias(bias: torch.Tensor, name: str, full: tuple) -> torch.Tensor:
@@ -388,8 +389,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     query (..., Hq, L, E), key (..., Hk, S, E), value (..., Hk, S, Ev); returns (..., Hq, L, Ev) in query's dtype.
     attn_mask: bool (True = take part) or additive float of query's dtype, broadcastable to (..., Hq, L, S);
     an additive mask that requires grad gets its gradient. is_causal: query i sees keys j <= i (top-left aligned,
-    as torch, also when L != S); not together with attn_mask. dropout_p: on the attention weights, Philox-seeded
-    from torch's generator (torch.manual_seed reproduces it). enable_gqa: Hq a multiple of Hk.
+    as torch, also when L != S); with attn_mask both apply, as torch 2.13 does (older torch refused the pair).
+    dropout_p: on the attention weights, Philox-seeded from torch's generator (torch.manual_seed reproduces it).
+    enable_gqa: Hq a multiple of Hk. Key and value broadcast as torch's: batch dims of size 1, or one head.
     Extensions (keyword only): key_padding_mask (..., S) as torch.nn.MultiheadAttention's (bool True = ignore the
     key, or additive float); key_lengths (...) integers: only the first key_lengths[b] keys of batch element b
     take part — right-padded batches, whose padded key blocks the kernel then skips (the variable-length path);
@@ -404,8 +406,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check_qkv(query, key, value, enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask and is_causal=True are exclusive (as in torch): pass one of them")
     left, right = (int(w) for w in window_size)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
@@ -434,7 +434,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"key_lengths must lie in [0, {lk}]")
         klen = key_lengths.reshape(batch).to(torch.int32)
     if lq == 0 or lk == 0 or batch == 0 or hq == 0:
-        return query.new_zeros((*lead, hq, lq, value.shape[-1]))
+        shape = (*lead, hq, lq, value.shape[-1])
+        if math.prod(shape) == 0:  # an empty result stays in the graph: backward gives zero gradients, as torch's
+            return (query.sum(-1, keepdim=True) * 0 + key.sum() * 0 + value.sum() * 0).expand(shape)
+        return query.new_zeros(shape)  # (no key at all: zeros, outside the graph as torch's)
+    if key.shape[:-3] != tuple(lead):  # batch dims of size 1 broadcast over query's, as torch's
+        key, value = (t.expand(*lead, *t.shape[-3:]).contiguous() for t in (key, value))
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
     four_d = query.dim() == 4  # already [batch, heads, length, dim]: no reshapes (~5 µs of a decode step's call)
     q, k, v = (query, key, value) if four_d else (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
