@@ -5,6 +5,7 @@ gradcheck, opcheck, torch.compile; bad input."""
 import math
 import os
 import time
+import zlib
 
 import pytest
 import torch
@@ -71,7 +72,8 @@ def _assert_close_where_finite(got, exact, names=("o", "lse", "dq", "dk", "dv", 
 def test_backend_matches_float64_reference(backend, device, dtype, case):
     if backend == "triton" and device == "cpu" and case[5] == 192 and dtype != torch.float32:
         pytest.skip("interpreter time: d192 runs in fp32 only")
-    gen = torch.Generator().manual_seed(SEED + sum(map(hash, map(str, case))) % 1000)
+    # (zlib, not hash(): str hashes change per process, so DLCORE_TEST_SEED did not replay a failure)
+    gen = torch.Generator().manual_seed(SEED + zlib.crc32(str(case).encode()) % 1000)
     q, k, v, bias, klen, scale, window, p, seed = _inputs(case, dtype, device, gen)
     low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (q, k, v, bias)]
     q_l, k_l, v_l, bias_l = low
@@ -89,13 +91,19 @@ def test_backend_matches_float64_reference(backend, device, dtype, case):
     if dtype == torch.float32:
         _assert_close_where_finite(got, exact)
         return
-    # the FlashAttention criterion: error ≤ 2× the error of the same math done in the low dtype
+    # the FlashAttention criterion: error ≤ 2× the error of the same math done in the low dtype, plus (as its own
+    # tests allow) twice the rounding of the exact result to the low dtype: with few query rows (case 7: three,
+    # dropout) a max over few elements put 2.5% of fresh draws just past 2× (dk, dbias at 2.1–2.5×)
     baseline = _grads(*low, klen, scale, window, p, seed, dtype, dout.to(dtype))
     for name, g, e, base in zip(names, got, exact, baseline):
         finite = torch.isfinite(e)
-        err = (g.double() - e)[finite].abs().max().item() if finite.any() else 0.0
-        base_err = (base.double() - e)[finite].abs().max().item() if finite.any() else 0.0
-        assert err <= 2 * base_err + 1e-5, f"{name}: error {err:.3g} vs low-precision reference {base_err:.3g}"
+        if not finite.any():
+            continue
+        err = (g.double() - e)[finite].abs().max().item()
+        base_err = (base.double() - e)[finite].abs().max().item()
+        rounding = (e[finite].to(dtype).double() - e[finite]).abs().max().item()
+        assert err <= 2 * base_err + 2 * rounding + 1e-5, \
+            f"{name}: error {err:.3g} vs low-precision reference {base_err:.3g} (rounding {rounding:.3g})"
 
 
 SPLIT_CASES = CASES[3:4] + CASES[6:] + [(1, 2, 1, 16, 300, 64, (-1, -1), True, True, 0.15)]  # Lq ≤ 16, long Lk
