@@ -51,9 +51,13 @@ def autocast_dtype(t: torch.Tensor):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def autocast_inputs(low: torch.dtype, *tensors):
-    """Autocast's rule for an op on its lower-precision list: floating tensors other than float64 cast to `low`
-    (anything else, None included, passes through)."""
+def autocast_inputs(*tensors) -> list:
+    """Autocast's rule for an op on its lower-precision list, when autocast is on for the first argument's device:
+    floating tensors other than float64 cast to autocast's dtype (anything else, None included, passes through;
+    with autocast off, everything does)."""
+    low = autocast_dtype(tensors[0]) if isinstance(tensors[0], torch.Tensor) else None
+    if low is None:
+        return list(tensors)
     return [t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in tensors]
 

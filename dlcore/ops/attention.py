@@ -399,10 +399,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     A query row that sees no key returns zeros (as torch). fp32, fp16, bf16 (fp32 math inside) and float64.
     Under autocast, floating inputs (float64 aside) run in autocast's dtype, as torch's SDPA does.
     """
-    low = _eager.autocast_dtype(query) if isinstance(query, torch.Tensor) else None
-    if low is not None:
-        query, key, value, attn_mask, key_padding_mask = _eager.autocast_inputs(low, query, key, value, attn_mask,
-                                                                                key_padding_mask)
+    query, key, value, attn_mask, key_padding_mask = _eager.autocast_inputs(query, key, value, attn_mask,
+                                                                            key_padding_mask)
     _check_qkv(query, key, value, enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")

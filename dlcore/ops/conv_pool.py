@@ -329,9 +329,7 @@ def conv2d_relu_maxpool2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     rule). x: [N, C_in, H, W] or [C_in, H, W] (NCHW or channels_last; the output keeps the layout), floating point
     (the CPU twin runs fp32/bf16/fp16, other dtypes and CUDA tensors the reference). Under autocast the floating
     arguments run in autocast's dtype, as F.conv2d's do (the result too)."""
-    low = _eager.autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-    if low is not None:
-        x, weight, bias = _eager.autocast_inputs(low, x, weight, bias)
+    x, weight, bias = _eager.autocast_inputs(x, weight, bias)
     check_conv_args(x, weight, bias, {}, padding)
     if x.dim() == 3:
         return conv2d_relu_maxpool2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,

@@ -275,9 +275,7 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     [C_out, C_in/groups, kH, kW], bias: [C_out] or None, residual: None or the output's shape; floating dtypes
     (the CPU twin runs fp32/bf16/fp16, float64 the reference). Under autocast the floating arguments run in
     autocast's dtype, as F.conv2d's do (the result too)."""
-    low = _eager.autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-    if low is not None:
-        x, weight, bias, residual = _eager.autocast_inputs(low, x, weight, bias, residual)
+    x, weight, bias, residual = _eager.autocast_inputs(x, weight, bias, residual)
     check_conv_args(x, weight, bias, {"residual": residual}, padding)
     if x.dim() == 3:
         r = None if residual is None else residual.unsqueeze(0)
