@@ -17,10 +17,10 @@ eps 0 and alpha 1): it can never be drawn, so it does not count in p_min. The fr
 a slot out of sampling.
 
 Three ops behind the dispatch point, each with a C++ twin (`cpu`, csrc/cpu/sum_tree.cpp: prefetching descents and
-updates, sample and gather in one call), numba kernels (`numba`), Triton and CUDA C++ kernels for GPUs, and a
-plain-PyTorch reference; the CPU ones are one call from Python, validation included, because the targets are a few
-microseconds. `cpu` and `numba` compute the same trees and draws bit for bit (`levels`: the int64 tensor of
-tree_layout(capacity), on the tree's device):
+updates, both on two threads from a batch of 128, sample and gather in one call), numba kernels (`numba`), Triton
+and CUDA C++ kernels for GPUs, and a plain-PyTorch reference; the CPU ones are one call from Python, validation
+included, because the targets are a few microseconds. `cpu` and `numba` compute the same trees and draws bit for
+bit (`levels`: the int64 tensor of tree_layout(capacity), on the tree's device):
   sum_tree_sample(tree, min_tree, levels, offsets, beta) -> (leaf index, importance weight)
       stratified: target mass (b + offsets[b])·total/B for b < B, one descent each; weight (p_i / p_min)^-β
   sum_tree_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=float64)
