@@ -20,17 +20,21 @@ fused Linear + ReLU draws its mask from dlcore's Philox stream, not torch's gene
 
 fuse_for_inference(model) — eval mode, batch norms folded into the convolution before them (FoldedConv2d): the
 ResNet blocks and stem as before, and Sequential runs (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) — VGG-BN,
-torchvision's Conv2dNormActivation — then everything patch() swaps.
+torchvision's Conv2dNormActivation — then everything patch() swaps; a folded ResNet converts an NCHW input to
+channels-last once, on entry (run_channels_last).
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
 from dlcore import nn as dnn
 from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock, has_hooks, is_projection
+from dlcore.ops.batch_norm import is_channels_last
 from dlcore.ops.conv_pool import fusable_pool
 
 # (module types in order, builder(*modules) → the fused module in the first one's place); longest first where
@@ -175,7 +179,9 @@ def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
     """Put `model` in eval mode and fold its batch norms, in place: every dlcore BasicBlock / Bottleneck becomes
     fused convolutions (bias + residual + ReLU epilogue), a ResNet stem (conv1, bn1, relu, maxpool) one
     conv + ReLU + max-pool, and each Sequential run (Conv2d, BatchNorm2d[, ReLU[, MaxPool2d]]) one FoldedConv2d;
-    then the rest is patched (patch()). Returns the model (for training again, build a new one).
+    then the rest is patched (patch()). A model whose stem was folded takes its input channels-last from then on
+    (run_channels_last: converted once on entry, a 4-D result handed back in the input's layout). Returns the
+    model (for training again, build a new one).
 
     winograd: run the 3×3 stride-1 convolutions by Winograd F(4×4,3×3) in CPU inference (fp32/fp64), at
     the output sizes where it pays (dlcore.ops.winograd.worthwhile):
@@ -194,4 +200,40 @@ def fuse_for_inference(model: nn.Module, winograd: bool = False) -> nn.Module:
         model.bn1, model.relu = nn.Identity(), nn.Identity()
         if pool is not None:
             model.maxpool = nn.Identity()
+        run_channels_last(model)
+    return model
+
+
+# Per thread, for each call in progress of a model run_channels_last() converted: whether its input was converted.
+_converted_inputs = threading.local()
+
+
+def _convert_input(model: nn.Module, args: tuple):
+    x = args[0] if args else None
+    convert = isinstance(x, torch.Tensor) and x.dim() == 4 and not is_channels_last(x)
+    stack = getattr(_converted_inputs, "stack", None)
+    if stack is None:
+        stack = _converted_inputs.stack = []
+    stack.append(convert)
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if convert else None
+
+
+def _restore_output(model: nn.Module, args: tuple, output):
+    converted = _converted_inputs.stack.pop()  # (the hook runs even when forward raised: the stack stays matched)
+    if converted and isinstance(output, torch.Tensor) and output.dim() == 4:
+        return output.contiguous()
+    return None
+
+
+def run_channels_last(model: nn.Module) -> nn.Module:
+    """Convert a 4-D NCHW input of `model` to channels-last once, on entry, and a 4-D result back to NCHW.
+
+    Folded convolutions compute channels-last and pass that on inside a residual block, but each block (and the
+    stem) gives its result its input's layout, so an NCHW caller may .view() it: fed NCHW, a folded ResNet paid a
+    layout copy into and out of every block (ResNet-18, batch 8, 224², Intel Xeon VM: 147 ms against 127 ms fed
+    channels-last). fuse_for_inference applies this to a model whose ResNet stem it folded, where the input goes
+    straight to the stem; between stem and blocks the activations stay channels-last (same values), and a
+    torchvision ResNet's result is 2-D as before. A forward pre-hook and a forward hook, in place; returns model."""
+    model.register_forward_pre_hook(_convert_input)
+    model.register_forward_hook(_restore_output, always_call=True)
     return model

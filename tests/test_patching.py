@@ -371,3 +371,34 @@ def test_a_folded_model_that_has_run_copies_and_saves(winograd):
         torch.save(model, buffer)
         for other in (copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
             torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+
+
+def test_a_folded_resnet_converts_its_input_to_channels_last_once():
+    """Fed NCHW, a folded ResNet paid a layout copy into and out of every block (each gives its result its input's
+    layout); fuse_for_inference now converts the input once on entry (a forward pre-hook), so the blocks see
+    channels-last, and gives a 4-D result the input's layout back. The hooks' per-thread record of each call
+    stays matched when a forward raises."""
+    from dlcore import patching
+    from dlcore.models import resnet as tv
+    from dlcore.ops.batch_norm import is_channels_last
+
+    class Backbone(tv.ResNet):  # a 4-D result: layer2's feature map
+        def forward(self, x):
+            return self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+
+    torch.manual_seed(0)
+    for stock in (_warm_batch_norms(tv.resnet18(num_classes=10, stock=True)).eval(),
+                  _warm_batch_norms(Backbone("basic", [1, 1, 1, 1], stock=True, width=16)).eval()):
+        model = dlcore.fuse_for_inference(copy.deepcopy(stock))
+        seen = []
+        model.layer1.register_forward_pre_hook(lambda m, args: seen.append(is_channels_last(args[0])))
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 3, 40, 40, dtype=torch.float64).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                y, want = model(x), stock(x)
+            torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)
+            assert y.stride() == want.stride()
+        assert seen == [True, True]
+        with pytest.raises((RuntimeError, ValueError)):
+            model(torch.randn(2, 4, 40, 40, dtype=torch.float64))  # 4 channels for a 3-channel stem
+        assert patching._converted_inputs.stack == []
