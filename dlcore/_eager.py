@@ -102,9 +102,19 @@ def _body(op) -> Callable:
 def direct(op) -> Callable:
     """op's Python body in plain eager mode with grad mode off, op itself otherwise: for the backward ops, called
     from backward functions. A backward with create_graph=True (grad mode on) takes the op, whose outputs then carry
-    autograd's not-implemented node, so a second derivative through dlcore's kernels raises instead of silently
-    leaving their part out."""
+    the raising node registered here, so a second derivative through dlcore's kernels raises (saying so) instead of
+    silently leaving their part out."""
     body = _body(op)
+    name = op._name.split("::")[-1].removesuffix("_backward")
+
+    def no_second_derivative(ctx, *grads):
+        raise RuntimeError(
+            f"dlcore {name} has no second derivative: a backward with create_graph=True went through its kernels "
+            f"and something now differentiates that gradient (a gradient penalty, double backprop, a Hessian-vector "
+            f"product). Run this part with the torch layer instead (dlcore's batch_norm_act has a second "
+            f"derivative).")
+
+    op.register_autograd(no_second_derivative, setup_context=lambda ctx, inputs, output: None)
 
     def call(*args):
         return body(*args) if not torch.is_grad_enabled() and plain_eager(args) else op(*args)

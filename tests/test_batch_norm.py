@@ -107,6 +107,40 @@ def test_gradcheck_float64_every_input():
         assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x, w, b, r)))
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_second_derivative_gradgradcheck_and_a_gradient_penalty(act, training):
+    """A backward with create_graph=True (WGAN-GP / R1 penalties on a DCGAN discriminator, double backprop) takes
+    the differentiable formula; the kernels' backward has no second derivative and made torch raise. gradgradcheck
+    in float64 with and without the affine weight and the residual; then a gradient penalty through the batch
+    norm against F.batch_norm's, every gradient."""
+    gen = torch.Generator().manual_seed(SEED)
+    x, w, b, r, rm, rv = _inputs((3, 4, 3, 2), False, gen, True)
+    for weight, residual in ((w, r), (None, None)):
+        def fn(*ts):
+            x, w, b, r = ts if weight is not None else (ts[0], None, ts[1], None)
+            return batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, residual=r, activation=act,
+                                  negative_slope=0.3)
+        args = (x, w, b, r) if weight is not None else (x, b)
+        assert torch.autograd.gradgradcheck(fn, tuple(t.detach().requires_grad_() for t in args))
+    grads = []
+    for op in (batch_norm_act, lambda *a, **k: _reference(*a[:6], k["residual"], act)):  # (slope 0.2 in both)
+        ins = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+        y = op(ins[0], rm.clone(), rv.clone(), ins[1], ins[2], training, residual=ins[3], activation=act,
+               negative_slope=0.2)
+        dx, = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), ins[0],
+                                  create_graph=True)
+        (dx.flatten(1).norm(dim=1) - 1).square().mean().backward()
+        grads.append([torch.zeros_like(t) if t.grad is None else t.grad for t in ins])  # (None: no dependence)
+    for ours, want in zip(*grads):
+        torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)
+    conv = dlcore.nn.Conv2dReLU(4, 4, 3, padding=1).double()  # kernels without one: a clear error, not a wrong one
+    xg = x.detach().requires_grad_()
+    dx, = torch.autograd.grad(conv(xg).sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="dlcore conv2d_relu has no second derivative"):
+        dx.square().sum().backward()
+
+
 def test_running_statistics_as_torch_including_cumulative_momentum():
     gen = torch.Generator().manual_seed(SEED)
     ours, stock = blocks.BatchNorm2d(5, momentum=None), torch.nn.BatchNorm2d(5, momentum=None)

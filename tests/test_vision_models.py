@@ -39,6 +39,22 @@ def test_dcgan_twins_match_in_train_and_eval(size):
         dcgan.Generator(image_size=48)
 
 
+def test_dcgan_discriminator_takes_a_gradient_penalty_like_its_stock_twin():
+    """WGAN-GP's penalty (‖∇ₓD(x̂)‖ − 1)² at interpolated images differentiates D's input gradient again: the fused
+    BN + LeakyReLU had no second derivative (torch raised); now every parameter's gradient is the stock twin's."""
+    torch.manual_seed(0)
+    d, ds = dcgan.Discriminator(8, 3, 16).double(), dcgan.Discriminator(8, 3, 16, stock=True).double()
+    ds.load_state_dict(d.state_dict())
+    real, fake = torch.randn(2, 4, 3, 16, 16, dtype=torch.float64)
+    mix = torch.rand(4, 1, 1, 1, dtype=torch.float64)
+    for model in (d, ds):
+        x = (mix * real + (1 - mix) * fake).requires_grad_()
+        grad, = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        (model(fake).mean() - model(real).mean() + 10 * (grad.flatten(1).norm(dim=1) - 1).square().mean()).backward()
+    for (name, p), q in zip(d.named_parameters(), ds.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def test_simclr_twins_match_and_loss_is_nt_xent():
     torch.manual_seed(0)
     ours = simclr.SimCLR(in_channels=1, small_input=True, width=8, projection_dim=16).double()

@@ -350,17 +350,50 @@ def _(grad_y, x, y, weight, mean, invstd, training, activation, slope, has_resid
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _rm, _rv, training, _eps, activation, slope = inputs
+    x, residual, weight, bias, _rm, _rv, training, eps, activation, slope = inputs
     y, mean, invstd, _var = output
     ctx.save_for_backward(x, y, weight, mean, invstd)
-    ctx.conf = (training, activation, slope, residual is not None)
+    ctx.conf = (training, activation, slope, residual is not None, eps)
+
+
+def _differentiable_backward(grad_y, x, y, weight, mean, invstd, training, activation, slope, eps):
+    """(dx, d_residual, dγ, dβ) from plain torch ops under autograd, for a backward with create_graph=True
+    (gradient penalties such as WGAN-GP or R1 on a DCGAN discriminator, double backprop): the kernels' gradients
+    are formed without autograd, so their second derivative would be missing. With z = x̂·γ + β (+ residual) and
+    dz = act'(z)·dy (act' piecewise constant, read from y's sign as the kernels do): (dx, dγ) = autograd of x̂·γ
+    against dz, x̂ = (x − μ)·(σ² + ε)^-½ with the batch's μ, σ² when training (functions of x) or the running ones
+    (constants) in eval; d_residual = dz; dβ = Σ dz over all but the channel dim."""
+    reduce = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xs = x.to(mean.dtype)
+    if training:
+        mu = xs.mean(reduce, keepdim=True)
+        inv = (xs.var(reduce, unbiased=False, keepdim=True) + eps).rsqrt()
+    else:
+        mu, inv = mean.detach().view(shape), invstd.detach().view(shape)
+    z = (xs - mu) * inv
+    if weight is not None:
+        z = z * weight.view(shape)
+    dz = _activation_grad(grad_y, y.detach(), activation, slope)
+    wanted = [t for t in (x, weight) if t is not None and t.requires_grad]
+    grads = dict(zip(map(id, wanted), torch.autograd.grad(z, wanted, dz.to(z.dtype), create_graph=True))
+                 if wanted else ())
+    dx = grads.get(id(x), torch.zeros_like(x))
+    dw = grads.get(id(weight)) if weight is not None else None
+    if weight is not None and dw is None:
+        dw = torch.zeros_like(weight)
+    return dx, dz, dw, dz.to(mean.dtype).sum(reduce)
 
 
 def _backward(ctx, grad_y, _gm, _gi, _gv):
     x, y, weight, mean, invstd = ctx.saved_tensors
-    training, activation, slope, has_residual = ctx.conf
-    dx, dr, dw, db = _batch_norm_act_backward(grad_y, x, y, weight, mean, invstd, training, activation, slope,
-                                              has_residual, ctx.needs_input_grad[0])
+    training, activation, slope, has_residual, eps = ctx.conf
+    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+        dx, dr, dw, db = _differentiable_backward(grad_y, x, y, weight, mean, invstd, training, activation, slope,
+                                                  eps)
+    else:
+        dx, dr, dw, db = _batch_norm_act_backward(grad_y, x, y, weight, mean, invstd, training, activation, slope,
+                                                  has_residual, ctx.needs_input_grad[0])
     return (dx if ctx.needs_input_grad[0] else None, dr if has_residual else None,
             dw if weight is not None else None, db if ctx.needs_input_grad[3] else None,
             None, None, None, None, None, None)
