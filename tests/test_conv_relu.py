@@ -106,6 +106,22 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, stride=1, padding=1), (x, w, b))
 
 
+def test_second_derivative_gradgradcheck_float64():
+    """A backward with create_graph=True (a gradient penalty on a conv discriminator, double backprop) takes the
+    differentiable formula (torch raised before: the kernels' backward has no second derivative): gradgradcheck
+    with bias and residual, strided and grouped, and with only some inputs needing gradients."""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 4, 7, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
+    b, r = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(2, 6, 4, 3, generator=gen,
+                                                                          dtype=torch.float64)
+    conv = dict(stride=2, padding=1, groups=2)
+    assert torch.autograd.gradgradcheck(lambda x, w, b, r: conv2d_relu(x, w, b, **conv, residual=r),
+                                        tuple(t.clone().requires_grad_() for t in (x, w, b, r)))
+    assert torch.autograd.gradgradcheck(lambda x: conv2d_relu(x, w, None, **conv), (x.clone().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(lambda w: conv2d_relu(x, w, b, **conv), (w.clone().requires_grad_(),))
+
+
 def test_opcheck_and_compile():
     x, w, b = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
     torch.library.opcheck(conv2d_relu_op, (x, w, b, None, [1, 1], [1, 1], [1, 1], 1))

@@ -253,12 +253,28 @@ def _setup_context(ctx, inputs, output):
     ctx.conf = (bias is not None, list(stride), list(padding), list(dilation), groups)
 
 
+def _differentiable_backward(grad_y, x, weight, y, stride, padding, dilation, groups, mask):
+    """(dx, dw, db, dz) from plain torch ops under autograd, for a backward with create_graph=True (a gradient
+    penalty, double backprop): dz = relu'(z)·dy, the gate read from y's sign (piecewise constant), then (dx, dw) =
+    autograd of conv2d(x, w) against dz, db = Σ dz over all but the channel dim."""
+    dz = torch.where(y.detach() > 0, grad_y, torch.zeros_like(grad_y))
+    wanted = [t for t, m in ((x, mask[0]), (weight, mask[1])) if m]
+    conv = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    grads = iter(torch.autograd.grad(conv, wanted, dz, create_graph=True) if wanted else ())
+    dx = next(grads) if mask[0] else None
+    dw = next(grads) if mask[1] else None
+    return dx, dw, dz.sum((0, 2, 3)) if mask[2] else None, dz
+
+
 def _backward(ctx, grad_y):
     x, weight, y = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups = ctx.conf
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-    dx, dw, db, dz = _conv2d_relu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups,
-                                           mask)
+    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+        dx, dw, db, dz = _differentiable_backward(grad_y, x, weight, y, stride, padding, dilation, groups, mask)
+    else:
+        dx, dw, db, dz = _conv2d_relu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups,
+                                               mask)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
             dz if ctx.needs_input_grad[3] else None, None, None, None, None)
 
