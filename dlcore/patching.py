@@ -219,7 +219,10 @@ def _convert_input(model: nn.Module, args: tuple):
 
 
 def _restore_output(model: nn.Module, args: tuple, output):
-    converted = _converted_inputs.stack.pop()  # (the hook runs even when forward raised: the stack stays matched)
+    # this hook runs even when forward raised, so the stack stays matched; it is empty only when a global
+    # pre-hook raised before _convert_input ran (it runs first of the model's own)
+    stack = getattr(_converted_inputs, "stack", None)
+    converted = stack.pop() if stack else False
     if converted and isinstance(output, torch.Tensor) and output.dim() == 4:
         return output.contiguous()
     return None
@@ -234,6 +237,6 @@ def run_channels_last(model: nn.Module) -> nn.Module:
     channels-last). fuse_for_inference applies this to a model whose ResNet stem it folded, where the input goes
     straight to the stem; between stem and blocks the activations stay channels-last (same values), and a
     torchvision ResNet's result is 2-D as before. A forward pre-hook and a forward hook, in place; returns model."""
-    model.register_forward_pre_hook(_convert_input)
+    model.register_forward_pre_hook(_convert_input, prepend=True)
     model.register_forward_hook(_restore_output, always_call=True)
     return model
