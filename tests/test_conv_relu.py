@@ -116,6 +116,12 @@ def test_second_derivative_gradgradcheck_float64():
     b, r = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(2, 6, 4, 3, generator=gen,
                                                                           dtype=torch.float64)
     conv = dict(stride=2, padding=1, groups=2)
+    ins = tuple(t.clone().requires_grad_() for t in (x, w, b, r))
+    dy = torch.randn(2, 6, 4, 3, generator=gen, dtype=torch.float64)
+    first = torch.autograd.grad(conv2d_relu(*ins[:3], **conv, residual=ins[3]), ins, dy)  # the kernels'
+    again = torch.autograd.grad(conv2d_relu(*ins[:3], **conv, residual=ins[3]), ins, dy, create_graph=True)
+    for a, c in zip(first, again):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradgradcheck(lambda x, w, b, r: conv2d_relu(x, w, b, **conv, residual=r),
                                         tuple(t.clone().requires_grad_() for t in (x, w, b, r)))
     assert torch.autograd.gradgradcheck(lambda x: conv2d_relu(x, w, None, **conv), (x.clone().requires_grad_(),))

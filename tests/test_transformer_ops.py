@@ -168,6 +168,32 @@ def test_bias_gelu_gradcheck_opcheck_and_bad_input():
     assert bias_gelu(torch.randn(0, 9), torch.randn(9)).shape == (0, 9)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "identity"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bias_act_second_derivative(activation, p):
+    """create_graph=True (MAML's inner step through a patched Linear + ReLU, gradient penalties) takes autograd of
+    the reference forward with the same Philox mask: its first derivatives equal the kernels', and gradgradcheck
+    holds, with and without the bias (no bias + identity = plain dropout, whose backward keeps no input)."""
+    from dlcore.functional import bias_act
+
+    gen = _gen(f"bias-act-2nd-{activation}-{p}")
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    b = torch.randn(7, generator=gen, dtype=torch.float64)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    for bias in (b, None):
+        def fn(x, *bias):
+            torch.manual_seed(seed)  # the same dropout mask on every call
+            return bias_act(x, *bias, activation=activation, dropout_p=p)
+
+        ins = (x.clone().requires_grad_(), *(() if bias is None else (bias.clone().requires_grad_(),)))
+        dy = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+        first = torch.autograd.grad(fn(*ins), ins, dy)
+        again = torch.autograd.grad(fn(*ins), ins, dy, create_graph=True)
+        for a, c in zip(first, again):
+            torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradgradcheck(fn, ins)
+
+
 @pytest.mark.parametrize("backend,device,dtype", [c for c in _cases(bias_gelu_mod.FORWARD) if c[2] != torch.float16])
 @pytest.mark.parametrize("rows,cols,p", [(7, 129, 0.1), (65, 1030, 0.5), (3, 17, 1.0)])
 def test_bias_gelu_dropout_same_mask_on_every_backend(backend, device, dtype, rows, cols, p):

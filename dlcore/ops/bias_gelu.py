@@ -170,8 +170,24 @@ def _setup_context(ctx, inputs, output):
     ctx.conf = (activation, dropout_p, seed)
 
 
+def _differentiable_backward(grad_y, x, bias, activation, dropout_p, seed):
+    """(dx, db) from plain torch ops under autograd, for a backward with create_graph=True (MAML's inner step
+    through Linear + ReLU, gradient penalties, double backprop): autograd of the reference forward (the same
+    Philox mask, regenerated from the seed) against dy; plain dropout is the mask times dy."""
+    if x is None:
+        return _drop(grad_y, dropout_p, seed), None
+    wanted = [t for t in (x, bias) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(reference_forward(x, bias, activation, dropout_p, seed), wanted, grad_y,
+                                     create_graph=True) if wanted else ())
+    dx = next(grads) if x.requires_grad else None
+    return dx, (next(grads) if bias is not None and bias.requires_grad else None)
+
+
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+        dx, db = _differentiable_backward(grad_y, x, bias, *ctx.conf)
+        return dx, (db if ctx.needs_input_grad[1] else None), None, None, None
     if ctx.x_free:
         grad_y = x = grad_y.contiguous()
     dx, db = _bias_gelu_backward(grad_y, x, bias, *ctx.conf)
