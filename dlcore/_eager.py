@@ -111,8 +111,8 @@ def direct(op) -> Callable:
         raise RuntimeError(
             f"dlcore {name} has no second derivative: a backward with create_graph=True went through its kernels "
             f"and something now differentiates that gradient (a gradient penalty, double backprop, a Hessian-vector "
-            f"product). Run this part with the torch layer instead (dlcore's batch_norm_act, conv2d_relu and "
-            f"bias_act / linear_act have second derivatives).")
+            f"product). Run this part with the torch layer instead (dlcore's batch_norm_act, conv2d_relu, "
+            f"bias_act / linear_act and layer_norm have second derivatives).")
 
     op.register_autograd(no_second_derivative, setup_context=lambda ctx, inputs, output: None)
 

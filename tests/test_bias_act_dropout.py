@@ -162,9 +162,14 @@ def test_skinny_linear_matches_float64(lead, k, n, monkeypatch):
     torch.testing.assert_close(y.double(), ref, atol=10 * scale, rtol=1e-5)
     for got, want in zip((x.grad, w.grad, b.grad), (t.grad for t in leaves)):
         torch.testing.assert_close(got.double(), want, atol=10 * scale * max(1, n ** 0.5), rtol=1e-5)
-    (gx,) = torch.autograd.grad(linear_act(x, w, b, "identity").sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):  # not silently wrong second derivatives
-        gx.sum().backward()
+    # second derivatives (create_graph=True takes torch's matmuls): once_differentiable had made them raise only
+    # while dy required grad, and silently dropped dx's dependence on W otherwise
+    for inputs, linear in (((x, w, b), lambda *a: linear_act(*a, "identity")), (leaves, F.linear)):
+        gx, = torch.autograd.grad((linear(*inputs) * dy.to(inputs[0].dtype)).sum(), inputs[0], create_graph=True)
+        second = torch.autograd.grad((gx * gx).sum(), inputs[1])[0]
+        if linear is F.linear:
+            torch.testing.assert_close(ours.double(), second, atol=1e-5 * float(second.abs().max()), rtol=1e-4)
+        ours = second
     with dlcore.use_backend("reference"):
         assert "_SkinnyLinearBackward" not in _autograd_nodes(linear_act(x, w, b))
     many = torch.randn(65, k)

@@ -94,6 +94,28 @@ def test_layer_norm_gradcheck_float64_and_opcheck():
         torch.library.opcheck(ln_mod.layer_norm_op, (xs, rs, w.float().detach(), None, 1e-5))
 
 
+def test_layer_norm_second_derivative():
+    """create_graph=True (a gradient penalty, double backprop) takes autograd of the normalisation with the
+    statistics recomputed from h = x (+ residual): first derivatives equal the kernels', gradgradcheck holds with
+    and without the affine parameters and the residual (whose h output is differentiated too)."""
+    gen = _gen("ln-2nd")
+    x, r = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
+    w, b = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    for args in ((x, w, b, r), (x,), (x, None, None, r)):
+        def fn(x, w=None, b=None, r=None):
+            out = layer_norm(x, 6, w, b, residual=r)
+            return out if r is None else out[0] * 2 + out[1] ** 2  # both outputs in the derivatives
+        ins = tuple(None if t is None else t.clone().requires_grad_() for t in args)
+        used = [t for t in ins if t is not None]
+        dy = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+        first = torch.autograd.grad(fn(*ins), used, dy)
+        again = torch.autograd.grad(fn(*ins), used, dy, create_graph=True)
+        for a, c in zip(first, again):
+            torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-10)
+        assert torch.autograd.gradgradcheck(lambda *t: fn(*(next(iter_) if a is not None else None
+                                                               for iter_ in [iter(t)] for a in args)), used)
+
+
 def test_layer_norm_module_and_compile():
     ln = dlcore.nn.LayerNorm(24)
     ref = torch.nn.LayerNorm(24)

@@ -33,7 +33,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from dlcore import _checks, _dispatch, _eager, _ext
 
@@ -285,9 +284,11 @@ class _SkinnyLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels are not recorded: a double backward must fail, not be silently wrong
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: torch's matmuls, which autograd differentiates again
+            return (grad_y @ weight if ctx.needs_input_grad[0] else None,
+                    grad_y.t() @ x if ctx.needs_input_grad[1] else None)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_y = grad_y.contiguous()

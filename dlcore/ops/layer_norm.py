@@ -152,6 +152,20 @@ def _setup_context(ctx, inputs, output):
     y, h, mean, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     ctx.flags = (residual is not None, weight is not None, bias is not None)
+    ctx.eps = eps
+
+
+def _differentiable_backward(grad_y, grad_h, h, weight, eps):
+    """(dx, dw, db) from plain torch ops, for a backward with create_graph=True (a gradient penalty, double
+    backprop): reference_backward's formula with μ and (σ² + ε)^-½ recomputed from h by torch ops (the saved
+    statistics are this op's outputs, whose gradients its backward does not take), so autograd can differentiate
+    the result in dy, γ and h. h is x, or the saved x + residual output: differentiating through that output
+    reaches x and residual through this op's backward (dh = dx = d_residual). Formed directly, not by
+    autograd.grad: a grad taken with respect to this op's own output would run this backward again, endlessly."""
+    v = h.to(stats_dtype(h.dtype))
+    mean = v.mean(-1)
+    rstd = torch.rsqrt((v - mean[:, None]).square().mean(-1) + eps)
+    return reference_backward(grad_y, grad_h, h, weight, mean, rstd)
 
 
 def _backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
@@ -159,7 +173,10 @@ def _backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
     has_residual, has_weight, has_bias = ctx.flags
     if grad_y is None:
         grad_y = torch.zeros_like(h)
-    dx, dw, db = _layer_norm_backward(grad_y, grad_h if has_residual else None, h, weight, mean, rstd)
+    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+        dx, dw, db = _differentiable_backward(grad_y, grad_h if has_residual else None, h, weight, ctx.eps)
+    else:
+        dx, dw, db = _layer_norm_backward(grad_y, grad_h if has_residual else None, h, weight, mean, rstd)
     return (dx, dx if has_residual else None, dw if has_weight else None, db if has_bias else None, None)
 
 
