@@ -75,15 +75,26 @@ def test_wants_grad_looks_into_tensor_lists():
     assert not _eager.wants_grad((torch.zeros(1), (torch.zeros(1),), None, 1.5))
 
 
-def test_second_derivatives_raise_on_both_paths():
+def test_second_derivatives_on_both_paths():
+    """Under create_graph=True, layer_norm's backward is differentiable on the eager path and through the custom
+    op (torch's F.layer_norm gives the same second derivative); attention has none and raises on both paths,
+    instead of silently leaving its part out (x³ keeps the gradient in the graph whatever dlcore does)."""
     gen = torch.Generator().manual_seed(SEED)
     for fn in (layer_norm._layer_norm, layer_norm.layer_norm_op):
         x, w = _leaves(gen, (3, 5), (5,))
-        # x³ keeps gx in the graph whatever dlcore does: its own part must not be left out silently
-        loss = fn(x, None, w, None, 1e-5)[0].pow(2).sum() + x.pow(3).sum()
-        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
-        with pytest.raises(RuntimeError, match="autograd"):
-            gx.sum().backward()
+        xs, ws = (t.detach().clone().requires_grad_() for t in (x, w))
+        for norm, a, b in ((lambda x, w: fn(x, None, w, None, 1e-5)[0], x, w),
+                           (lambda x, w: F.layer_norm(x, (5,), w, None, 1e-5), xs, ws)):
+            (ga,) = torch.autograd.grad(norm(a, b).pow(2).sum() + a.pow(3).sum(), a, create_graph=True)
+            ga.square().sum().backward()
+        torch.testing.assert_close(x.grad, xs.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w.grad, ws.grad, rtol=1e-4, atol=1e-4)
+    for fn in (attention._attention, attention.attention_op):
+        q, k, v = _leaves(gen, (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
+        o = fn(q, k, v, None, None, 0.35, -1, -1, 0.0, 0)[0]
+        (gq,) = torch.autograd.grad(o.pow(2).sum() + q.pow(3).sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            gq.sum().backward()
 
 
 def test_linear_cross_entropy_refuses_a_second_derivative():

@@ -64,6 +64,13 @@ def test_error_against_float64_within_twice_torchs(name, backend, mode):
         torch_own = _run(stock, args, storage, grad_out, mode == "autocast")
         for what, a, b, ref in zip(("output", "dx", "dw", "db"), got, torch_own, want):
             assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
+            if name == "conv2d_relu_maxpool2d" and what in ("dx", "dw"):
+                # the pool routes each window's gradient to its largest element; near-equal elements (within 16-bit
+                # rounding) swap places in either implementation, each in about half the draws (150 autocast
+                # draws: dx error > 0.5 against float64 for ours in 69, torch in 83; ≤ 0.1 otherwise), so the max
+                # error compares coin flips. The convolution's 16-bit gradients are conv2d_relu's case here, the
+                # routing is exact in test_conv_pool's float64 tests; output and db do not depend on it.
+                continue
             ours_err, torch_err = max_error(a.double(), ref), max_error(b.double(), ref)
             assert ours_err <= 2 * torch_err + 1e-3, (trial, what, ours_err, torch_err, SEED)
 
