@@ -99,6 +99,15 @@ def _body(op) -> Callable:
     return fn
 
 
+def differentiable_grads(output: torch.Tensor, inputs: tuple, grad_output: torch.Tensor) -> list:
+    """torch.autograd.grad(output, inputs, grad_output, create_graph=True) for the inputs that require grad, None
+    for the others (and for None entries): the create_graph=True branch of the ops' backward functions, whose
+    gradients autograd can then differentiate again."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True) if wanted else ())
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
 def direct(op) -> Callable:
     """op's Python body in plain eager mode with grad mode off, op itself otherwise: for the backward ops, called
     from backward functions. A backward with create_graph=True (grad mode on) takes the op, whose outputs then carry

@@ -375,13 +375,7 @@ def _differentiable_backward(grad_y, x, y, weight, mean, invstd, training, activ
     if weight is not None:
         z = z * weight.view(shape)
     dz = _activation_grad(grad_y, y.detach(), activation, slope)
-    wanted = [t for t in (x, weight) if t is not None and t.requires_grad]
-    grads = dict(zip(map(id, wanted), torch.autograd.grad(z, wanted, dz.to(z.dtype), create_graph=True))
-                 if wanted else ())
-    dx = grads.get(id(x), torch.zeros_like(x))
-    dw = grads.get(id(weight)) if weight is not None else None
-    if weight is not None and dw is None:
-        dw = torch.zeros_like(weight)
+    dx, dw = _eager.differentiable_grads(z, (x, weight), dz.to(z.dtype))
     return dx, dz, dw, dz.to(mean.dtype).sum(reduce)
 
 

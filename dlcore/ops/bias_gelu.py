@@ -175,11 +175,8 @@ def _differentiable_backward(grad_y, x, bias, activation, dropout_p, seed):
     Philox mask, regenerated from the seed) against dy; plain dropout is the mask times dy."""
     if x is None:
         return _drop(grad_y, dropout_p, seed), None
-    wanted = [t for t in (x, bias) if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(reference_forward(x, bias, activation, dropout_p, seed), wanted, grad_y,
-                                     create_graph=True) if wanted else ())
-    dx = next(grads) if x.requires_grad else None
-    return dx, (next(grads) if bias is not None and bias.requires_grad else None)
+    return tuple(_eager.differentiable_grads(reference_forward(x, bias, activation, dropout_p, seed), (x, bias),
+                                             grad_y))
 
 
 def _backward(ctx, grad_y):

@@ -258,11 +258,8 @@ def _differentiable_backward(grad_y, x, weight, y, stride, padding, dilation, gr
     penalty, double backprop): dz = relu'(z)·dy, the gate read from y's sign (piecewise constant), then (dx, dw) =
     autograd of conv2d(x, w) against dz, db = Σ dz over all but the channel dim."""
     dz = torch.where(y.detach() > 0, grad_y, torch.zeros_like(grad_y))
-    wanted = [t for t, m in ((x, mask[0]), (weight, mask[1])) if m]
     conv = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    grads = iter(torch.autograd.grad(conv, wanted, dz, create_graph=True) if wanted else ())
-    dx = next(grads) if mask[0] else None
-    dw = next(grads) if mask[1] else None
+    dx, dw = _eager.differentiable_grads(conv, (x if mask[0] else None, weight if mask[1] else None), dz)
     return dx, dw, dz.sum((0, 2, 3)) if mask[2] else None, dz
 
 
