@@ -136,7 +136,9 @@ def test_triton_split_key_forward_matches_float64(dtype, case, monkeypatch):
     for name, g, e, b in zip(("o", "lse"), (o, lse), exact, base):
         finite = torch.isfinite(e)
         assert torch.equal(torch.isfinite(g), finite), name
-        err = (g.double() - e)[finite].abs().max().item() if finite.any() else 0.0
+        if not finite.any():  # key length 0 (drawn 1 time in 258 for split1): lse is -inf everywhere, as checked
+            continue
+        err = (g.double() - e)[finite].abs().max().item()
         allowed = 2e-5 if dtype == torch.float32 else 2 * (b.double() - e)[finite].abs().max().item() + 1e-5
         assert err <= allowed, f"{name}: error {err:.3g} > {allowed:.3g}"
 

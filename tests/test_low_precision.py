@@ -46,6 +46,24 @@ def _backends(name):
     return [b for b, d in backend_device_pairs(op, torch.bfloat16) if d == "cpu"]
 
 
+def _without_near_tied_windows(args, grad_out, storage, autocast):
+    """grad_out with its pool windows zeroed where the two largest float64 pre-pool values lie within 4× torch's
+    own 16-bit error of that map. The pool routes a window's gradient to its largest element; elements that close
+    swap places in 16-bit for either implementation, ours or torch, in about half the draws (150 autocast draws
+    unmasked: dx error > 0.5 against float64 for ours in 69, torch in 83), and the max error then compares coin
+    flips. With those windows out, dx and dw test the arithmetic; a window whose order ours gets wrong past that
+    margin still fails."""
+    x, w, b = args
+    pre_pool = F.relu(F.conv2d(x, w, b, padding=1))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        low = F.relu(F.conv2d(*(a.to(storage) for a in args), padding=1))
+    margin = 4 * max_error(low.double(), pre_pool)
+    oh, ow = grad_out.shape[-2:]  # 2×2 windows, stride 2
+    windows = pre_pool[..., :2 * oh, :2 * ow].unflatten(3, (ow, 2)).unflatten(2, (oh, 2)).transpose(3, 4)
+    top2 = windows.flatten(-2).topk(2, dim=-1).values
+    return grad_out * (top2[..., 0] - top2[..., 1] > margin)
+
+
 @pytest.mark.parametrize("mode", ["bfloat16", "float16", "autocast"])
 @pytest.mark.parametrize("name,backend", [(n, b) for n in OPS for b in _backends(n)])
 def test_error_against_float64_within_twice_torchs(name, backend, mode):
@@ -58,19 +76,14 @@ def test_error_against_float64_within_twice_torchs(name, backend, mode):
         with torch.no_grad():
             shape = stock(*args).shape
         grad_out = torch.randn(shape, generator=g).to(storage).double()
+        if name == "conv2d_relu_maxpool2d":
+            grad_out = _without_near_tied_windows(args, grad_out, storage, mode == "autocast")
         want = _run(stock, args, torch.float64, grad_out, False)
         with dlcore.use_backend(backend):
             got = _run(ours, args, storage, grad_out, mode == "autocast")
         torch_own = _run(stock, args, storage, grad_out, mode == "autocast")
         for what, a, b, ref in zip(("output", "dx", "dw", "db"), got, torch_own, want):
             assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
-            if name == "conv2d_relu_maxpool2d" and what in ("dx", "dw"):
-                # the pool routes each window's gradient to its largest element; near-equal elements (within 16-bit
-                # rounding) swap places in either implementation, each in about half the draws (150 autocast
-                # draws: dx error > 0.5 against float64 for ours in 69, torch in 83; ≤ 0.1 otherwise), so the max
-                # error compares coin flips. The convolution's 16-bit gradients are conv2d_relu's case here, the
-                # routing is exact in test_conv_pool's float64 tests; output and db do not depend on it.
-                continue
             ours_err, torch_err = max_error(a.double(), ref), max_error(b.double(), ref)
             assert ours_err <= 2 * torch_err + 1e-3, (trial, what, ours_err, torch_err, SEED)
 
