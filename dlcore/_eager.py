@@ -16,7 +16,7 @@ transforms, tensor subclasses — takes the custom op itself, as before.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -99,29 +99,40 @@ def _body(op) -> Callable:
     return fn
 
 
-def differentiable_grads(output: torch.Tensor, inputs: tuple, grad_output: torch.Tensor) -> list:
-    """torch.autograd.grad(output, inputs, grad_output, create_graph=True) for the inputs that require grad, None
-    for the others (and for None entries): the create_graph=True branch of the ops' backward functions, whose
-    gradients autograd can then differentiate again."""
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True) if wanted else ())
-    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+def differentiable_grads(fn: Callable, inputs: tuple, grad_output: torch.Tensor,
+                         needed: Optional[Sequence[bool]] = None) -> list:
+    """The gradients of fn(*inputs) against grad_output with respect to the inputs that are needed (default: those
+    that require grad; None for the others and for None entries), by autograd with create_graph=True: the
+    create_graph=True branch of the ops' backward functions, whose gradients autograd can differentiate again.
+    Each needed input enters fn as its own alias (t.view_as(t)): an input passed twice (self-attention's
+    q = k = v = h) would otherwise get the whole gradient at each place, and autograd, which sums the parts an op
+    returns, would count it three times."""
+    if needed is None:
+        needed = [t is not None and t.requires_grad for t in inputs]
+    needed = [bool(n) and t is not None and t.requires_grad for n, t in zip(needed, inputs)]
+    args = [t.view_as(t) if n else t for n, t in zip(needed, inputs)]
+    output = fn(*args)
+    wanted = [a for n, a in zip(needed, args) if n]
+    grads = iter(torch.autograd.grad(output, wanted, grad_output.to(output.dtype), create_graph=True)
+                 if wanted else ())
+    return [next(grads) if n else None for n in needed]
 
 
 def direct(op) -> Callable:
     """op's Python body in plain eager mode with grad mode off, op itself otherwise: for the backward ops, called
-    from backward functions. A backward with create_graph=True (grad mode on) takes the op, whose outputs then carry
-    the raising node registered here, so a second derivative through dlcore's kernels raises (saying so) instead of
-    silently leaving their part out."""
+    from backward functions. The ops' backward functions form differentiable gradients from torch ops under
+    create_graph=True and call the kernels only with grad mode off; a kernel backward reached with grad mode on
+    anyway (the backward op called directly) returns outputs carrying the raising node registered here, so a
+    second derivative through it raises (saying so) instead of silently leaving its part out."""
     body = _body(op)
     name = op._name.split("::")[-1].removesuffix("_backward")
 
     def no_second_derivative(ctx, *grads):
         raise RuntimeError(
-            f"dlcore {name} has no second derivative: a backward with create_graph=True went through its kernels "
-            f"and something now differentiates that gradient (a gradient penalty, double backprop, a Hessian-vector "
-            f"product). Run this part with the torch layer instead (dlcore's batch_norm_act, conv2d_relu, "
-            f"bias_act / linear_act and layer_norm have second derivatives).")
+            f"dlcore {name} has no second derivative: its kernels' backward ran with grad mode on and something "
+            f"now differentiates that gradient (a gradient penalty, double backprop, a Hessian-vector product). "
+            f"Differentiate through the op's public function instead: under create_graph=True its backward forms "
+            f"a gradient autograd can differentiate.")
 
     op.register_autograd(no_second_derivative, setup_context=lambda ctx, inputs, output: None)
 

@@ -77,8 +77,9 @@ def test_wants_grad_looks_into_tensor_lists():
 
 def test_second_derivatives_on_both_paths():
     """Under create_graph=True, layer_norm's backward is differentiable on the eager path and through the custom
-    op (torch's F.layer_norm gives the same second derivative); attention has none and raises on both paths,
-    instead of silently leaving its part out (x³ keeps the gradient in the graph whatever dlcore does)."""
+    op (torch's F.layer_norm gives the same second derivative), and so is attention's (against autograd of its
+    reference math); x³ keeps the gradient in the graph whatever dlcore does. A kernel's backward op called under
+    grad mode outside those branches raises when differentiated, instead of silently leaving its part out."""
     gen = torch.Generator().manual_seed(SEED)
     for fn in (layer_norm._layer_norm, layer_norm.layer_norm_op):
         x, w = _leaves(gen, (3, 5), (5,))
@@ -89,12 +90,21 @@ def test_second_derivatives_on_both_paths():
             ga.square().sum().backward()
         torch.testing.assert_close(x.grad, xs.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(w.grad, ws.grad, rtol=1e-4, atol=1e-4)
-    for fn in (attention._attention, attention.attention_op):
-        q, k, v = _leaves(gen, (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
-        o = fn(q, k, v, None, None, 0.35, -1, -1, 0.0, 0)[0]
-        (gq,) = torch.autograd.grad(o.pow(2).sum() + q.pow(3).sum(), q, create_graph=True)
-        with pytest.raises(RuntimeError, match="no second derivative"):
-            gq.sum().backward()
+    q, k, v = _leaves(gen, (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
+    second = []
+    for fn in (attention._attention, attention.attention_op,
+               lambda *a: attention._reference_math(*a[:5], a[5], a[6:8], *a[8:])):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves, None, None, 0.35, -1, -1, 0.0, 0)[0]
+        (gq,) = torch.autograd.grad(o.pow(2).sum() + leaves[0].pow(3).sum(), leaves[0], create_graph=True)
+        second.append(torch.autograd.grad(gq.sum(), leaves))
+    for path in second[:2]:
+        for got, want in zip(path, second[2]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    o, lse = attention._attention(q, k, v, None, None, 0.35, -1, -1, 0.0, 0)
+    dq = attention._attention_backward(torch.ones_like(o), q, k, v, o, lse, None, False, None, 0.35, -1, -1, 0.0, 0)[0]
+    with pytest.raises(RuntimeError, match="dlcore flash_attention has no second derivative"):
+        dq.sum().backward()
 
 
 def test_linear_cross_entropy_refuses_a_second_derivative():

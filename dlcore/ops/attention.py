@@ -309,8 +309,21 @@ def _setup_context(ctx, inputs, output):
     ctx.conf = (scale, window_left, window_right, dropout_p, seed)
 
 
+def _differentiable_backward(grad_o, q, k, v, bias, klen, scale, window_left, window_right, dropout_p, seed):
+    """(dq, dk, dv, dbias) from plain torch ops under autograd, for a backward with create_graph=True (MAML's inner
+    step through a transformer, gradient penalties, Hessian-vector products): autograd of the reference forward
+    (same masks, the same Philox dropout mask regenerated from the seed) against dO, in fp32 for 16-bit inputs.
+    It forms the [B, H, Lq, Lk] score matrix, as torch's math attention does; the first-order path does not."""
+    return _eager.differentiable_grads(
+        lambda q, k, v, bias: _reference_math(q, k, v, bias, klen, scale, (window_left, window_right), dropout_p,
+                                              seed)[0], (q, k, v, bias), grad_o)
+
+
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, bias, klen = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+        dq, dk, dv, dbias = _differentiable_backward(grad_o, q, k, v, bias, klen, *ctx.conf)
+        return dq, dk, dv, dbias, None, None, None, None, None, None
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = _attention_backward(grad_o, q, k, v, o, lse, bias, bias_grad, klen, *ctx.conf)
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None), None, None, None, None, None, None

@@ -365,17 +365,19 @@ def _differentiable_backward(grad_y, x, y, weight, mean, invstd, training, activ
     (constants) in eval; d_residual = dz; dβ = Σ dz over all but the channel dim."""
     reduce = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    xs = x.to(mean.dtype)
-    if training:
-        mu = xs.mean(reduce, keepdim=True)
-        inv = (xs.var(reduce, unbiased=False, keepdim=True) + eps).rsqrt()
-    else:
-        mu, inv = mean.detach().view(shape), invstd.detach().view(shape)
-    z = (xs - mu) * inv
-    if weight is not None:
-        z = z * weight.view(shape)
+
+    def scaled(x, weight):  # x̂·γ
+        xs = x.to(mean.dtype)
+        if training:
+            mu = xs.mean(reduce, keepdim=True)
+            inv = (xs.var(reduce, unbiased=False, keepdim=True) + eps).rsqrt()
+        else:
+            mu, inv = mean.detach().view(shape), invstd.detach().view(shape)
+        z = (xs - mu) * inv
+        return z if weight is None else z * weight.view(shape)
+
     dz = _activation_grad(grad_y, y.detach(), activation, slope)
-    dx, dw = _eager.differentiable_grads(z, (x, weight), dz.to(z.dtype))
+    dx, dw = _eager.differentiable_grads(scaled, (x, weight), dz)
     return dx, dz, dw, dz.to(mean.dtype).sum(reduce)
 
 

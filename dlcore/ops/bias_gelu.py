@@ -175,8 +175,8 @@ def _differentiable_backward(grad_y, x, bias, activation, dropout_p, seed):
     Philox mask, regenerated from the seed) against dy; plain dropout is the mask times dy."""
     if x is None:
         return _drop(grad_y, dropout_p, seed), None
-    return tuple(_eager.differentiable_grads(reference_forward(x, bias, activation, dropout_p, seed), (x, bias),
-                                             grad_y))
+    return tuple(_eager.differentiable_grads(lambda x, b: reference_forward(x, b, activation, dropout_p, seed),
+                                             (x, bias), grad_y))
 
 
 def _backward(ctx, grad_y):

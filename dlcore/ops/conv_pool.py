@@ -300,13 +300,27 @@ def _(grad_y, x, weight, y, argmax, has_bias, stride, padding, dilation, groups,
 def _setup_context(ctx, inputs, output):
     x, weight, bias, *conf = inputs
     y, argmax = output
-    ctx.save_for_backward(x, weight, y, argmax)
+    ctx.save_for_backward(x, weight, y, argmax, bias)
     ctx.conf = (bias is not None, *[list(c) if isinstance(c, (list, tuple)) else c for c in conf[:-1]])
     ctx.mark_non_differentiable(argmax)
 
 
+def _differentiable_backward(grad_y, x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride,
+                             pool_padding, ceil_mode):
+    """(dx, dw, db) from plain torch ops under autograd, for a backward with create_graph=True (a gradient penalty
+    on an AlexNet-style critic, double backprop): autograd of the reference chain conv → max-pool → ReLU against
+    dy. torch's pool picks each window's maximum again; in 16-bit, where two elements round equal, it may pick
+    another than the kernel did (same value, the gradient routed to the other position)."""
+    conv = (stride, padding, dilation, groups)
+    pool = (*pool_kernel, *pool_stride, *pool_padding, ceil_mode)
+    return _eager.differentiable_grads(lambda x, w, b: reference_forward(x, w, b, conv, pool, keep_argmax=False)[0],
+                                       (x, weight, bias), grad_y)
+
+
 def _backward(ctx, grad_y, _grad_argmax):
-    x, weight, y, argmax = ctx.saved_tensors
+    x, weight, y, argmax, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+        return (*_differentiable_backward(grad_y, x, weight, bias, *ctx.conf[1:]),) + (None,) * 9
     if argmax.numel() != y.numel():
         raise RuntimeError("conv2d_relu_maxpool2d: the forward kept no pool argmax (it ran without a gradient "
                            "wanted); backward needs a forward with keep_argmax=True")

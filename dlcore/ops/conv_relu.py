@@ -258,8 +258,8 @@ def _differentiable_backward(grad_y, x, weight, y, stride, padding, dilation, gr
     penalty, double backprop): dz = relu'(z)·dy, the gate read from y's sign (piecewise constant), then (dx, dw) =
     autograd of conv2d(x, w) against dz, db = Σ dz over all but the channel dim."""
     dz = torch.where(y.detach() > 0, grad_y, torch.zeros_like(grad_y))
-    conv = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    dx, dw = _eager.differentiable_grads(conv, (x if mask[0] else None, weight if mask[1] else None), dz)
+    dx, dw = _eager.differentiable_grads(lambda x, w: F.conv2d(x, w, None, stride, padding, dilation, groups),
+                                         (x, weight), dz, needed=mask[:2])
     return dx, dw, dz.sum((0, 2, 3)) if mask[2] else None, dz
 
 
