@@ -93,17 +93,40 @@ def test_backend_matches_float64_reference(backend, device, dtype, case):
         return
     # the FlashAttention criterion: error ≤ 2× the error of the same math done in the low dtype, plus (as its own
     # tests allow) twice the rounding of the exact result to the low dtype: with few query rows (case 7: three,
-    # dropout) a max over few elements put 2.5% of fresh draws just past 2× (dk, dbias at 2.1–2.5×)
+    # dropout) a max over few elements put 2.5% of fresh draws just past 2× (dk, dbias at 2.1–2.5×). The error is
+    # taken against float64 of either algorithm: Δ = rowsum(P∘dP) exactly, or from the 16-bit O the forward
+    # stored, as FlashAttention and our kernels do (seed 180, case 7, bf16: dbias 0.085 against the exact, 3.1× the
+    # baseline's; 2.6e-6 against the stored-O algorithm's float64)
     baseline = _grads(*low, klen, scale, window, p, seed, dtype, dout.to(dtype))
+    stored_o = _stored_o_shift([t.to(dtype).double() if t is not None else t for t in (q, k, v, bias)], klen, scale,
+                               window, dout.to(dtype).double(), o.double() - exact[0])
     for name, g, e, base in zip(names, got, exact, baseline):
         finite = torch.isfinite(e)
         if not finite.any():
             continue
         err = (g.double() - e)[finite].abs().max().item()
+        if name in stored_o:
+            err = min(err, (g.double() - e - stored_o[name])[finite].abs().max().item())
         base_err = (base.double() - e)[finite].abs().max().item()
         rounding = (e[finite].to(dtype).double() - e[finite]).abs().max().item()
         assert err <= 2 * base_err + 2 * rounding + 1e-5, \
             f"{name}: error {err:.3g} vs low-precision reference {base_err:.3g} (rounding {rounding:.3g})"
+
+
+def _stored_o_shift(qkvb, klen, scale, window, dout, o_rounding):
+    """What taking Δ = rowsum(dO∘O) from the forward's stored 16-bit O adds to the float64 gradients: with
+    δΔ = rowsum(dO∘(O₁₆ − O)), dS gains −P∘δΔ, so dbias by that, dq by scale·(−P∘δΔ)·K and dk by its transpose
+    times Q (summed over a GQA group)."""
+    q, k, v, bias = qkvb
+    b, h, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    kr = k.repeat_interleave(h // hk, dim=1)
+    s = (q @ kr.transpose(-1, -2)) * scale + (bias if bias is not None else 0.0)
+    s = s.masked_fill(~A.visible_mask(lq, lk, window, klen, q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key: P = 0
+    ds = -p * (dout * o_rounding).sum(-1, keepdim=True)
+    dk = ((ds.transpose(-1, -2) @ q) * scale).view(b, hk, h // hk, lk, d).sum(2)
+    return {"dq": (ds @ kr) * scale, "dk": dk, "dbias": ds}
 
 
 SPLIT_CASES = CASES[3:4] + CASES[6:] + [(1, 2, 1, 16, 300, 64, (-1, -1), True, True, 0.15)]  # Lq ≤ 16, long Lk
