@@ -169,23 +169,3 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
 
     call.__name__ = call.__qualname__ = f"eager_{op._name}"
     return call
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, name, grad):
-        ctx.name = name
-        return grad.view_as(grad)
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(f"dlcore {ctx.name} has no second derivative: its gradients are formed without autograd")
-
-
-def first_order_only(name: str, grads: tuple) -> tuple:
-    """The gradients a backward formed without autograd (saved from the forward pass), unchanged; under
-    create_graph=True (grad mode on in a backward) each routed through a node that raises if a second derivative
-    reaches it, instead of that derivative silently leaving this op's part out."""
-    if not torch.is_grad_enabled():
-        return grads
-    return tuple(None if g is None else _NoSecondDerivative.apply(name, g.detach().requires_grad_()) for g in grads)

@@ -1,6 +1,6 @@
 """Second derivatives (backward with create_graph=True, then differentiate the gradient: Hessian-vector products,
-gradient penalties, MAML) through the ops whose backward is a kernel: flash attention, cross-entropy, conv + ReLU
-+ max-pool, NT-Xent and additive attention. Each is checked three ways: its Hessian-vector product equals the
+gradient penalties, MAML) through the ops whose backward is a kernel or whose gradients the forward formed: flash
+attention, cross-entropy, fused linear + cross-entropy, conv + ReLU + max-pool, NT-Xent and additive attention. Each is checked three ways: its Hessian-vector product equals the
 stock-PyTorch chain's in float64; the first derivative that the create_graph branch forms equals the kernel's (fp32,
 every CPU backend, dropout included: the same Philox mask); gradgradcheck in float64. (batch_norm_act, conv2d_relu,
 bias_act and layer_norm have theirs tested beside their ops.)"""
@@ -60,6 +60,12 @@ OPS = {
     "cross_entropy_sum": (lambda z, t: D.cross_entropy(z, t, reduction="sum"),
                           lambda z, t: F.cross_entropy(z, t, reduction="sum"),
                           ((5, 3, 4),), lambda gen: (torch.randint(0, 3, (5, 4), generator=gen),), "cross_entropy"),
+    "linear_cross_entropy": (lambda x, w, b, t: D.linear_cross_entropy(x, w, t, bias=b, ignore_index=0,
+                                                                       label_smoothing=0.05, chunk_rows=3),
+                             lambda x, w, b, t: F.cross_entropy(F.linear(x, w, b).flatten(0, 1), t.flatten(),
+                                                                ignore_index=0, label_smoothing=0.05),
+                             ((2, 4, 6), (9, 6), (9,)),
+                             lambda gen: (torch.randint(0, 9, (2, 4), generator=gen),), "cross_entropy"),
     "conv2d_relu_maxpool2d": (lambda x, w, b: D.conv2d_relu_maxpool2d(x, w, b, padding=1, pool_kernel_size=3,
                                                                       pool_stride=2),
                               lambda x, w, b: F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 3, 2),
