@@ -143,6 +143,18 @@ def direct(op) -> Callable:
     return call
 
 
+def under_transform(body: Callable, args):
+    """An op's body on its plain-PyTorch reference backend, for a call inside torch.func transforms (grad, vmap,
+    jacrev, jacfwd, hessian, functional_call): they see through its torch ops as through any composite. The custom
+    op cannot take them: torch's register_autograd wrapper is a legacy autograd.Function without setup_context,
+    which the transforms refuse (pytorch/pytorch#170834), and the kernels read raw pointers, which no transform
+    can batch or trace."""
+    from dlcore import _dispatch
+
+    with _dispatch.use_backend("reference"):
+        return body(*args)
+
+
 def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
     """Registers (setup_context, backward) as op's autograd (what compiled and traced calls use) and returns a
     callable with op's signature that runs the same pair outside the op in plain eager mode (the body alone when
@@ -161,6 +173,8 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return under_transform(body, args)
         if not plain_eager(args):
             return op(*args)
         if not torch.is_grad_enabled() or not wants_grad(args):

@@ -1,0 +1,131 @@
+"""torch.func transforms through dlcore: grad, grad of grad, hessian (forward over reverse mode), vmap of grad
+(per-sample gradients, DP-SGD's) and functional_call. Inside a transform the ops run their plain-PyTorch reference
+(dlcore/_eager.py under_transform): torch's custom-op autograd wrapper is refused by the transforms (it raised
+"must override the setup_context staticmethod", pytorch/pytorch#170834 — for every dlcore op), and the kernels read
+raw pointers. Each result is compared with the stock-PyTorch chain under the same transform (float64), or, for
+whole models, with per-sample gradients taken one sample at a time by autograd through the kernels."""
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import dlcore.functional as D
+import dlcore.nn as dnn
+
+SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
+
+
+def _math_sdpa(*args, **kwargs):  # torch's flash SDPA on the CPU has no second derivative and no forward AD
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def _ops(gen):
+    """name → (dlcore's scalar function of x, the stock one, x's shape), constants drawn from gen."""
+    d = torch.float64
+    w, b = torch.randn(7, 4, generator=gen, dtype=d), torch.randn(7, generator=gen, dtype=d)
+    wc, g = torch.randn(3, 2, 3, 3, generator=gen, dtype=d), torch.randn(2, generator=gen, dtype=d)
+    t = torch.randint(0, 7, (5,), generator=gen)
+    mix = torch.randn(3, 7, generator=gen, dtype=d)  # weights, so that sums of outputs are not trivial
+
+    def nt_xent_stock(z):
+        u = F.normalize(z, dim=1)
+        s = (u @ u.t() / 0.5).fill_diagonal_(float("-inf"))
+        return F.cross_entropy(s, (torch.arange(4) + 2) % 4)
+
+    def additive_stock(h):
+        e = torch.tanh(h[:, :1, :] + h) @ b[:3]
+        return (torch.einsum("bs,bsd->bd", torch.softmax(e, 1), h) * mix[:2, :3]).sum()
+
+    return {
+        "cross_entropy": (lambda z: D.cross_entropy(z, t, label_smoothing=0.1),
+                          lambda z: F.cross_entropy(z, t, label_smoothing=0.1), (5, 7)),
+        "linear_cross_entropy": (lambda x: D.linear_cross_entropy(x, w, t, bias=b),
+                                 lambda x: F.cross_entropy(F.linear(x, w, b), t), (5, 4)),
+        "attention": (lambda q: (D.scaled_dot_product_attention(q, q, q, is_causal=True) * mix[:, :4]).sum(),
+                      lambda q: (_math_sdpa(q, q, q, is_causal=True) * mix[:, :4]).sum(), (1, 2, 3, 4)),
+        "layer_norm": (lambda x: (D.layer_norm(x, (4,), b[:4], None) * mix[:, :4]).sum(),
+                       lambda x: (F.layer_norm(x, (4,), b[:4], None) * mix[:, :4]).sum(), (3, 4)),
+        "linear_gelu": (lambda x: (D.linear_gelu(x, w, b) * mix[:1, :]).sum(),
+                        lambda x: (F.gelu(F.linear(x, w, b)) * mix[:1, :]).sum(), (5, 4)),
+        "conv2d_relu": (lambda x: (D.conv2d_relu(x, wc, b[:3], padding=1) * mix[0, 0]).sum(),
+                        lambda x: (F.relu(F.conv2d(x, wc, b[:3], padding=1)) * mix[0, 0]).sum(), (1, 2, 4, 5)),
+        "conv2d_relu_maxpool2d": (lambda x: D.conv2d_relu_maxpool2d(x, wc, None, padding=1, pool_kernel_size=2).sum(),
+                                  lambda x: F.max_pool2d(F.relu(F.conv2d(x, wc, None, padding=1)), 2).sum(),
+                                  (1, 2, 4, 4)),
+        "batch_norm_act": (lambda x: D.batch_norm_act(x, None, None, g, None, True).square().sum(),
+                           lambda x: F.relu(F.batch_norm(x, None, None, g, None, True)).square().sum(), (3, 2, 2, 2)),
+        "nt_xent": (lambda z: D.nt_xent_loss(z[:2], z[2:]), nt_xent_stock, (4, 3)),
+        "additive_attention": (lambda h: (D.additive_attention(h[:, 0, :], h, b[:3], h)[0] * mix[:2, :3]).sum(),
+                               additive_stock, (2, 3, 3)),
+    }
+
+
+TRANSFORMS = {
+    "grad": lambda f, x: grad(f)(x),
+    "grad_of_grad": lambda f, x: grad(lambda y: grad(f)(y).square().sum())(x),
+    "hessian": lambda f, x: hessian(f)(x),
+    "vmap_grad": lambda f, x: vmap(grad(f))(torch.stack([x, 0.5 * x, x + 0.1])),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("name", list(_ops(torch.Generator())))
+def test_transform_matches_stock(name, transform):
+    gen = torch.Generator().manual_seed(SEED)
+    ours, stock, shape = _ops(gen)[name]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    got, want = TRANSFORMS[transform](ours, x), TRANSFORMS[transform](stock, x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def _per_sample_grads_match_one_at_a_time(model, inputs, targets, loss_fn, rtol):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, t):
+        return loss_fn(functional_call(model, p, (x[None],)), t[None])
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    for i in range(inputs.shape[0]):  # autograd through the kernels, one sample at a time
+        model.zero_grad()
+        loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(batched[k][i], p.grad, rtol=rtol, atol=rtol, msg=f"sample {i}: {k}")
+
+
+def test_per_sample_gradients_through_dlcore_layers():
+    """DP-SGD's per-sample gradients (vmap over grad over functional_call) through dlcore.nn's fused layers."""
+    torch.manual_seed(SEED)
+    mlp = nn.Sequential(dnn.Linear(6, 16), dnn.LinearGELU(16, 16), dnn.LinearReLUDropout(16, 16, p=0.0),
+                        dnn.LayerNorm(16), dnn.Linear(16, 5))
+    cnn = nn.Sequential(dnn.Conv2dReLU(3, 4, 3, padding=1),
+                        dnn.Conv2dReLUMaxPool2d(4, 4, 3, padding=1, pool_kernel_size=2), nn.Flatten(),
+                        dnn.Linear(4 * 4 * 4, 5))
+    targets = torch.randint(0, 5, (4,))
+    _per_sample_grads_match_one_at_a_time(mlp, torch.randn(4, 6), targets, dnn.CrossEntropyLoss(), 1e-5)
+    _per_sample_grads_match_one_at_a_time(cnn, torch.randn(4, 3, 8, 8), targets, F.cross_entropy, 1e-5)
+
+
+def test_gpt_per_sample_gradients_match_the_stock_twin():
+    from dlcore.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=29, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(SEED)
+    ours = GPT(cfg).double()
+    twin = GPT(cfg, stock=True).double()
+    twin.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(SEED)
+    idx, targets = (torch.randint(0, cfg.vocab_size, (3, 7), generator=gen) for _ in range(2))
+    grads = []
+    for model in (ours, twin):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        with sdpa_kernel(SDPBackend.MATH):
+            grads.append(vmap(grad(lambda p, i, t: functional_call(model, p, (i[None], t[None]))),
+                              in_dims=(None, 0, 0))(params, idx, targets))
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-10, msg=k)
