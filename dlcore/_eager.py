@@ -23,11 +23,18 @@ import torch
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def in_transform() -> bool:
+    """Inside a torch.func transform (grad, vmap, jacrev, jacfwd, hessian): tensors are wrapped per level, have no
+    pointers to hand to a kernel, and some queries (is_contiguous for channels-last, under vmap) are not
+    implemented for them. False while torch.compile traces (it sees the custom op, one node)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def plain_eager(args) -> bool:
     """True when a call with `args` needs nothing the custom op layer provides (see the module docstring)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or in_transform()):
         return False
     for a in args:
         if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or a.is_meta):
@@ -173,7 +180,7 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
-        if torch._C._functorch.peek_interpreter_stack() is not None:
+        if in_transform():
             return under_transform(body, args)
         if not plain_eager(args):
             return op(*args)

@@ -211,7 +211,8 @@ def _cpu_inference(conv: FoldedConv2d, x: torch.Tensor, residual: Optional[torch
     and no dlcore backend forced."""
     from dlcore._dispatch import requested_backend
 
-    if x.device.type != "cpu" or x.dtype not in dtypes or x.dim() != 4 or conv.weight.dtype != x.dtype:
+    if (x.device.type != "cpu" or x.dtype not in dtypes or x.dim() != 4 or conv.weight.dtype != x.dtype
+            or _eager.in_transform()):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return False

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from dlcore import _eager
 from dlcore import nn as dnn
 from dlcore.blocks import BasicBlock, BatchNorm2dReLU, Bottleneck, FoldedConv2d, _FusedBlock, has_hooks, is_projection
 from dlcore.ops.batch_norm import is_channels_last
@@ -210,7 +211,7 @@ _converted_inputs = threading.local()
 
 def _convert_input(model: nn.Module, args: tuple):
     x = args[0] if args else None
-    convert = isinstance(x, torch.Tensor) and x.dim() == 4 and not is_channels_last(x)
+    convert = isinstance(x, torch.Tensor) and x.dim() == 4 and not is_channels_last(x) and not _eager.in_transform()
     stack = getattr(_converted_inputs, "stack", None)
     if stack is None:
         stack = _converted_inputs.stack = []

@@ -129,3 +129,26 @@ def test_gpt_per_sample_gradients_match_the_stock_twin():
                               in_dims=(None, 0, 0))(params, idx, targets))
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_resnet_through_patch_and_fuse_under_vmap():
+    """Batched inference (vmap over a model) of a patched and of a fused ResNet equals calling it per item (its
+    layout queries and CPU inference paths step aside inside a transform: vmap cannot answer is_contiguous for
+    channels-last), and per-sample gradients through a patched ResNet in training (torch.func's batch-norm
+    replacement: batch statistics, no running ones) equal one-at-a-time autograd (float64, where the eager path
+    is dlcore's reference backend too)."""
+    from torch.func import replace_all_batch_norm_modules_
+
+    from dlcore.models.resnet import resnet18
+    from dlcore.patching import fuse_for_inference, patch
+
+    torch.manual_seed(SEED)
+    x = torch.randn(3, 2, 3, 32, 32)
+    for model in (patch(resnet18(num_classes=10)).eval(), fuse_for_inference(resnet18(num_classes=10).eval())):
+        with torch.no_grad():
+            torch.testing.assert_close(vmap(model)(x), torch.stack([model(item) for item in x]), rtol=1e-4,
+                                       atol=1e-4)
+    model = patch(resnet18(num_classes=10)).double()  # (fp32 through 20 batch norms drifted past 1e-4)
+    replace_all_batch_norm_modules_(model)
+    _per_sample_grads_match_one_at_a_time(model, torch.randn(2, 3, 64, 64, dtype=torch.float64),
+                                          torch.randint(0, 10, (2,)), F.cross_entropy, 1e-9)

@@ -62,7 +62,7 @@ def is_channels_last(t: torch.Tensor) -> bool:
     """t's strides are channels-last-like (channels_last_3d for 5-D), as torch's Tensor.suggest_memory_format
     decides the layout of a convolution's or batch norm's result: a dense or sliced channels-last tensor, not a
     transposed view whose channel stride happens to be 1, nor an ambiguous one (C = 1 or 1×1) made contiguous."""
-    if t.dim() not in (4, 5):
+    if t.dim() not in (4, 5) or _eager.in_transform():  # (taken as NCHW there: vmap cannot answer the query)
         return False
     fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
     dense, dense_cl = t.is_contiguous(), t.is_contiguous(memory_format=fmt)
@@ -92,6 +92,8 @@ def as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     it element by element through its strided iterator (AMD VM, allocation included: AlexNet conv5's input
     [16, 256, 13, 13] fp32 to channels_last 0.43 → 0.16 ms, [16, 3, 224, 224] 0.88 → 0.48 ms, bf16
     [16, 64, 55, 55] 2.23 → 1.02 ms; uint8 on par)."""
+    if _eager.in_transform():  # layouts are the kernels' concern; under vmap torch cannot convert them
+        return t
     fmt = torch.contiguous_format if not channels_last else torch.channels_last_3d if t.dim() == 5 \
         else torch.channels_last
     if t.is_contiguous(memory_format=fmt):

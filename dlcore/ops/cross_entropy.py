@@ -405,7 +405,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if x.numel() == 0:  # no rows, or no features (logits all zero): torch's own result
         return F.cross_entropy(F.linear(x, weight, bias), tgt.reshape(-1), ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing)
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func transforms: a composite they see
+    if _eager.in_transform():  # torch.func transforms: a composite they see
         # through (the fused op forms its gradients in the forward with out= matmuls, which they cannot take)
         return cross_entropy(F.linear(x, weight, bias), tgt.reshape(-1), ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
