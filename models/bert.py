@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcore import registry
+from dlcore import _eager, registry
 from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.nn import Linear
 from dlcore.ops.attention import scaled_dot_product_attention
@@ -168,6 +168,8 @@ class BertModel(nn.Module):
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids on {input_ids.device}")
         keep = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+        if _eager.in_transform():  # torch.func transforms: a per-key mask, which needs no value read
+            return "keys", keep
         lengths = keep.sum(1)
         if bool((lengths == 0).any()):
             raise ValueError("attention_mask leaves a sequence with no token")
@@ -189,6 +191,8 @@ class BertModel(nn.Module):
                 continue
             if tuple(ids.shape) != (b, t):
                 raise ValueError(f"{name} must have shape {(b, t)}, got {tuple(ids.shape)}")
+            if not _eager.values_known(ids):  # (torch.func transforms: values cannot be read)
+                continue
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= n:
                 raise IndexError(f"{name} holds {lo if lo < 0 else hi}, out of range for {n} entries")

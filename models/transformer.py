@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcore import registry
+from dlcore import _eager, registry
 from dlcore.models._training import dataclass_arguments, write_summary
 from dlcore.nn import Linear
 from dlcore.ops.attention import scaled_dot_product_attention
@@ -178,7 +178,7 @@ class Transformer(nn.Module):
             raise TypeError(f"{name} must be an integer tensor [batch, length]")
         if ids.shape[1] > self.cfg.max_len:
             raise ValueError(f"{name} has {ids.shape[1]} tokens, over the positional limit max_len={self.cfg.max_len}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.num_embeddings):
+        if ids.numel() and _eager.values_known(ids) and (int(ids.min()) < 0 or int(ids.max()) >= table.num_embeddings):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise IndexError(f"{name} holds {bad}, out of range for a vocabulary of {table.num_embeddings}")
         return self.drop(table(ids) * math.sqrt(self.cfg.d_model) + self.positions[: ids.shape[1]])
@@ -193,7 +193,8 @@ class Transformer(nn.Module):
     def _lengths(lengths: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
         if tuple(lengths.shape) != (ids.shape[0],) or lengths.is_floating_point():
             raise ValueError(f"{name} must be an integer tensor of shape ({ids.shape[0]},)")
-        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > ids.shape[1]):
+        if lengths.numel() and _eager.values_known(lengths) and (int(lengths.min()) < 1
+                                                                 or int(lengths.max()) > ids.shape[1]):
             raise ValueError(f"{name} must lie in [1, {ids.shape[1]}]")
         return lengths
 

@@ -152,3 +152,42 @@ def test_resnet_through_patch_and_fuse_under_vmap():
     replace_all_batch_norm_modules_(model)
     _per_sample_grads_match_one_at_a_time(model, torch.randn(2, 3, 64, 64, dtype=torch.float64),
                                           torch.randint(0, 10, (2,)), F.cross_entropy, 1e-9)
+
+
+def _per_sample_grads(model, args):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, *sample):
+        out = functional_call(model, p, tuple(a[None] for a in sample))
+        return out[0] if isinstance(out, tuple) else out
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return vmap(grad(loss), in_dims=(None,) + (0,) * len(args))(params, *args)
+
+
+def test_bert_and_transformer_per_sample_gradients_match_their_stock_twins():
+    """Padding masks and key lengths inside vmap: their models' value checks step aside there (no value can be
+    read) and BERT's mask takes its per-key form."""
+    from dlcore.models.bert import BertConfig, BertForSequenceClassification
+    from dlcore.models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=16)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    bert_args = (torch.randint(0, 50, (3, 9), generator=gen), torch.zeros(3, 9, dtype=torch.long), mask,
+                 torch.randint(0, 2, (3,), generator=gen))
+    tcfg = TransformerConfig(src_vocab=30, tgt_vocab=30, d_model=16, n_heads=2, d_ff=32, enc_layers=1, dec_layers=1,
+                             dropout=0.0, max_len=32)
+    transformer_args = (torch.randint(1, 30, (3, 7), generator=gen), torch.tensor([7, 5, 3]),
+                        torch.randint(1, 30, (3, 6), generator=gen), torch.tensor([6, 6, 2]),
+                        torch.randint(1, 30, (3, 6), generator=gen))
+    for make, args in ((lambda stock: BertForSequenceClassification(cfg, stock=stock), bert_args),
+                       (lambda stock: Transformer(tcfg, stock=stock), transformer_args)):
+        ours, twin = make(False).double().eval(), make(True).double().eval()
+        twin.load_state_dict(ours.state_dict())
+        got, want = _per_sample_grads(ours, args), _per_sample_grads(twin, args)
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-10, msg=k)
