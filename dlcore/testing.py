@@ -25,3 +25,11 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest |actual − expected|, in float64 (complex128 when either is complex: both parts count)."""
     wide = torch.complex128 if actual.is_complex() or expected.is_complex() else torch.float64
     return (actual.to(wide) - expected.to(wide)).abs().max().item()
+
+
+def twins(make, dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(dlcore model, its stock-PyTorch twin) from make(stock: bool), both in `dtype`, the twin holding the dlcore
+    model's state_dict (every model in dlcore.models takes stock=True for its twin)."""
+    ours, twin = make(False).to(dtype), make(True).to(dtype)
+    twin.load_state_dict(ours.state_dict())
+    return ours, twin

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dlcore.functional as D
 import dlcore.nn as dnn
+from dlcore.testing import twins
 
 SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
 
@@ -116,9 +117,7 @@ def test_gpt_per_sample_gradients_match_the_stock_twin():
 
     cfg = GPTConfig(vocab_size=29, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     torch.manual_seed(SEED)
-    ours = GPT(cfg).double()
-    twin = GPT(cfg, stock=True).double()
-    twin.load_state_dict(ours.state_dict())
+    ours, twin = twins(lambda stock: GPT(cfg, stock=stock))
     gen = torch.Generator().manual_seed(SEED)
     idx, targets = (torch.randint(0, cfg.vocab_size, (3, 7), generator=gen) for _ in range(2))
     grads = []
@@ -186,8 +185,7 @@ def test_bert_and_transformer_per_sample_gradients_match_their_stock_twins():
                         torch.randint(1, 30, (3, 6), generator=gen))
     for make, args in ((lambda stock: BertForSequenceClassification(cfg, stock=stock), bert_args),
                        (lambda stock: Transformer(tcfg, stock=stock), transformer_args)):
-        ours, twin = make(False).double().eval(), make(True).double().eval()
-        twin.load_state_dict(ours.state_dict())
+        ours, twin = (m.eval() for m in twins(make))
         got, want = _per_sample_grads(ours, args), _per_sample_grads(twin, args)
         for k in got:
             torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-10, msg=k)

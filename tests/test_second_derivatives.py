@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dlcore
 import dlcore.functional as D
-from dlcore.testing import backend_device_pairs
+from dlcore.testing import backend_device_pairs, twins
 
 SEED = int(os.environ.get("DLCORE_TEST_SEED", int(time.time() * 1000) % 2**31))
 
@@ -190,9 +190,7 @@ def test_gpt_hessian_vector_product_matches_the_stock_twin():
 
     cfg = GPTConfig(vocab_size=29, n_positions=16, n_embd=16, n_layer=2, n_head=2)
     torch.manual_seed(SEED)
-    ours = GPT(cfg).double()
-    twin = GPT(cfg, stock=True).double()
-    twin.load_state_dict(ours.state_dict())
+    ours, twin = twins(lambda stock: GPT(cfg, stock=stock))
     gen = torch.Generator().manual_seed(SEED)
     idx, targets = (torch.randint(0, cfg.vocab_size, (2, 11), generator=gen) for _ in range(2))
     direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ours.parameters()]
