@@ -19,15 +19,19 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def in_transform() -> bool:
-    """Inside a torch.func transform (grad, vmap, jacrev, jacfwd, hessian): tensors are wrapped per level, have no
-    pointers to hand to a kernel, and some queries (is_contiguous for channels-last, under vmap) are not
-    implemented for them. False while torch.compile traces (it sees the custom op, one node)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    """Inside a torch.func transform (grad, vmap, jacrev, jacfwd, hessian), where tensors are wrapped per level,
+    have no pointers to hand to a kernel and some queries (is_contiguous for channels-last, under vmap) are not
+    implemented for them; or inside a forward-AD dual level (torch.autograd.forward_ad), whose tangents a kernel
+    would silently drop (a dual fp32 input's tangent came out None). False while torch.compile traces (it sees the
+    custom op, one node)."""
+    return not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None
+                                                  or _forward_ad._current_level >= 0)
 
 
 def plain_eager(args) -> bool:

@@ -4,11 +4,13 @@
 "must override the setup_context staticmethod", pytorch/pytorch#170834 — for every dlcore op), and the kernels read
 raw pointers. Each result is compared with the stock-PyTorch chain under the same transform (float64), or, for
 whole models, with per-sample gradients taken one sample at a time by autograd through the kernels."""
+import copy
 import os
 import time
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
@@ -26,9 +28,8 @@ def _math_sdpa(*args, **kwargs):  # torch's flash SDPA on the CPU has no second 
         return F.scaled_dot_product_attention(*args, **kwargs)
 
 
-def _ops(gen):
-    """name → (dlcore's scalar function of x, the stock one, x's shape), constants drawn from gen."""
-    d = torch.float64
+def _ops(gen, d=torch.float64):
+    """name → (dlcore's scalar function of x, the stock one, x's shape), constants drawn from gen, in dtype d."""
     w, b = torch.randn(7, 4, generator=gen, dtype=d), torch.randn(7, generator=gen, dtype=d)
     wc, g = torch.randn(3, 2, 3, 3, generator=gen, dtype=d), torch.randn(2, generator=gen, dtype=d)
     t = torch.randint(0, 7, (5,), generator=gen)
@@ -73,6 +74,23 @@ TRANSFORMS = {
     "hessian": lambda f, x: hessian(f)(x),
     "vmap_grad": lambda f, x: vmap(grad(f))(torch.stack([x, 0.5 * x, x + 0.1])),
 }
+
+
+@pytest.mark.parametrize("name", list(_ops(torch.Generator())))
+def test_forward_ad_tangents_match_stock(name):
+    """torch.autograd.forward_ad's dual tensors (no transform) in fp32, where the kernels would run: the tangent
+    equals the stock chain's (the kernels dropped it: None came back)."""
+    gen = torch.Generator().manual_seed(SEED)
+    ours, stock, shape = _ops(gen, torch.float32)[name]
+    x, tangent = (torch.randn(shape, generator=gen) for _ in range(2))
+    results = []
+    for fn in (ours, stock):
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(fn(fwAD.make_dual(x, tangent)))
+        assert out.tangent is not None, name
+        results.append(out)
+    torch.testing.assert_close(results[0].primal, results[1].primal, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0].tangent, results[1].tangent, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -147,6 +165,14 @@ def test_resnet_through_patch_and_fuse_under_vmap():
         with torch.no_grad():
             torch.testing.assert_close(vmap(model)(x), torch.stack([model(item) for item in x]), rtol=1e-4,
                                        atol=1e-4)
+    stock = resnet18(num_classes=10).eval()  # forward AD through the folded inference paths: stock's tangent
+    fused = fuse_for_inference(copy.deepcopy(stock))
+    tangent = torch.randn(x[0].shape)
+    jvps = []
+    for model in (stock, fused):
+        with torch.no_grad(), fwAD.dual_level():
+            jvps.append(fwAD.unpack_dual(model(fwAD.make_dual(x[0], tangent))).tangent)
+    torch.testing.assert_close(jvps[1], jvps[0], rtol=1e-4, atol=1e-4)
     model = patch(resnet18(num_classes=10)).double()  # (fp32 through 20 batch norms drifted past 1e-4)
     replace_all_batch_norm_modules_(model)
     _per_sample_grads_match_one_at_a_time(model, torch.randn(2, 3, 64, 64, dtype=torch.float64),
