@@ -184,10 +184,8 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
-        if in_transform():
-            return under_transform(body, args)
         if not plain_eager(args):
-            return op(*args)
+            return under_transform(body, args) if in_transform() else op(*args)
         if not torch.is_grad_enabled() or not wants_grad(args):
             return body(*args)  # inference, or no input wants a gradient: no graph to record
         return Function.apply(*args)
