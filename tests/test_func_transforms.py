@@ -34,6 +34,7 @@ def _ops(gen, d=torch.float64):
     wc, g = torch.randn(3, 2, 3, 3, generator=gen, dtype=d), torch.randn(2, generator=gen, dtype=d)
     t = torch.randint(0, 7, (5,), generator=gen)
     mix = torch.randn(3, 7, generator=gen, dtype=d)  # weights, so that sums of outputs are not trivial
+    wide = torch.randn(512, 256, generator=gen, dtype=d) / 16  # 2 rows: the skinny CPU GEMM's shape in fp32
 
     def nt_xent_stock(z):
         u = F.normalize(z, dim=1)
@@ -51,6 +52,7 @@ def _ops(gen, d=torch.float64):
                                  lambda x: F.cross_entropy(F.linear(x, w, b), t), (5, 4)),
         "attention": (lambda q: (D.scaled_dot_product_attention(q, q, q, is_causal=True) * mix[:, :4]).sum(),
                       lambda q: (_math_sdpa(q, q, q, is_causal=True) * mix[:, :4]).sum(), (1, 2, 3, 4)),
+        "linear": (lambda x: D.linear(x, wide).square().sum(), lambda x: F.linear(x, wide).square().sum(), (2, 256)),
         "layer_norm": (lambda x: (D.layer_norm(x, (4,), b[:4], None) * mix[:, :4]).sum(),
                        lambda x: (F.layer_norm(x, (4,), b[:4], None) * mix[:, :4]).sum(), (3, 4)),
         "linear_gelu": (lambda x: (D.linear_gelu(x, w, b) * mix[:1, :]).sum(),

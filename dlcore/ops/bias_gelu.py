@@ -299,13 +299,14 @@ class _SkinnyLinear(torch.autograd.Function):
 def _skinny(input: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether F.linear(input, weight) runs our skinny GEMM: few rows of fp32 on the CPU (AVX-512 builds, on a
     host where it beats torch's BLAS: SKINNY_HOST), enough multiply-adds, the cpu backend the one chosen (so
-    use_backend("reference") stays pure torch), not under torch.compile, and not under CPU autocast (where torch's
-    linear computes in the autocast dtype and returns it)."""
+    use_backend("reference") stays pure torch), not under torch.compile or a torch.func transform / forward-AD
+    level, and not under CPU autocast (where torch's linear computes in the autocast dtype and returns it)."""
     return (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
             and _eager.autocast_dtype(input) is None
             and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous() and input.dim() >= 1
             and input.shape[-1] == weight.shape[1] and 0 < input.numel() <= SKINNY_MAX_ROWS * weight.shape[1]
-            and input.numel() * weight.shape[0] >= SKINNY_MIN_MACS and not torch.compiler.is_compiling()
+            and input.numel() * weight.shape[0] >= SKINNY_MIN_MACS and not _eager.in_transform()
+            and not torch.compiler.is_compiling()
             and getattr(_ext.cpu, "simd", None) == "avx512" and SKINNY_HOST
             and _dispatch.select(FORWARD, input.device, input.dtype)[0] == "cpu")
 
