@@ -217,3 +217,30 @@ def test_bert_and_transformer_per_sample_gradients_match_their_stock_twins():
         got, want = _per_sample_grads(ours, args), _per_sample_grads(twin, args)
         for k in got:
             torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+DROPOUTS = {
+    "dropout": lambda x: D.dropout(x, 0.5),
+    "bias_act": lambda x: D.bias_act(x, torch.full((8,), 0.5), "relu", 0.5),
+    "attention": lambda x: D.scaled_dot_product_attention(x[None], x[None], x[None], dropout_p=0.5)[0],
+}
+
+
+@pytest.mark.parametrize("name", DROPOUTS)
+def test_dropout_under_vmap_follows_torchs_randomness_modes(name):
+    """vmap's randomness: 'error' raises as for torch's dropout, 'same' gives every sample one mask, 'different'
+    one each (the Philox seed, one integer, cannot be drawn per sample: torch's RNG draws the mask there), and
+    grad_and_value under 'different' returns each sample's own mask in its gradient."""
+    fn = DROPOUTS[name]
+    x = torch.randn(1, 4, 8).expand(3, 4, 8).contiguous() + 3.0  # three equal samples, nothing near ReLU's 0
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(fn)(x)
+    same, different = vmap(fn, randomness="same")(x), vmap(fn, randomness="different")(x)
+    assert torch.equal(same[0], same[1]) and torch.equal(same[1], same[2])
+    assert not torch.equal(different[0], different[1])
+    if name != "attention":  # value Σ keep·(x + b)/(1 − p) and gradient keep/(1 − p) from one forward each
+        grads, values = vmap(torch.func.grad_and_value(lambda t: fn(t).sum()), randomness="different")(x)
+        assert not torch.equal(grads[0], grads[1])
+        shifted = x + (0.5 if name == "bias_act" else 0.0)
+        torch.testing.assert_close(values, (grads * shifted).sum((1, 2)))
+        assert set(grads.unique().tolist()) == {0.0, 2.0}

@@ -75,9 +75,10 @@ def visible_mask(lq: int, lk: int, window: tuple[int, int], klen: Optional[torch
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed, math_dtype=None):
+def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed, math_dtype=None, keep=None):
     """(o, lse) in `math_dtype` (default: float64 for float64 inputs, else fp32). Tests also run it in the input's
-    low precision, as the error baseline a kernel must stay within 2× of."""
+    low precision, as the error baseline a kernel must stay within 2× of. keep: a dropout keep mask [B, H, Lq, Lk]
+    to use instead of the Philox one from `seed` (inside torch.func transforms, see scaled_dot_product_attention)."""
     b, h, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
     if math_dtype is None:
@@ -91,7 +92,9 @@ def _reference_math(q, k, v, bias, klen, scale, window, dropout_p, seed, math_dt
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])  # empty rows: p = 0
     if dropout_p > 0:
-        p = p * philox_keep(seed, b, h, lq, lk, dropout_p, q.device) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+        if keep is None:
+            keep = philox_keep(seed, b, h, lq, lk, dropout_p, q.device)
+        p = p * keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
     return p @ v, lse
 
 
@@ -454,7 +457,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
     four_d = query.dim() == 4  # already [batch, heads, length, dim]: no reshapes (~5 µs of a decode step's call)
     q, k, v = (query, key, value) if four_d else (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
-    o, _ = _attention(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+    if dropout_p > 0 and _eager.in_transform():
+        # torch's RNG for the mask, which vmap draws per its `randomness` mode ('different': one mask per sample;
+        # a Philox seed is one integer, which .item() cannot read from a batched draw)
+        keep = torch.rand((q.shape[0], q.shape[1], lq, lk), device=q.device) >= float(dropout_p)
+        o = _reference_math(q, k, v, bias, klen, scale, (left, right), float(dropout_p), 0, keep=keep)[0].to(q.dtype)
+    else:
+        o, _ = _attention(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
     return o if four_d else o.reshape(*lead, hq, lq, value.shape[-1])
 
 

@@ -214,6 +214,9 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activatio
         raise ValueError("input must have at least one dimension (the bias broadcasts over the last)")
     if bias is None and code == IDENTITY and p == 0.0:
         return input  # nothing to do: exactly the identity (as F.dropout in eval mode)
+    if p > 0 and _eager.in_transform():  # torch's dropout, whose mask vmap draws per its `randomness` mode (a
+        # Philox seed is one integer, which .item() cannot read from a batched draw)
+        return F.dropout(bias_act(input, bias, activation, 0.0), p)
     seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
     cols = input.shape[-1]
     if bias is not None:
