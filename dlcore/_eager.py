@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch._C import _functorch
 from torch.autograd import forward_ad as _forward_ad
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -110,6 +111,15 @@ def _body(op) -> Callable:
     return fn
 
 
+def torch_ops_backward(*grads) -> bool:
+    """Whether a backward function, handed `grads`, must form its gradients from torch ops, not the kernels: under
+    create_graph=True (grad mode on in backward: the gradients are differentiated again), inside a torch.func
+    transform, or with a gradient batched by torch's legacy vmap (autograd.grad(..., is_grads_batched=True),
+    torch.autograd.functional.jacobian(vectorize=True)), which has no pointer for a kernel."""
+    return (torch.is_grad_enabled() or in_transform()
+            or any(g is not None and _functorch.is_legacy_batchedtensor(g) for g in grads))
+
+
 def differentiable_grads(fn: Callable, inputs: tuple, grad_output: torch.Tensor,
                          needed: Optional[Sequence[bool]] = None) -> list:
     """The gradients of fn(*inputs) against grad_output with respect to the inputs that are needed (default: those
@@ -121,11 +131,13 @@ def differentiable_grads(fn: Callable, inputs: tuple, grad_output: torch.Tensor,
     if needed is None:
         needed = [t is not None and t.requires_grad for t in inputs]
     needed = [bool(n) and t is not None and t.requires_grad for n, t in zip(needed, inputs)]
-    args = [t.view_as(t) if n else t for n, t in zip(needed, inputs)]
-    output = fn(*args)
-    wanted = [a for n, a in zip(needed, args) if n]
-    grads = iter(torch.autograd.grad(output, wanted, grad_output.to(output.dtype), create_graph=True)
-                 if wanted else ())
+    create_graph = torch.is_grad_enabled()  # (off: a vmapped first-order backward, see torch_ops_backward)
+    with torch.enable_grad():
+        args = [t.view_as(t) if n else t for n, t in zip(needed, inputs)]
+        output = fn(*args)
+        wanted = [a for n, a in zip(needed, args) if n]
+        grads = iter(torch.autograd.grad(output, wanted, grad_output.to(output.dtype), create_graph=create_graph)
+                     if wanted else ())
     return [next(grads) if n else None for n in needed]
 
 

@@ -95,6 +95,22 @@ def test_forward_ad_tangents_match_stock(name):
     torch.testing.assert_close(results[0].tangent, results[1].tangent, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(_ops(torch.Generator())))
+def test_batched_grad_outputs_match_stock(name):
+    """autograd.grad(..., is_grads_batched=True) (torch.autograd.functional.jacobian(vectorize=True) uses it) in fp32,
+    where the kernels' backward would run: torch's legacy vmap batches the incoming gradient, which has no pointer
+    ("Cannot access data pointer" before), so the backward takes its torch-op form."""
+    gen = torch.Generator().manual_seed(SEED)
+    ours, stock, shape = _ops(gen, torch.float32)[name]
+    x = torch.randn(shape, generator=gen)
+    scales = torch.tensor([1.0, -2.0, 0.5])
+    results = []
+    for fn in (ours, stock):
+        leaf = x.clone().requires_grad_()
+        results.append(torch.autograd.grad(fn(leaf), leaf, scales, is_grads_batched=True)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("name", list(_ops(torch.Generator())))
 def test_transform_matches_stock(name, transform):

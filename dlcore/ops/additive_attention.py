@@ -140,7 +140,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_context, _grad_alpha):
     ws, uh, v, h, lengths, alpha = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: autograd of the reference (tanh scores, masked softmax, sum)
+    if _eager.torch_ops_backward(grad_context):  # create_graph=True: autograd of the reference (tanh scores, masked softmax, sum)
         return (*_eager.differentiable_grads(lambda *a: reference_forward(*a, lengths)[0], (ws, uh, v, h),
                                              grad_context), None)
     return (*_additive_attention_backward(grad_context, ws, uh, v, h, lengths, alpha), None)

@@ -324,7 +324,7 @@ def _differentiable_backward(grad_o, q, k, v, bias, klen, scale, window_left, wi
 
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, bias, klen = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+    if _eager.torch_ops_backward(grad_o):  # create_graph=True: gradients that autograd can differentiate again
         dq, dk, dv, dbias = _differentiable_backward(grad_o, q, k, v, bias, klen, *ctx.conf)
         return dq, dk, dv, dbias, None, None, None, None, None, None
     bias_grad = bias is not None and ctx.needs_input_grad[3]

@@ -386,7 +386,7 @@ def _differentiable_backward(grad_y, x, y, weight, mean, invstd, training, activ
 def _backward(ctx, grad_y, _gm, _gi, _gv):
     x, y, weight, mean, invstd = ctx.saved_tensors
     training, activation, slope, has_residual, eps = ctx.conf
-    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+    if _eager.torch_ops_backward(grad_y):  # create_graph=True: gradients that autograd can differentiate again
         dx, dr, dw, db = _differentiable_backward(grad_y, x, y, weight, mean, invstd, training, activation, slope,
                                                   eps)
     else:

@@ -181,7 +181,7 @@ def _differentiable_backward(grad_y, x, bias, activation, dropout_p, seed):
 
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+    if _eager.torch_ops_backward(grad_y):  # create_graph=True: gradients that autograd can differentiate again
         dx, db = _differentiable_backward(grad_y, x, bias, *ctx.conf)
         return dx, (db if ctx.needs_input_grad[1] else None), None, None, None
     if ctx.x_free:
@@ -286,7 +286,7 @@ class _SkinnyLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: torch's matmuls, which autograd differentiates again
+        if _eager.torch_ops_backward(grad_y):  # create_graph=True: torch's matmuls, which autograd differentiates again
             return (grad_y @ weight if ctx.needs_input_grad[0] else None,
                     grad_y.t() @ x if ctx.needs_input_grad[1] else None)
         grad_x = None

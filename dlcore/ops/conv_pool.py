@@ -319,7 +319,7 @@ def _differentiable_backward(grad_y, x, weight, bias, stride, padding, dilation,
 
 def _backward(ctx, grad_y, _grad_argmax):
     x, weight, y, argmax, bias = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+    if _eager.torch_ops_backward(grad_y):  # create_graph=True: gradients that autograd can differentiate again
         return (*_differentiable_backward(grad_y, x, weight, bias, *ctx.conf[1:]),) + (None,) * 9
     if argmax.numel() != y.numel():
         raise RuntimeError("conv2d_relu_maxpool2d: the forward kept no pool argmax (it ran without a gradient "

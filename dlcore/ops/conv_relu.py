@@ -267,7 +267,7 @@ def _backward(ctx, grad_y):
     x, weight, y = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups = ctx.conf
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+    if _eager.torch_ops_backward(grad_y):  # create_graph=True: gradients that autograd can differentiate again
         dx, dw, db, dz = _differentiable_backward(grad_y, x, weight, y, stride, padding, dilation, groups, mask)
     else:
         dx, dw, db, dz = _conv2d_relu_backward(grad_y, x, weight, y, has_bias, stride, padding, dilation, groups,

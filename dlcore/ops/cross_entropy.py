@@ -161,7 +161,7 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
     logits, target, lse = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True (Hessian-vector products, double backprop): autograd of the
+    if _eager.torch_ops_backward(grad_loss):  # create_graph=True (Hessian-vector products, double backprop): autograd of the
         # reference's per-row losses, lse − (1 − ε)·z_t − (ε/V)·Σ z, whose gradient autograd can differentiate again
         (dz,) = _eager.differentiable_grads(lambda z: reference_forward(z, target, *ctx.conf, None, 0.0)[0],
                                             (logits,), grad_loss)

@@ -173,7 +173,7 @@ def _backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
     has_residual, has_weight, has_bias = ctx.flags
     if grad_y is None:
         grad_y = torch.zeros_like(h)
-    if torch.is_grad_enabled():  # create_graph=True: gradients that autograd can differentiate again
+    if _eager.torch_ops_backward(grad_y, grad_h):  # create_graph=True: gradients that autograd can differentiate again
         dx, dw, db = _differentiable_backward(grad_y, grad_h if has_residual else None, h, weight, ctx.eps)
     else:
         dx, dw, db = _layer_norm_backward(grad_y, grad_h if has_residual else None, h, weight, mean, rstd)

@@ -129,7 +129,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_lse):
     z, lse = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: autograd of the reference loss mean(lse_i − s_i,partner(i))
+    if _eager.torch_ops_backward(grad_loss):  # create_graph=True: autograd of the reference loss mean(lse_i − s_i,partner(i))
         def loss(z):
             lse_ref, pos = reference_forward(F.normalize(z.to(_math_dtype(z.dtype)), dim=1), ctx.temperature)
             return (lse_ref - pos).mean()
