@@ -10,9 +10,11 @@ mode that wrapping is pure cost: the custom op and its registered autograd hop P
 runs the op's Python body inside an autograd.Function built from the *same* setup_context and backward (so both
 paths share one formula; it also registers them as the op's autograd), or the body alone when grad mode is off or
 no tensor argument requires grad; `direct(op)` does the same for an op without a
-gradient (the backward ops, called from those backward functions). Anything else — torch.compile tracing, a
-dispatch mode (fake tensors, make_fx, FlopCounterMode), a torch-function mode (`with torch.device(...)`), functorch
-transforms, tensor subclasses — takes the custom op itself, as before.
+gradient (the backward ops, called from those backward functions). Inside torch.func transforms and forward-AD
+dual levels the op's body runs on its reference backend (`under_transform`: torch ops the transforms see through;
+torch's custom-op autograd wrapper is refused by them). Anything else — torch.compile tracing, a dispatch mode
+(fake tensors, make_fx, FlopCounterMode), a torch-function mode (`with torch.device(...)`), tensor subclasses —
+takes the custom op itself, as before.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def in_transform() -> bool:
     implemented for them; or inside a forward-AD dual level (torch.autograd.forward_ad), whose tangents a kernel
     would silently drop (a dual fp32 input's tangent came out None). False while torch.compile traces (it sees the
     custom op, one node)."""
-    return not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None
+    return not torch.compiler.is_compiling() and (_functorch.peek_interpreter_stack() is not None
                                                   or _forward_ad._current_level >= 0)
 
 
@@ -123,8 +125,9 @@ def torch_ops_backward(*grads) -> bool:
 def differentiable_grads(fn: Callable, inputs: tuple, grad_output: torch.Tensor,
                          needed: Optional[Sequence[bool]] = None) -> list:
     """The gradients of fn(*inputs) against grad_output with respect to the inputs that are needed (default: those
-    that require grad; None for the others and for None entries), by autograd with create_graph=True: the
-    create_graph=True branch of the ops' backward functions, whose gradients autograd can differentiate again.
+    that require grad; None for the others and for None entries), by autograd: the torch-op branch of the ops'
+    backward functions (torch_ops_backward), with create_graph=True when grad mode is on, so that autograd can
+    differentiate the gradients again.
     Each needed input enters fn as its own alias (t.view_as(t)): an input passed twice (self-attention's
     q = k = v = h) would otherwise get the whole gradient at each place, and autograd, which sums the parts an op
     returns, would count it three times."""
