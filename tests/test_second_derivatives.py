@@ -118,6 +118,26 @@ def test_gradgradcheck(name):
     assert torch.autograd.gradgradcheck(lambda *a: ours(*a, *extra), tuple(leaves))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", OPS)
+def test_16_bit_second_derivative_keeps_dtypes(name, dtype):
+    """In bf16/fp16 the create_graph branch (its math in fp32) returns gradients in the inputs' dtype, close to the
+    kernels' first derivative, and a finite Hessian-vector product."""
+    ours, *_ = OPS[name]
+    gen = torch.Generator().manual_seed(SEED)
+    leaves, extra = _draw(name, gen, dtype)
+    y = ours(*leaves, *extra).float()
+    weights = torch.randn(y.shape, generator=gen)
+    kernel = torch.autograd.grad((y * weights).sum(), leaves, retain_graph=True)
+    grads = torch.autograd.grad((y * weights).sum(), leaves, create_graph=True)
+    for k, g, leaf in zip(kernel, grads, leaves):
+        assert g.dtype == leaf.dtype, (name, g.dtype)
+        scale = k.float().abs().max().item() + 1e-3
+        assert (g.float() - k.float()).abs().max().item() <= 0.05 * scale, name
+    hvp = torch.autograd.grad(sum(g.float().square().sum() for g in grads), leaves, allow_unused=True)
+    assert all(h is None or torch.isfinite(h).all() for h in hvp), name
+
+
 def _first_derivative_cases():
     return [(name, backend) for name in OPS
             for backend, device in backend_device_pairs(OPS[name][4], torch.float32) if device == "cpu"]
