@@ -134,9 +134,7 @@ def differentiable_grads(fn: Callable, inputs: tuple, grad_output: torch.Tensor,
     Each needed input enters fn as its own alias (t.view_as(t)): an input passed twice (self-attention's
     q = k = v = h) would otherwise get the whole gradient at each place, and autograd, which sums the parts an op
     returns, would count it three times."""
-    if needed is None:
-        needed = [t is not None and t.requires_grad for t in inputs]
-    needed = [bool(n) and t is not None and t.requires_grad for n, t in zip(needed, inputs)]
+    needed = [(needed is None or bool(needed[i])) and t is not None and t.requires_grad for i, t in enumerate(inputs)]
     create_graph = torch.is_grad_enabled()  # (off: a vmapped first-order backward, see torch_ops_backward)
     with torch.enable_grad():
         args = [t.view_as(t) if n else t for n, t in zip(needed, inputs)]

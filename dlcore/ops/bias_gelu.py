@@ -308,8 +308,8 @@ def _skinny(input: torch.Tensor, weight: torch.Tensor) -> bool:
             and _eager.autocast_dtype(input) is None
             and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous() and input.dim() >= 1
             and input.shape[-1] == weight.shape[1] and 0 < input.numel() <= SKINNY_MAX_ROWS * weight.shape[1]
-            and input.numel() * weight.shape[0] >= SKINNY_MIN_MACS and not _eager.in_transform()
-            and not torch.compiler.is_compiling()
+            and input.numel() * weight.shape[0] >= SKINNY_MIN_MACS and not torch.compiler.is_compiling()
+            and not _eager._transformed()
             and getattr(_ext.cpu, "simd", None) == "avx512" and SKINNY_HOST
             and _dispatch.select(FORWARD, input.device, input.dtype)[0] == "cpu")
 

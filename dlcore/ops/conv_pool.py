@@ -154,8 +154,8 @@ def cpu_maxpool_inference(z: torch.Tensor, pool: torch.nn.MaxPool2d) -> Optional
     """relu(maxpool(z)) for a non-negative channels-last CPU tensor z (after a conv + ReLU), no argmax kept: the
     pool of the folded ResNet stem in inference (the C++ epilogue without its offsets: 8×64×112×112, 3×3/2 →
     see blocks.FoldedConv2d). None when it does not apply (then the caller pools with torch)."""
-    if (_ext.cpu is None or _eager.in_transform() or z.dtype not in channel_ops.LOW
-            or not z.is_contiguous(memory_format=CL) or z.requires_grad or not fusable_pool(pool)):
+    if (_ext.cpu is None or z.dtype not in channel_ops.LOW or not z.is_contiguous(memory_format=CL) or z.requires_grad
+            or not fusable_pool(pool)):
         return None
     try:
         k, st, pad = pool_args(pool.kernel_size, pool.stride, pool.padding)

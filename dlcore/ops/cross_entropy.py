@@ -250,6 +250,8 @@ def _lce_setup(ctx, inputs, output):
 
 def _lce_backward(ctx, grad_loss, *_):
     dx, dw, db, x, weight, bias, target = ctx.saved_tensors
+    # (grad mode, not _eager.torch_ops_backward: the first-order path below is torch ops already, batched gradients
+    # included)
     if torch.is_grad_enabled():  # create_graph=True (Hessian-vector products of an LM's loss, MAML): autograd of
         # F.linear and the cross-entropy's reference; it forms the [rows, V] logits the forward avoided
         ignore_index, smoothing, reduce_sum = ctx.conf
