@@ -1,8 +1,8 @@
-// Philox4x32-10 dropout masks shared by the CPU twins (attention, bias+GELU) and the CUDA attention: element (i, j)
-// of stream `bh` is kept iff the first output word for counter (j, i, bh, 0) and key (seed_lo, seed_hi) is
-// ≥ threshold = round(p·2³²).
-// The Triton kernels (kernels/attention.py _dropout_keep) and the reference (dlcore/ops/attention.py philox_keep)
-// compute the same words, so every backend drops the same elements.
+// Philox4x32-10 counter-based random words, shared by the CPU twins and the CUDA kernels.
+// Dropout masks (attention, bias+GELU): element (i, j) of stream `bh` is kept iff the first output word for
+// counter (j, i, bh, 0) and key (seed_lo, seed_hi) is ≥ threshold = round(p·2³²). The Triton kernels
+// (kernels/attention.py _dropout_keep) and the reference (dlcore/ops/attention.py philox_keep) compute the same
+// words, so every backend drops the same elements. Replay sampling offsets: uniform53 below.
 #pragma once
 #include <cstdint>
 
@@ -10,8 +10,13 @@
 
 namespace dlcore {
 
-DL_HD bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
-  uint32_t c0 = j, c1 = i, c2 = bh, c3 = 0, k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+// Philox4x32-10 (Salmon et al. 2011): the four output words for counter (c0, c1, c2, c3) and key (k0, k1).
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+DL_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   for (int r = 0; r < 10; ++r) {
     const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;
     c0 = uint32_t(pb >> 32) ^ c1 ^ k0;
@@ -21,7 +26,19 @@ DL_HD bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return uint64_t(c0) >= threshold;
+  return PhiloxWords{{c0, c1, c2, c3}};
+}
+
+DL_HD bool dropout_keep(uint64_t seed, uint32_t i, uint32_t j, uint32_t bh, uint64_t threshold) {
+  return uint64_t(philox4x32_10(j, i, bh, 0, seed).w[0]) >= threshold;
+}
+
+// The replay buffers' sampling offsets (dlcore/rl/sum_tree.py draw_offsets): element i of draw `counter` is a
+// float64 in [0, 1) from the top 53 of the 64 bits (w0, w1) of counter (i, counter_lo, counter_hi, 1); c3 = 1 keeps
+// this stream apart from the dropout masks' (c3 = 0) even under one seed.
+DL_HD double uniform53(uint64_t seed, uint64_t counter, uint32_t i) {
+  const PhiloxWords r = philox4x32_10(i, uint32_t(counter), uint32_t(counter >> 32), 1, seed);
+  return double(((uint64_t(r.w[0]) << 32) | r.w[1]) >> 11) * 0x1p-53;
 }
 
 #if !defined(__CUDACC__)

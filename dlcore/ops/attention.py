@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from dlcore import _dispatch, _eager, _ext
+from dlcore._philox import philox4x32_10
 
 FORWARD, BACKWARD = "attention", "attention_backward"
 for _name in (FORWARD, BACKWARD):
@@ -35,12 +36,6 @@ MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------------------------------- dropout RNG
-def _mul32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of a·m for 32-bit values held in int64 (the product does not fit in int64)."""
-    lo_part, hi_part = (a & 0xFFFF) * m, (a >> 16) * m  # each < 2⁴⁸
-    return (hi_part + (lo_part >> 16)) >> 16, (a * m) & 0xFFFFFFFF  # low word: int64 wrap-around is mod 2⁶⁴
-
-
 def philox_keep(seed: int, batch: int, heads: int, lq: int, lk: int, dropout_p: float,
                 device="cpu") -> torch.Tensor:
     """The keep mask bool [B, H, Lq, Lk] every backend uses (Philox4x32-10, 10 rounds, first output word)."""
@@ -48,14 +43,8 @@ def philox_keep(seed: int, batch: int, heads: int, lq: int, lk: int, dropout_p: 
     i = torch.arange(lq, device=device, dtype=torch.int64)[:, None]
     bh = torch.arange(batch * heads, device=device, dtype=torch.int64)[:, None, None]
     c0, c1, c2 = j + 0 * i + 0 * bh, i + 0 * j + 0 * bh, bh + 0 * i + 0 * j
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for _ in range(10):
-        hi_b, lo_b = _mul32(c2, 0xCD9E8D57)
-        hi_a, lo_a = _mul32(c0, 0xD2511F53)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    return (c0 >= min(round(dropout_p * 2 ** 32), 2 ** 32)).view(batch, heads, lq, lk)
+    word, *_ = philox4x32_10(c0, c1, c2, torch.zeros_like(c0), seed)
+    return (word >= min(round(dropout_p * 2 ** 32), 2 ** 32)).view(batch, heads, lq, lk)
 
 
 def visible_mask(lq: int, lk: int, window: tuple[int, int], klen: Optional[torch.Tensor],

@@ -18,7 +18,7 @@ import torch
 from dlcore import _dispatch
 from dlcore.rl import _memory
 from dlcore.rl import gather as _gather_op
-from dlcore.rl.sum_tree import SumTree
+from dlcore.rl.sum_tree import GatherPlan, SumTree, draw_offsets
 
 FieldSpec = Mapping[str, tuple]  # name -> (shape, dtype)
 
@@ -43,6 +43,7 @@ class ReplayBuffer:
         self._pos = 0
         self._size = 0
         self._lock = threading.RLock()
+        self._plan: Optional[GatherPlan] = None  # the storage's addresses for the CPU gather, made at first use
         self._gen = torch.Generator()
         self._gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
         if fields is not None:
@@ -54,6 +55,12 @@ class ReplayBuffer:
             raise ValueError("a transition needs at least one field")
         self._storage = {name: _memory.rows((self.capacity, *shape), dtype, self.device)
                          for name, (shape, dtype) in spec.items()}
+        self._plan = None
+
+    def _gather_plan(self) -> GatherPlan:
+        if self._plan is None:
+            self._plan = GatherPlan(self._storage.values())
+        return self._plan
 
     @property
     def fields(self) -> dict[str, tuple]:
@@ -149,6 +156,7 @@ class ReplayBuffer:
                 raise ValueError(f"state has capacity {state['capacity']}, this buffer {self.capacity}")
             self._storage = {k: _memory.rows(tuple(v.shape), v.dtype, self.device).copy_(v)
                              for k, v in state["storage"].items()}
+            self._plan = None
             self._pos, self._size = int(state["pos"]), int(state["size"])
             self._gen.set_state(state["generator"])
 
@@ -160,6 +168,7 @@ class ReplayBuffer:
         The tensors are copied after this returns, so copy a buffer while no other thread adds to it."""
         state = self.__dict__.copy()
         del state["_lock"]
+        state["_plan"] = None  # raw addresses of this buffer's storage, not of the copy's
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -179,6 +188,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         beta_final, beta_steps: β rises linearly to beta_final over beta_steps calls of `sample` (None: constant).
         eps: added to |δ| in `update_priorities` so no transition starves.
     New transitions get the largest priority seen so far. `sample` returns "index" and "weight" with the fields.
+    Sample k's stratum offsets are Philox numbers of (the buffer's seed, k) (`sum_tree.draw_offsets`): the same
+    draws on every backend and device, and no generator call per sample.
     """
 
     _gathers_fields = True  # a sample is the stored fields' rows (the frame-stack buffers assemble theirs instead)
@@ -194,7 +205,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.alpha, self.beta0, self.beta_final, self.beta_steps, self.eps = alpha, beta, beta_final, beta_steps, eps
         self._tree = SumTree(self.capacity, self.device)
         self._max_priority = 1.0
-        self._samples_drawn = 0
+        self._samples_drawn = 0  # also the Philox counter of the next draw's offsets
+        self._draw_seed = self._gen.initial_seed()
 
     @property
     def beta(self) -> float:
@@ -217,15 +229,15 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             beta = self.beta if beta is None else float(beta)
             if not 0 <= beta <= 1:
                 raise ValueError(f"beta must be in [0, 1], got {beta}")
-            offsets = torch.rand(batch_size, generator=self._gen, dtype=torch.float64)
+            draw = self._draw_seed, self._samples_drawn
             # w_i = (N·P(i))^-β / max_j (N·P(j))^-β = (p_i / p_min)^-β: the max weight belongs to the min priority
             if self._gathers_fields:  # the draw and the gather of every field in one call (one launch on a GPU)
-                index, weight, rows = self._tree.sample_gather(offsets, beta, list(self._storage.values()),
-                                                               weight_dtype=torch.float32)
+                index, weight, rows = self._tree.sample_gather_drawn(*draw, batch_size, beta, self._gather_plan(),
+                                                                     weight_dtype=torch.float32)
                 out = dict(zip(self._storage, rows))
                 out["index"] = index
             else:
-                index, weight = self._tree.sample(offsets, beta)
+                index, weight = self._tree.sample(draw_offsets(*draw, batch_size), beta)
                 out = self._gather(index)
                 weight = weight.to(self.device, torch.float32)
             self._samples_drawn += 1
@@ -244,7 +256,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         with self._lock:
             state = super().state_dict()
             state.update(tree_sum=self._tree.sum.clone(), tree_min=self._tree.min.clone(),
-                         max_priority=self._max_priority, samples_drawn=self._samples_drawn)
+                         max_priority=self._max_priority, samples_drawn=self._samples_drawn,
+                         draw_seed=self._draw_seed)
             return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -254,3 +267,4 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             self._tree.load_trees(state["tree_sum"], state["tree_min"])
             self._max_priority = float(state["max_priority"])
             self._samples_drawn = int(state["samples_drawn"])
+            self._draw_seed = int(state.get("draw_seed", self._gen.initial_seed()))  # (states saved before it)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from dlcore import _dispatch, _ext
+from dlcore._philox import uniform53
 from dlcore.rl import _memory
 from dlcore.rl.gather import _outputs, _row_bytes, cpu_gather_rows
 
@@ -362,28 +363,57 @@ def numba_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
 
 
 # ---------------------------------------------------------------------------------------------------- C++ (CPU)
-def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
-    batch = offsets.numel()
+class GatherPlan:
+    """What gathering rows of a fixed list of `sources` on the CPU needs, computed once: their addresses, row
+    sizes, the rows all of them have, and the outputs' shapes and dtypes (at ~1 µs a Python-level tensor call on
+    the slow VMs, finding these per sample cost ~5 of its ~35 µs). It holds raw addresses, valid while `sources`
+    live unchanged: a replay buffer makes one per storage and drops it when copied or pickled."""
+
+    __slots__ = ("sources", "src_addrs", "row_bytes", "limit", "out_specs")
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        self.src_addrs = [s.data_ptr() for s in self.sources]
+        self.row_bytes = [_row_bytes(s) for s in self.sources]
+        self.limit = min((s.shape[0] for s in self.sources), default=0)
+        self.out_specs = [(tuple(s.shape[1:]), s.dtype) for s in self.sources]
+
+    def outputs(self, batch: int) -> tuple[list[torch.Tensor], list[int]]:
+        """New tensors [batch, ...] for every source's rows, and their addresses."""
+        outs = [torch.empty((batch, *shape), dtype=dtype) for shape, dtype in self.out_specs]
+        return outs, [o.data_ptr() for o in outs]
+
+
+def cpu_sample_gather_planned(tree, min_tree, levels, offsets, beta, plan: GatherPlan, weight_dtype=torch.float64,
+                              batch: int = 0, draw: tuple = (0, 0)):
+    """The C++ sample and gather of `plan`'s sources. offsets None: the C++ draws `batch` offsets from Philox
+    (draw = (seed, counter), the numbers draw_offsets gives) — the replay buffers' path, no offsets tensor made."""
+    if offsets is not None:
+        batch = offsets.numel()
     index = torch.empty(batch, dtype=torch.int64)
     weight = torch.empty(batch, dtype=weight_dtype)  # written in either dtype by the C++ (saves a conversion call)
-    # outputs, addresses, row sizes and the shortest source in one pass: at ~1 µs a Python-level tensor call on
-    # the slow VMs, a pass per list cost ~5 of a sample's ~35 µs
-    outs, src_addrs, out_addrs, row_bytes, limit = [], [], [], [], None
-    for s in sources:
-        shape = s.shape
-        out = s.new_empty((batch, *shape[1:]))
-        outs.append(out)
-        src_addrs.append(s.data_ptr())
-        out_addrs.append(out.data_ptr())
-        row_bytes.append(_row_bytes(s))
-        limit = shape[0] if limit is None else min(limit, shape[0])
+    outs, out_addrs = plan.outputs(batch)
     status = _ext.cpu.sum_tree_sample_gather(
-        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2, offsets.data_ptr(), batch,
-        float(beta), index.data_ptr(), weight.data_ptr(), weight_dtype == torch.float32, src_addrs, out_addrs,
-        row_bytes, limit or 0)
+        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
+        0 if offsets is None else offsets.data_ptr(), batch, float(beta), index.data_ptr(), weight.data_ptr(),
+        weight_dtype == torch.float32, plan.src_addrs, out_addrs, plan.row_bytes, plan.limit, *draw)
     if status:  # a drawn leaf past a source's rows: the caller's sources are shorter than the tree's written part
-        raise IndexError(f"sampled index {int(index.max())} is past the rows of a source ({limit})")
+        raise IndexError(f"sampled index {int(index.max())} is past the rows of a source ({plan.limit})")
     return index, weight, outs
+
+
+def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
+    return cpu_sample_gather_planned(tree, min_tree, levels, offsets, beta, GatherPlan(sources), weight_dtype)
+
+
+def draw_offsets(seed: int, counter: int, n: int) -> torch.Tensor:
+    """The offsets of a replay buffer's draw `counter` under `seed`: float64 [n] in [0, 1) on the CPU, Philox
+    (dlcore._philox.uniform53; the C++ fills them when it is built, the same doubles)."""
+    if _ext.cpu_unavailable() is not None:
+        return uniform53(seed, counter, n)
+    out = torch.empty(n, dtype=torch.float64)
+    _ext.cpu.sum_tree_draw_offsets(seed, counter, n, out.data_ptr())
+    return out
 
 
 @_dispatch.register(SAMPLE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_ext.cpu_unavailable)
@@ -485,6 +515,17 @@ class SumTree:
             raise IndexError(f"a source has {rows} rows, but leaves from {rows} on can be drawn (non-zero)")
         _, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
         return launch(self.sum, self.min, self.levels, offsets, beta, sources, weight_dtype)
+
+    def sample_gather_drawn(self, seed: int, counter: int, batch: int, beta: float, plan: GatherPlan,
+                            weight_dtype: torch.dtype = torch.float64):
+        """sample_gather(draw_offsets(seed, counter, batch), beta, plan.sources, weight_dtype) — on the `cpu`
+        backend in one C++ call that draws the offsets itself (a replay buffer's sample: its storage is the plan's
+        sources, `capacity` rows, so the short-source test is not needed)."""
+        backend, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
+        if backend == "cpu":
+            return cpu_sample_gather_planned(self.sum, self.min, self.levels, None, beta, plan, weight_dtype,
+                                             batch, (seed, counter))
+        return self.sample_gather(draw_offsets(seed, counter, batch), beta, plan.sources, weight_dtype)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
