@@ -158,6 +158,41 @@ def dual_helper(fn) -> DualHelper:
     return DualHelper(fn)
 
 
+# Philox4x32-10 (csrc/common/philox.h and dlcore/_philox.py compute the same words): dropout masks
+# (kernels/attention.py) and the replay buffers' sampling offsets (kernels/sum_tree.py).
+def _philox4x32_10(c0, c1, c2, c3, seed):
+    """The four output words for uint32 counter tensors (c0, c1, c2, c3) under the 64-bit key `seed`."""
+    seed = seed.to(tl.int64)  # a seed below 2^31 arrives as an i32 (Triton types integer arguments by value)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        a0, a2 = c0, c2
+        c0 = tl.umulhi(0xCD9E8D57, a2) ^ c1 ^ k0
+        c2 = tl.umulhi(0xD2511F53, a0) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+def _uniform53(seed, counter, i):
+    """Element i (an integer tensor) of draw `counter`: float64 in [0, 1) from the top 53 bits of words (w0, w1) of
+    counter (i, counter_lo, counter_hi, 1) — csrc/common/philox.h uniform53."""
+    counter = counter.to(tl.int64)
+    c0 = i.to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + (counter & 0xFFFFFFFF).to(tl.uint32)
+    c2 = zero + ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    w0, w1, _, _ = philox4x32_10(c0, c1, c2, zero + 1, seed)
+    bits = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
+    return (bits >> 11).to(tl.float64) * 1.1102230246251565e-16  # 2⁻⁵³
+
+
+philox4x32_10 = DualHelper(_philox4x32_10)
+uniform53 = DualHelper(_uniform53)
+
+
 # Combine functions for tl.reduce. tl.max / tl.sum are @triton.jit wrappers in triton 3.9 that the interpreter
 # cannot call from a compiled-mode import; tl.reduce (a builtin) with these dual-built combiners runs both ways.
 # The interpreter reduces with numpy only when the combiner is triton's own (tl.standard._sum_combine /

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from dlcore.kernels import _triton
 from dlcore.kernels._triton import (AOTConfig, aot_signature, dual_helper, dual_kernel, gpu_tiles, max_combine,
-                                    sum_combine)
+                                    philox4x32_10, sum_combine)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -51,19 +51,8 @@ def _dropout_keep(seed, rows, cols, bh, threshold):
     c0 = cols[None, :].to(tl.uint32) + (rows[:, None] * 0).to(tl.uint32)
     c1 = rows[:, None].to(tl.uint32) + (cols[None, :] * 0).to(tl.uint32)
     c2 = c0 * 0 + bh.to(tl.uint32)
-    c3 = c0 * 0
-    seed = seed.to(tl.int64)  # a seed below 2^31 arrives as an i32 (Triton types integer arguments by value)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    for _ in tl.static_range(10):
-        a0, a2 = c0, c2
-        c0 = tl.umulhi(0xCD9E8D57, a2) ^ c1 ^ k0
-        c2 = tl.umulhi(0xD2511F53, a0) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return c0.to(tl.int64) >= threshold
+    word, _, _, _ = philox4x32_10(c0, c1, c2, c0 * 0, seed)
+    return word.to(tl.int64) >= threshold
 
 
 @dual_helper

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from dlcore.kernels._triton import AOTConfig, dual_helper, dual_kernel
+from dlcore.kernels._triton import AOTConfig, dual_helper, dual_kernel, uniform53
 
 SAMPLE_BLOCK = 256
 # samples per program, bytes per row piece in the fused gather; 8 warps keep the [64, 64] tile's byte pointers at
@@ -41,10 +41,15 @@ def _pick(mass, left, right):
 
 
 @dual_helper
-def _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, mask, batch, depth, beta):
-    """Stratified descent for samples b (see the module docstring); stores index and weight, returns the leaf."""
+def _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, mask, batch, depth, beta, seed, counter,
+             DRAW: tl.constexpr):
+    """Stratified descent for samples b (see the module docstring); stores index and weight, returns the leaf.
+    DRAW: the offsets are Philox draw `counter` under `seed` (dlcore.rl.sum_tree.draw_offsets), not loaded."""
     total = tl.load(tree)
-    offset = tl.load(offsets + b, mask=mask, other=0.0)
+    if DRAW:
+        offset = uniform53(seed, counter, b)
+    else:
+        offset = tl.load(offsets + b, mask=mask, other=0.0)
     # stratum b of B: mass (b + u_b)·total/B, kept below the total (rounding must not walk off the right edge)
     mass = tl.minimum((b.to(tl.float64) + offset) * (total / batch), total * (1.0 - 2.0 ** -52))
     node = (b * 0).to(tl.int64)  # the root, one per lane
@@ -71,18 +76,21 @@ def _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, mask, ba
 
 
 @dual_kernel
-def sum_tree_sample_kernel(tree, min_tree, levels, offsets, out_index, out_weight, batch, depth, beta,
-                           BLOCK: tl.constexpr):
+def sum_tree_sample_kernel(tree, min_tree, levels, offsets, out_index, out_weight, batch, depth, beta, seed, counter,
+                           BLOCK: tl.constexpr, DRAW: tl.constexpr):
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, b < batch, batch, depth, beta)
+    _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, b < batch, batch, depth, beta, seed, counter,
+             DRAW)
 
 
 @dual_kernel
 def sum_tree_sample_gather_kernel(tree, min_tree, levels, offsets, out_index, out_weight, table, n_fields, batch,
-                                  depth, beta, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                                  depth, beta, seed, counter, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                                  DRAW: tl.constexpr):
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = b < batch
-    row = _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, mask, batch, depth, beta)
+    row = _descend(tree, min_tree, levels, offsets, out_index, out_weight, b, mask, batch, depth, beta, seed, counter,
+                   DRAW)
     offs = tl.arange(0, CHUNK)
     for f in range(n_fields):  # dst_f[b, :] = src_f[row_b, :], CHUNK bytes of BLOCK rows at a time
         src = tl.load(table + 3 * f).to(tl.pointer_type(tl.uint8))
@@ -134,27 +142,37 @@ def sum_tree_update_kernel(tree, min_tree, levels, index, value, n, depth, BLOCK
         tl.debug_barrier()
 
 
-def sample(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets: torch.Tensor, beta: float):
-    batch = offsets.numel()
+def _offsets_args(tree: torch.Tensor, offsets) -> tuple:
+    """(offsets pointer, seed, counter, batch, DRAW) for a tensor of offsets or a Draw (seed, counter, batch):
+    drawn in the kernel, the offsets argument is unused (the tree stands in for it)."""
+    if isinstance(offsets, torch.Tensor):
+        return offsets, 0, 0, offsets.numel(), False
+    return tree, int(offsets.seed), int(offsets.counter), int(offsets.batch), True
+
+
+def sample(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets, beta: float):
+    """Leaf index and weight of each stratum; offsets: float64 [B] on the tree's device, or a Draw."""
+    offsets, seed, counter, batch, draw = _offsets_args(tree, offsets)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
     grid = (triton_cdiv(batch, SAMPLE_BLOCK),)
     sum_tree_sample_kernel.launch(grid, tree.device, tree, min_tree, levels, offsets, index, weight, batch,
-                                  levels.numel() - 2, float(beta), BLOCK=SAMPLE_BLOCK, num_warps=4)
+                                  levels.numel() - 2, float(beta), seed, counter, BLOCK=SAMPLE_BLOCK, DRAW=draw,
+                                  num_warps=4)
     return index, weight
 
 
-def sample_gather(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets: torch.Tensor,
+def sample_gather(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets,
                   beta: float, table: torch.Tensor):
     """sample() and, in the same launch, the rows it drew of every field in `table` (int64 [fields, 3] of
-    (src, dst, row_bytes) on the tree's device; the destinations hold len(offsets) rows)."""
-    batch = offsets.numel()
+    (src, dst, row_bytes) on the tree's device; the destinations hold the batch's rows)."""
+    offsets, seed, counter, batch, draw = _offsets_args(tree, offsets)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
     grid = (triton_cdiv(batch, GATHER_BLOCK),)
     sum_tree_sample_gather_kernel.launch(grid, tree.device, tree, min_tree, levels, offsets, index, weight, table,
-                                         table.shape[0], batch, levels.numel() - 2, float(beta),
-                                         BLOCK=GATHER_BLOCK, CHUNK=GATHER_CHUNK, num_warps=GATHER_WARPS)
+                                         table.shape[0], batch, levels.numel() - 2, float(beta), seed, counter,
+                                         BLOCK=GATHER_BLOCK, CHUNK=GATHER_CHUNK, DRAW=draw, num_warps=GATHER_WARPS)
     return index, weight
 
 
@@ -173,13 +191,16 @@ def triton_cdiv(a: int, b: int) -> int:
 AOT_CONFIGS = [
     AOTConfig(sum_tree_sample_kernel,
               {"tree": "*fp64", "min_tree": "*fp64", "levels": "*i64", "offsets": "*fp64", "out_index": "*i64",
-               "out_weight": "*fp64", "batch": "i32", "depth": "i32", "beta": "fp64", "BLOCK": "constexpr"},
-              {"BLOCK": SAMPLE_BLOCK}, num_warps=4, label="sum_tree sample"),
+               "out_weight": "*fp64", "batch": "i32", "depth": "i32", "beta": "fp64", "seed": "i64", "counter": "i64",
+               "BLOCK": "constexpr", "DRAW": "constexpr"},
+              {"BLOCK": SAMPLE_BLOCK, "DRAW": False}, num_warps=4, label="sum_tree sample"),
     AOTConfig(sum_tree_sample_gather_kernel,
               {"tree": "*fp64", "min_tree": "*fp64", "levels": "*i64", "offsets": "*fp64", "out_index": "*i64",
                "out_weight": "*fp64", "table": "*i64", "n_fields": "i32", "batch": "i32", "depth": "i32",
-               "beta": "fp64", "BLOCK": "constexpr", "CHUNK": "constexpr"},
-              {"BLOCK": GATHER_BLOCK, "CHUNK": GATHER_CHUNK}, num_warps=GATHER_WARPS, label="sum_tree sample + gather"),
+               "beta": "fp64", "seed": "i64", "counter": "i64", "BLOCK": "constexpr", "CHUNK": "constexpr",
+               "DRAW": "constexpr"},
+              {"BLOCK": GATHER_BLOCK, "CHUNK": GATHER_CHUNK, "DRAW": True}, num_warps=GATHER_WARPS,
+              label="sum_tree sample + gather (offsets drawn in the kernel: the replay buffers' path)"),
     AOTConfig(sum_tree_update_kernel,
               {"tree": "*fp64", "min_tree": "*fp64", "levels": "*i64", "index": "*i64", "value": "*fp64", "n": "i32",
                "depth": "i32", "BLOCK": "constexpr"},

@@ -349,9 +349,9 @@ def _ext_cpu_ok():
 
 @pytest.mark.parametrize("batch", [1, 77, 256])
 def test_buffer_sample_is_the_same_draw_on_every_backend(batch):
-    """A buffer's sample k is the fused op on draw_offsets(seed, k): the `cpu` backend draws the offsets inside its
-    C++ call, the others take them as a tensor; the leaves, the float32 weights and the rows agree on every backend,
-    and with sample_gather of the same offsets."""
+    """A buffer's sample k is the fused op on draw_offsets(seed, k): the cpu and triton kernels (and cuda's) draw
+    the offsets themselves (a Draw), the others take them as a tensor; on each backend the result equals its own
+    sample_gather of draw_offsets' tensor, and every backend draws the same leaves and rows."""
     gen = torch.Generator().manual_seed(SEED)
     n = 3000
     fields = dict(obs=torch.randn(n, 3, generator=gen), action=torch.randint(0, 9, (n,), generator=gen),
@@ -363,20 +363,21 @@ def test_buffer_sample_is_the_same_draw_on_every_backend(batch):
         buf = PrioritizedReplayBuffer(n, seed=SEED)
         buf.extend(**fields)
         buf.update_priorities(torch.arange(n), priority)
+        sources = list(buf._storage.values())
         with dlcore.use_backend(backend):
             results[backend] = [buf.sample(batch) for _ in range(3)]
-        tree, plan_sources = buf._tree, list(buf._storage.values())
-        for k, out in enumerate(results[backend]):
-            index, weight, rows = tree.sample_gather(st.draw_offsets(buf._draw_seed, k, batch), buf.beta,
-                                                     plan_sources, weight_dtype=torch.float32)
-            assert torch.equal(out["index"], index) and torch.equal(out["weight"], weight), backend
-            assert all(torch.equal(out[name], r) for name, r in zip(buf._storage, rows)), backend
-            assert bool((priority[out["index"]] > 0).all())
+            for k, out in enumerate(results[backend]):
+                index, weight, rows = buf._tree.sample_gather(st.draw_offsets(buf._draw_seed, k, batch), buf.beta,
+                                                              sources, weight_dtype=torch.float32)
+                assert torch.equal(out["index"], index) and torch.equal(out["weight"], weight), backend
+                assert all(torch.equal(out[name], r) for name, r in zip(buf._storage, rows)), backend
+                assert bool((priority[out["index"]] > 0).all())
     first = results.pop(BACKENDS[0])
     for backend, outs in results.items():
         for a, b in zip(first, outs):
             same = a["index"] == b["index"]  # the reference's cumsum may differ at a boundary by rounding
             assert same.float().mean() > 0.95 and torch.equal(a["obs"][same], b["obs"][same]), backend
+            assert torch.allclose(a["weight"][same], b["weight"][same], rtol=1e-6), backend
 
 
 def test_copied_or_restored_buffer_samples_its_own_storage():
@@ -418,14 +419,18 @@ def test_sample_gather_refuses_a_source_shorter_than_the_drawn_leaves():
 
 
 @pytest.mark.gpu
-def test_gpu_buffer_matches_cpu_buffer():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_buffer_matches_cpu_buffer(backend):
+    """Same seed, same draws: the GPU kernels draw the offsets themselves (Philox, as the C++ does)."""
     bufs = [PrioritizedReplayBuffer(5000, device=d, seed=SEED) for d in ("cpu", "cuda")]
     gen = torch.Generator().manual_seed(SEED)
     obs, prio = torch.randn(4000, 4, generator=gen), torch.rand(4000, generator=gen)
     for b in bufs:
         b.extend(obs=obs, action=torch.arange(4000))
         b.update_priorities(torch.arange(4000), prio)
-    cpu_out, gpu_out = (b.sample(256) for b in bufs)
+    cpu_out = bufs[0].sample(256)
+    with dlcore.use_backend(backend):
+        gpu_out = bufs[1].sample(256)
     same = cpu_out["index"] == gpu_out["index"].cpu()
     assert same.float().mean() > 0.99
     assert torch.equal(gpu_out["obs"].cpu()[same], cpu_out["obs"][same])

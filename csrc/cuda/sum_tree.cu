@@ -4,7 +4,9 @@
 //   levels[l + 1] + 8j (64 contiguous bytes), a node the pairwise sum ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)); root
 //   at [0], leaves from levels[depth] (float64); min_tree alike.
 //   sample: one thread per stratum; mass (b + offset_b)·total/B below the total, one 8-ary level per step taking
-//           the three binary decisions from pair sums, never into an empty subtree; weight (p / p_min)^-β.
+//           the three binary decisions from pair sums, never into an empty subtree; weight (p / p_min)^-β. offset_b
+//           is given, or drawn in the kernel (Philox draw `counter` under `seed`, common/philox.h uniform53, the
+//           numbers the CPU draws): the replay buffers' path, no offsets copied to the device.
 //   sample_gather: the same descent, then each block copies its samples' rows of every replay field (a table of
 //           (src, dst, row_bytes) addresses): a warp per row, 16-byte moves when addresses and row size allow.
 //   update: one block; leaves first (duplicates resolved by the caller: the last write of each index is kept),
@@ -13,6 +15,7 @@
 
 #include <cmath>
 
+#include "common/philox.h"
 #include "cuda/check.h"
 
 namespace py = pybind11;
@@ -30,9 +33,18 @@ __device__ __forceinline__ bool pick(double& mass, double left, double right) {
   return go_right;
 }
 
+// The strata's offsets: given (a device array), or Philox draw `counter` under `seed` when given is null.
+struct Offsets {
+  const double* given;
+  uint64_t seed, counter;
+  __device__ double operator[](int b) const {
+    return given ? given[b] : dlcore::uniform53(seed, counter, uint32_t(b));
+  }
+};
+
 // Stratum b's descent; stores its leaf index and weight and returns the leaf index.
 __device__ int64_t descend(const double* __restrict__ tree, const double* __restrict__ min_tree,
-                           const int64_t* __restrict__ levels, int depth, const double* __restrict__ offsets,
+                           const int64_t* __restrict__ levels, int depth, const Offsets& offsets,
                            int64_t* __restrict__ out_index, double* __restrict__ out_weight, int b, int batch,
                            double beta) {
   const double total = tree[0];
@@ -56,7 +68,7 @@ __device__ int64_t descend(const double* __restrict__ tree, const double* __rest
 
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
-                  const int64_t* __restrict__ levels, int depth, const double* __restrict__ offsets,
+                  const int64_t* __restrict__ levels, int depth, Offsets offsets,
                   int64_t* __restrict__ out_index, double* __restrict__ out_weight, int batch, double beta) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b < batch) descend(tree, min_tree, levels, depth, offsets, out_index, out_weight, b, batch, beta);
@@ -64,7 +76,7 @@ __global__ void __launch_bounds__(kSampleThreads)
 
 __global__ void __launch_bounds__(kGatherThreads)
     sample_gather_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
-                         const int64_t* __restrict__ levels, int depth, const double* __restrict__ offsets,
+                         const int64_t* __restrict__ levels, int depth, Offsets offsets,
                          int64_t* __restrict__ out_index, double* __restrict__ out_weight,
                          const int64_t* __restrict__ table, int n_fields, int batch, double beta) {
   __shared__ int64_t rows[kGatherThreads];
@@ -114,29 +126,33 @@ __global__ void __launch_bounds__(kUpdateThreads)
   }
 }
 
+// offsets 0: drawn in the kernel from Philox (seed, counter)
 void sum_tree_sample(int64_t tree, int64_t min_tree, int64_t levels, int64_t depth, int64_t offsets, int64_t out_index,
-                     int64_t out_weight, int64_t batch, double beta, long long stream) {
+                     int64_t out_weight, int64_t batch, double beta, long long stream, uint64_t seed,
+                     uint64_t counter) {
   if (batch <= 0) return;
   if (batch > 0x7FFFFFFF) throw std::invalid_argument("dlcore: batch too large for one launch");
   const unsigned blocks = unsigned((batch + kSampleThreads - 1) / kSampleThreads);
   sample_kernel<<<blocks, kSampleThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
-      reinterpret_cast<const int64_t*>(levels), int(depth), reinterpret_cast<const double*>(offsets),
-      reinterpret_cast<int64_t*>(out_index), reinterpret_cast<double*>(out_weight), int(batch), beta);
+      reinterpret_cast<const int64_t*>(levels), int(depth),
+      Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
+      reinterpret_cast<double*>(out_weight), int(batch), beta);
   DL_CUDA_CHECK_LAUNCH();
 }
 
 void sum_tree_sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int64_t depth, int64_t offsets,
                             int64_t out_index, int64_t out_weight, int64_t table, int64_t n_fields, int64_t batch,
-                            double beta, long long stream) {
+                            double beta, long long stream, uint64_t seed, uint64_t counter) {
   if (batch <= 0) return;
   if (batch > 0x7FFFFFFF) throw std::invalid_argument("dlcore: batch too large for one launch");
   const unsigned blocks = unsigned((batch + kGatherThreads - 1) / kGatherThreads);
   sample_gather_kernel<<<blocks, kGatherThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
-      reinterpret_cast<const int64_t*>(levels), int(depth), reinterpret_cast<const double*>(offsets),
-      reinterpret_cast<int64_t*>(out_index), reinterpret_cast<double*>(out_weight),
-      reinterpret_cast<const int64_t*>(table), int(n_fields), int(batch), beta);
+      reinterpret_cast<const int64_t*>(levels), int(depth),
+      Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
+      reinterpret_cast<double*>(out_weight), reinterpret_cast<const int64_t*>(table), int(n_fields), int(batch),
+      beta);
   DL_CUDA_CHECK_LAUNCH();
 }
 
@@ -153,14 +169,17 @@ void sum_tree_update(int64_t tree, int64_t min_tree, int64_t levels, int64_t dep
 }  // namespace
 
 void register_sum_tree(py::module_& m) {
-  m.def("sum_tree_sample", &sum_tree_sample, "Stratified sum-tree descents (device addresses, stream as integer)",
+  m.def("sum_tree_sample", &sum_tree_sample,
+        "Stratified sum-tree descents (device addresses, stream as integer; offsets 0: Philox (seed, counter))",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("offsets"),
-        py::arg("out_index"), py::arg("out_weight"), py::arg("batch"), py::arg("beta"), py::arg("stream"));
+        py::arg("out_index"), py::arg("out_weight"), py::arg("batch"), py::arg("beta"), py::arg("stream"),
+        py::arg("seed") = 0, py::arg("counter") = 0);
   m.def("sum_tree_sample_gather", &sum_tree_sample_gather,
-        "Stratified descents, then the sampled rows of every field in a (src, dst, row_bytes) table",
+        "Stratified descents, then the sampled rows of every field in a (src, dst, row_bytes) table (offsets 0: "
+        "Philox (seed, counter))",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("offsets"),
         py::arg("out_index"), py::arg("out_weight"), py::arg("table"), py::arg("n_fields"), py::arg("batch"),
-        py::arg("beta"), py::arg("stream"));
+        py::arg("beta"), py::arg("stream"), py::arg("seed") = 0, py::arg("counter") = 0);
   m.def("sum_tree_update", &sum_tree_update, "Write leaves, then recompute their ancestors (one block)",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("index"), py::arg("value"),
         py::arg("n"), py::arg("stream"));

@@ -206,7 +206,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self._tree = SumTree(self.capacity, self.device)
         self._max_priority = 1.0
         self._samples_drawn = 0  # also the Philox counter of the next draw's offsets
-        self._draw_seed = self._gen.initial_seed()
+        self._draw_seed = self._gen.initial_seed() % 2**63  # (the Philox key: an int64 in every backend)
 
     @property
     def beta(self) -> float:
@@ -267,4 +267,4 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             self._tree.load_trees(state["tree_sum"], state["tree_min"])
             self._max_priority = float(state["max_priority"])
             self._samples_drawn = int(state["samples_drawn"])
-            self._draw_seed = int(state.get("draw_seed", self._gen.initial_seed()))  # (states saved before it)
+            self._draw_seed = int(state.get("draw_seed", self._gen.initial_seed() % 2**63))  # (states saved before it)

@@ -26,7 +26,9 @@ bit (`levels`: the int64 tensor of tree_layout(capacity), on the tree's device):
   sum_tree_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=float64)
       -> (leaf index, weight, rows of each source); the weight computed in float64, returned in weight_dtype
       the sample and the replay batch's gather in one call: one kernel launch on a GPU (triton, cuda), one C++
-      call on the CPU (numba: its descent, then the C++ gather_rows)
+      call on the CPU (numba: its descent, then the C++ gather_rows). The cpu, cuda and triton launchers also take
+      a `Draw(seed, counter, batch)` for offsets: Philox numbers (`draw_offsets`) drawn inside the kernel, which is
+      how the replay buffers sample (`SumTree.sample_gather_drawn`): no offsets tensor, no copy to a GPU
   sum_tree_update(tree, min_tree, levels, index, priority, eps, alpha, limit) -> (status, max of priority + eps)
       (priority float64 or float32, widened exactly before any arithmetic)
       leaf ← (priority + eps)^alpha (the last write of a duplicate index wins), then every ancestor is recomputed
@@ -39,6 +41,8 @@ rather than adjusted by deltas: after any number of updates the root is the tree
 leaves (relative error ≤ log2(size)·2⁻⁵³), no drift.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -74,6 +78,22 @@ def as_vector(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # a TD-error vector in another dtype: one conversion call (to() of a 1-D contiguous tensor stays so)
         return x if x.dtype == dtype and x.device == device else x.to(device, dtype)
     return torch.as_tensor(x).reshape(-1).to(device, dtype).contiguous()
+
+
+class Draw(NamedTuple):
+    """A sample's offsets given as Philox draw `counter` under `seed` (the numbers `draw_offsets` returns), `batch`
+    of them: the cpu, cuda and triton launchers take one in place of the offsets tensor and draw them in their
+    kernels (no tensor made, nothing copied to a GPU); the others are given draw_offsets' tensor."""
+    seed: int
+    counter: int
+    batch: int
+
+
+def _offsets_on(offsets, device) -> tuple[Optional[torch.Tensor], int, int, int]:
+    """(offsets tensor on `device` or None, seed, counter, batch) of an offsets tensor or a Draw."""
+    if isinstance(offsets, Draw):
+        return None, offsets.seed, offsets.counter, offsets.batch
+    return offsets.to(device).contiguous(), 0, 0, offsets.numel()
 
 
 def tree_layout(capacity: int) -> list[int]:
@@ -197,13 +217,13 @@ def _cuda_update_kernel(tree, min_tree, levels, index, value):
 
 @_dispatch.register(SAMPLE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,), available=_ext.cuda_unavailable)
 def cuda_sample(tree, min_tree, levels, offsets, beta):
-    offsets = offsets.to(tree.device).contiguous()
-    index = torch.empty(offsets.numel(), dtype=torch.int64, device=tree.device)
-    weight = torch.empty(offsets.numel(), dtype=torch.float64, device=tree.device)
+    offsets, seed, counter, batch = _offsets_on(offsets, tree.device)
+    index = torch.empty(batch, dtype=torch.int64, device=tree.device)
+    weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
     with torch.cuda.device(tree.device):
         _ext.cuda.sum_tree_sample(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
-                                  offsets.data_ptr(), index.data_ptr(), weight.data_ptr(), offsets.numel(),
-                                  float(beta), _ext.cuda_stream(tree.device))
+                                  0 if offsets is None else offsets.data_ptr(), index.data_ptr(), weight.data_ptr(),
+                                  batch, float(beta), _ext.cuda_stream(tree.device), seed, counter)
     return index, weight
 
 
@@ -214,16 +234,16 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
 @_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
                     available=_ext.cuda_unavailable)
 def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
-    offsets = offsets.to(tree.device).contiguous()
-    batch = offsets.numel()
+    offsets, seed, counter, batch = _offsets_on(offsets, tree.device)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
     outs, table = _gather_table(sources, batch)
     table = table.to(tree.device)
     with torch.cuda.device(tree.device):
         _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
-                                         offsets.data_ptr(), index.data_ptr(), weight.data_ptr(), table.data_ptr(),
-                                         table.shape[0], batch, float(beta), _ext.cuda_stream(tree.device))
+                                         0 if offsets is None else offsets.data_ptr(), index.data_ptr(),
+                                         weight.data_ptr(), table.data_ptr(), table.shape[0], batch, float(beta),
+                                         _ext.cuda_stream(tree.device), seed, counter)
     return index, weight.to(weight_dtype), outs  # (a second launch for fp32: not yet fused into the kernel)
 
 
@@ -233,7 +253,8 @@ def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dt
 def triton_sample(tree, min_tree, levels, offsets, beta):
     from dlcore.kernels import sum_tree as kernel
 
-    return kernel.sample(tree, min_tree, levels, offsets.to(tree.device), beta)
+    return kernel.sample(tree, min_tree, levels, offsets if isinstance(offsets, Draw) else offsets.to(tree.device),
+                         beta)
 
 
 @_dispatch.register(SAMPLE_GATHER_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
@@ -241,8 +262,10 @@ def triton_sample(tree, min_tree, levels, offsets, beta):
 def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     from dlcore.kernels import sum_tree as kernel
 
-    outs, table = _gather_table(sources, offsets.numel())
-    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets.to(tree.device), beta, table.to(tree.device))
+    batch = offsets.batch if isinstance(offsets, Draw) else offsets.numel()
+    outs, table = _gather_table(sources, batch)
+    offsets = offsets if isinstance(offsets, Draw) else offsets.to(tree.device)
+    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets, beta, table.to(tree.device))
     return index, weight.to(weight_dtype), outs
 
 
@@ -385,26 +408,27 @@ class GatherPlan:
         return outs, [o.data_ptr() for o in outs]
 
 
-def cpu_sample_gather_planned(tree, min_tree, levels, offsets, beta, plan: GatherPlan, weight_dtype=torch.float64,
-                              batch: int = 0, draw: tuple = (0, 0)):
-    """The C++ sample and gather of `plan`'s sources. offsets None: the C++ draws `batch` offsets from Philox
-    (draw = (seed, counter), the numbers draw_offsets gives) — the replay buffers' path, no offsets tensor made."""
-    if offsets is not None:
-        batch = offsets.numel()
+def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
+    """The C++ sample and gather. offsets: a tensor, or a Draw (the C++ draws them); sources: a list of tensors or
+    their GatherPlan (a replay buffer's, made once)."""
+    plan = sources if isinstance(sources, GatherPlan) else GatherPlan(sources)
+    if isinstance(offsets, Draw):
+        address, seed, counter, batch = 0, offsets.seed, offsets.counter, offsets.batch
+    else:
+        address, seed, counter, batch = offsets.data_ptr(), 0, 0, offsets.numel()
     index = torch.empty(batch, dtype=torch.int64)
     weight = torch.empty(batch, dtype=weight_dtype)  # written in either dtype by the C++ (saves a conversion call)
     outs, out_addrs = plan.outputs(batch)
     status = _ext.cpu.sum_tree_sample_gather(
-        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
-        0 if offsets is None else offsets.data_ptr(), batch, float(beta), index.data_ptr(), weight.data_ptr(),
-        weight_dtype == torch.float32, plan.src_addrs, out_addrs, plan.row_bytes, plan.limit, *draw)
+        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2, address, batch, float(beta),
+        index.data_ptr(), weight.data_ptr(), weight_dtype == torch.float32, plan.src_addrs, out_addrs,
+        plan.row_bytes, plan.limit, seed, counter)
     if status:  # a drawn leaf past a source's rows: the caller's sources are shorter than the tree's written part
         raise IndexError(f"sampled index {int(index.max())} is past the rows of a source ({plan.limit})")
     return index, weight, outs
 
 
-def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
-    return cpu_sample_gather_planned(tree, min_tree, levels, offsets, beta, GatherPlan(sources), weight_dtype)
+_DRAWS_OFFSETS = ("cpu", "cuda", "triton")  # launchers of SAMPLE_GATHER_OP that take a Draw
 
 
 def draw_offsets(seed: int, counter: int, n: int) -> torch.Tensor:
@@ -519,13 +543,13 @@ class SumTree:
 
     def sample_gather_drawn(self, seed: int, counter: int, batch: int, beta: float, plan: GatherPlan,
                             weight_dtype: torch.dtype = torch.float64):
-        """sample_gather(draw_offsets(seed, counter, batch), beta, plan.sources, weight_dtype) — on the `cpu`
-        backend in one C++ call that draws the offsets itself (a replay buffer's sample: its storage is the plan's
-        sources, `capacity` rows, so the short-source test is not needed)."""
+        """sample_gather(draw_offsets(seed, counter, batch), beta, plan.sources, weight_dtype): a replay buffer's
+        sample (its storage is the plan's sources, `capacity` rows, so the short-source test is not needed). The
+        cpu, cuda and triton kernels draw the offsets themselves; the others are given them."""
         backend, launch = _dispatch.select(SAMPLE_GATHER_OP, self.device, torch.float64)
-        if backend == "cpu":
-            return cpu_sample_gather_planned(self.sum, self.min, self.levels, None, beta, plan, weight_dtype,
-                                             batch, (seed, counter))
+        if backend in _DRAWS_OFFSETS:
+            return launch(self.sum, self.min, self.levels, Draw(seed, counter, batch), beta,
+                          plan if backend == "cpu" else plan.sources, weight_dtype)
         return self.sample_gather(draw_offsets(seed, counter, batch), beta, plan.sources, weight_dtype)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
