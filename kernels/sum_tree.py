@@ -163,12 +163,13 @@ def sample(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, off
 
 
 def sample_gather(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets,
-                  beta: float, table: torch.Tensor):
+                  beta: float, table: torch.Tensor, weight_dtype: torch.dtype = torch.float64):
     """sample() and, in the same launch, the rows it drew of every field in `table` (int64 [fields, 3] of
-    (src, dst, row_bytes) on the tree's device; the destinations hold the batch's rows)."""
+    (src, dst, row_bytes) on the tree's device; the destinations hold the batch's rows). The weight is computed in
+    float64 and stored in weight_dtype (float32: rounded once, by the store)."""
     offsets, seed, counter, batch, draw = _offsets_args(tree, offsets)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
-    weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
+    weight = torch.empty(batch, dtype=weight_dtype, device=tree.device)
     grid = (triton_cdiv(batch, GATHER_BLOCK),)
     sum_tree_sample_gather_kernel.launch(grid, tree.device, tree, min_tree, levels, offsets, index, weight, table,
                                          table.shape[0], batch, levels.numel() - 2, float(beta), seed, counter,
@@ -196,7 +197,7 @@ AOT_CONFIGS = [
               {"BLOCK": SAMPLE_BLOCK, "DRAW": False}, num_warps=4, label="sum_tree sample"),
     AOTConfig(sum_tree_sample_gather_kernel,
               {"tree": "*fp64", "min_tree": "*fp64", "levels": "*i64", "offsets": "*fp64", "out_index": "*i64",
-               "out_weight": "*fp64", "table": "*i64", "n_fields": "i32", "batch": "i32", "depth": "i32",
+               "out_weight": "*fp32", "table": "*i64", "n_fields": "i32", "batch": "i32", "depth": "i32",
                "beta": "fp64", "seed": "i64", "counter": "i64", "BLOCK": "constexpr", "CHUNK": "constexpr",
                "DRAW": "constexpr"},
               {"BLOCK": GATHER_BLOCK, "CHUNK": GATHER_CHUNK, "DRAW": True}, num_warps=GATHER_WARPS,

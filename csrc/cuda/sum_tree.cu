@@ -7,7 +7,7 @@
 //           the three binary decisions from pair sums, never into an empty subtree; weight (p / p_min)^-β. offset_b
 //           is given, or drawn in the kernel (Philox draw `counter` under `seed`, common/philox.h uniform53, the
 //           numbers the CPU draws): the replay buffers' path, no offsets copied to the device.
-//   sample_gather: the same descent, then each block copies its samples' rows of every replay field (a table of
+//   sample_gather: the same descent (weights stored as float64 or float32), then each block copies its samples' rows of every replay field (a table of
 //           (src, dst, row_bytes) addresses): a warp per row, 16-byte moves when addresses and row size allow.
 //   update: one block; leaves first (duplicates resolved by the caller: the last write of each index is kept),
 //           then the ancestors level by level with __syncthreads() between levels.
@@ -42,10 +42,22 @@ struct Offsets {
   }
 };
 
+// Where the weights go: float64, or float32 (computed in float64, rounded once by the store).
+struct Weights {
+  void* out;
+  bool f32;
+  __device__ void store(int b, double w) const {
+    if (f32)
+      static_cast<float*>(out)[b] = float(w);
+    else
+      static_cast<double*>(out)[b] = w;
+  }
+};
+
 // Stratum b's descent; stores its leaf index and weight and returns the leaf index.
 __device__ int64_t descend(const double* __restrict__ tree, const double* __restrict__ min_tree,
                            const int64_t* __restrict__ levels, int depth, const Offsets& offsets,
-                           int64_t* __restrict__ out_index, double* __restrict__ out_weight, int b, int batch,
+                           int64_t* __restrict__ out_index, const Weights& out_weight, int b, int batch,
                            double beta) {
   const double total = tree[0];
   double mass = fmin((b + offsets[b]) * (total / batch), total * (1.0 - 0x1p-52));
@@ -62,14 +74,14 @@ __device__ int64_t descend(const double* __restrict__ tree, const double* __rest
     node = 8 * node + 4 * r1 + 2 * r2 + r3;
   }
   out_index[b] = node;
-  out_weight[b] = pow(tree[levels[depth] + node] / min_tree[0], -beta);
+  out_weight.store(b, pow(tree[levels[depth] + node] / min_tree[0], -beta));
   return node;
 }
 
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
                   const int64_t* __restrict__ levels, int depth, Offsets offsets,
-                  int64_t* __restrict__ out_index, double* __restrict__ out_weight, int batch, double beta) {
+                  int64_t* __restrict__ out_index, Weights out_weight, int batch, double beta) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b < batch) descend(tree, min_tree, levels, depth, offsets, out_index, out_weight, b, batch, beta);
 }
@@ -77,7 +89,7 @@ __global__ void __launch_bounds__(kSampleThreads)
 __global__ void __launch_bounds__(kGatherThreads)
     sample_gather_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
                          const int64_t* __restrict__ levels, int depth, Offsets offsets,
-                         int64_t* __restrict__ out_index, double* __restrict__ out_weight,
+                         int64_t* __restrict__ out_index, Weights out_weight,
                          const int64_t* __restrict__ table, int n_fields, int batch, double beta) {
   __shared__ int64_t rows[kGatherThreads];
   const int first = blockIdx.x * kGatherThreads;
@@ -137,13 +149,13 @@ void sum_tree_sample(int64_t tree, int64_t min_tree, int64_t levels, int64_t dep
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
       reinterpret_cast<const int64_t*>(levels), int(depth),
       Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
-      reinterpret_cast<double*>(out_weight), int(batch), beta);
+      Weights{reinterpret_cast<void*>(out_weight), false}, int(batch), beta);
   DL_CUDA_CHECK_LAUNCH();
 }
 
 void sum_tree_sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int64_t depth, int64_t offsets,
-                            int64_t out_index, int64_t out_weight, int64_t table, int64_t n_fields, int64_t batch,
-                            double beta, long long stream, uint64_t seed, uint64_t counter) {
+                            int64_t out_index, int64_t out_weight, bool weight_f32, int64_t table, int64_t n_fields,
+                            int64_t batch, double beta, long long stream, uint64_t seed, uint64_t counter) {
   if (batch <= 0) return;
   if (batch > 0x7FFFFFFF) throw std::invalid_argument("dlcore: batch too large for one launch");
   const unsigned blocks = unsigned((batch + kGatherThreads - 1) / kGatherThreads);
@@ -151,8 +163,8 @@ void sum_tree_sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int6
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
       reinterpret_cast<const int64_t*>(levels), int(depth),
       Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
-      reinterpret_cast<double*>(out_weight), reinterpret_cast<const int64_t*>(table), int(n_fields), int(batch),
-      beta);
+      Weights{reinterpret_cast<void*>(out_weight), weight_f32}, reinterpret_cast<const int64_t*>(table),
+      int(n_fields), int(batch), beta);
   DL_CUDA_CHECK_LAUNCH();
 }
 
@@ -178,8 +190,8 @@ void register_sum_tree(py::module_& m) {
         "Stratified descents, then the sampled rows of every field in a (src, dst, row_bytes) table (offsets 0: "
         "Philox (seed, counter))",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("offsets"),
-        py::arg("out_index"), py::arg("out_weight"), py::arg("table"), py::arg("n_fields"), py::arg("batch"),
-        py::arg("beta"), py::arg("stream"), py::arg("seed") = 0, py::arg("counter") = 0);
+        py::arg("out_index"), py::arg("out_weight"), py::arg("weight_f32"), py::arg("table"), py::arg("n_fields"),
+        py::arg("batch"), py::arg("beta"), py::arg("stream"), py::arg("seed") = 0, py::arg("counter") = 0);
   m.def("sum_tree_update", &sum_tree_update, "Write leaves, then recompute their ancestors (one block)",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("index"), py::arg("value"),
         py::arg("n"), py::arg("stream"));

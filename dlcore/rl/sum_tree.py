@@ -236,15 +236,16 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
 def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     offsets, seed, counter, batch = _offsets_on(offsets, tree.device)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
-    weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
+    weight = torch.empty(batch, dtype=weight_dtype, device=tree.device)  # the kernel stores either dtype
     outs, table = _gather_table(sources, batch)
     table = table.to(tree.device)
     with torch.cuda.device(tree.device):
         _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
                                          0 if offsets is None else offsets.data_ptr(), index.data_ptr(),
-                                         weight.data_ptr(), table.data_ptr(), table.shape[0], batch, float(beta),
-                                         _ext.cuda_stream(tree.device), seed, counter)
-    return index, weight.to(weight_dtype), outs  # (a second launch for fp32: not yet fused into the kernel)
+                                         weight.data_ptr(), weight_dtype == torch.float32, table.data_ptr(),
+                                         table.shape[0], batch, float(beta), _ext.cuda_stream(tree.device), seed,
+                                         counter)
+    return index, weight, outs
 
 
 # ---------------------------------------------------------------------------------------------------- triton
@@ -265,8 +266,8 @@ def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_
     batch = offsets.batch if isinstance(offsets, Draw) else offsets.numel()
     outs, table = _gather_table(sources, batch)
     offsets = offsets if isinstance(offsets, Draw) else offsets.to(tree.device)
-    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets, beta, table.to(tree.device))
-    return index, weight.to(weight_dtype), outs
+    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets, beta, table.to(tree.device), weight_dtype)
+    return index, weight, outs
 
 
 def _triton_update_kernel(tree, min_tree, levels, index, value):
