@@ -439,6 +439,18 @@ def test_gpu_buffer_matches_cpu_buffer(backend):
 
 
 @pytest.mark.gpu
+def test_gpu_buffer_with_more_fields_than_the_cuda_kernel_takes():
+    """17 fields: past the CUDA kernel's 16 (addresses passed as kernel parameters), the Triton kernel gathers."""
+    fields = {f"f{k}": torch.arange(300 * (k + 1), dtype=torch.float32).reshape(300, k + 1) for k in range(17)}
+    bufs = [PrioritizedReplayBuffer(300, device=d, seed=SEED) for d in ("cpu", "cuda")]
+    for b in bufs:
+        b.extend(**{k: v.to(b.device) for k, v in fields.items()})
+    cpu_out, gpu_out = (b.sample(64) for b in bufs)
+    assert torch.equal(gpu_out["index"].cpu(), cpu_out["index"])
+    assert all(torch.equal(gpu_out[k].cpu(), cpu_out[k]) for k in fields)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_tree_kernels_match_the_reference(backend):
     gen = torch.Generator().manual_seed(SEED)

@@ -7,13 +7,17 @@
 //           the three binary decisions from pair sums, never into an empty subtree; weight (p / p_min)^-β. offset_b
 //           is given, or drawn in the kernel (Philox draw `counter` under `seed`, common/philox.h uniform53, the
 //           numbers the CPU draws): the replay buffers' path, no offsets copied to the device.
-//   sample_gather: the same descent (weights stored as float64 or float32), then each block copies its samples' rows of every replay field (a table of
-//           (src, dst, row_bytes) addresses): a warp per row, 16-byte moves when addresses and row size allow.
+//   sample_gather: the same descent (weights stored as float64 or float32), then each block copies its samples'
+//           rows of every replay field ((src, dst, row_bytes) of up to 16 fields, kernel parameters): a warp per
+//           row, 16-byte moves when addresses and row size allow.
 //   update: one block; leaves first (duplicates resolved by the caller: the last write of each index is kept),
 //           then the ancestors level by level with __syncthreads() between levels.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
+#include <stdexcept>
+#include <vector>
 
 #include "common/philox.h"
 #include "cuda/check.h"
@@ -86,11 +90,19 @@ __global__ void __launch_bounds__(kSampleThreads)
   if (b < batch) descend(tree, min_tree, levels, depth, offsets, out_index, out_weight, b, batch, beta);
 }
 
+// The replay fields to gather, passed by value with the launch (kernel parameters: no table copied to the device
+// per sample): field f is (src address, dst address, row bytes) at [3f, 3f + 3).
+constexpr int kMaxFields = 16;
+struct Fields {
+  int n;
+  int64_t entry[3 * kMaxFields];
+};
+
 __global__ void __launch_bounds__(kGatherThreads)
     sample_gather_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
                          const int64_t* __restrict__ levels, int depth, Offsets offsets,
-                         int64_t* __restrict__ out_index, Weights out_weight,
-                         const int64_t* __restrict__ table, int n_fields, int batch, double beta) {
+                         int64_t* __restrict__ out_index, Weights out_weight, const Fields fields, int batch,
+                         double beta) {
   __shared__ int64_t rows[kGatherThreads];
   const int first = blockIdx.x * kGatherThreads;
   const int b = first + threadIdx.x;
@@ -99,10 +111,10 @@ __global__ void __launch_bounds__(kGatherThreads)
   __syncthreads();
   const int count = min(kGatherThreads, batch - first);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int f = 0; f < n_fields; ++f) {  // dst_f[b, :] = src_f[row_b, :]
-    const char* src = reinterpret_cast<const char*>(table[3 * f]);
-    char* dst = reinterpret_cast<char*>(table[3 * f + 1]);
-    const int64_t row_bytes = table[3 * f + 2];
+  for (int f = 0; f < fields.n; ++f) {  // dst_f[b, :] = src_f[row_b, :]
+    const char* src = reinterpret_cast<const char*>(fields.entry[3 * f]);
+    char* dst = reinterpret_cast<char*>(fields.entry[3 * f + 1]);
+    const int64_t row_bytes = fields.entry[3 * f + 2];
     for (int r = warp; r < count; r += kGatherThreads / 32) {
       const char* s = src + rows[r] * row_bytes;
       char* d = dst + int64_t(first + r) * row_bytes;
@@ -154,8 +166,17 @@ void sum_tree_sample(int64_t tree, int64_t min_tree, int64_t levels, int64_t dep
 }
 
 void sum_tree_sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int64_t depth, int64_t offsets,
-                            int64_t out_index, int64_t out_weight, bool weight_f32, int64_t table, int64_t n_fields,
-                            int64_t batch, double beta, long long stream, uint64_t seed, uint64_t counter) {
+                            int64_t out_index, int64_t out_weight, bool weight_f32, const std::vector<int64_t>& srcs,
+                            const std::vector<int64_t>& dsts, const std::vector<int64_t>& row_bytes, int64_t batch,
+                            double beta, long long stream, uint64_t seed, uint64_t counter) {
+  if (srcs.size() > size_t(kMaxFields) || dsts.size() != srcs.size() || row_bytes.size() != srcs.size())
+    throw std::invalid_argument("dlcore: sum_tree_sample_gather takes at most 16 fields, one dst and row size each");
+  Fields fields{int(srcs.size()), {}};
+  for (size_t f = 0; f < srcs.size(); ++f) {
+    fields.entry[3 * f] = srcs[f];
+    fields.entry[3 * f + 1] = dsts[f];
+    fields.entry[3 * f + 2] = row_bytes[f];
+  }
   if (batch <= 0) return;
   if (batch > 0x7FFFFFFF) throw std::invalid_argument("dlcore: batch too large for one launch");
   const unsigned blocks = unsigned((batch + kGatherThreads - 1) / kGatherThreads);
@@ -163,8 +184,7 @@ void sum_tree_sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int6
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
       reinterpret_cast<const int64_t*>(levels), int(depth),
       Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
-      Weights{reinterpret_cast<void*>(out_weight), weight_f32}, reinterpret_cast<const int64_t*>(table),
-      int(n_fields), int(batch), beta);
+      Weights{reinterpret_cast<void*>(out_weight), weight_f32}, fields, int(batch), beta);
   DL_CUDA_CHECK_LAUNCH();
 }
 
@@ -187,11 +207,12 @@ void register_sum_tree(py::module_& m) {
         py::arg("out_index"), py::arg("out_weight"), py::arg("batch"), py::arg("beta"), py::arg("stream"),
         py::arg("seed") = 0, py::arg("counter") = 0);
   m.def("sum_tree_sample_gather", &sum_tree_sample_gather,
-        "Stratified descents, then the sampled rows of every field in a (src, dst, row_bytes) table (offsets 0: "
-        "Philox (seed, counter))",
+        "Stratified descents, then the sampled rows of every field (at most 16: addresses and row sizes in bytes, "
+        "passed with the launch) (offsets 0: Philox (seed, counter))",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("offsets"),
-        py::arg("out_index"), py::arg("out_weight"), py::arg("weight_f32"), py::arg("table"), py::arg("n_fields"),
-        py::arg("batch"), py::arg("beta"), py::arg("stream"), py::arg("seed") = 0, py::arg("counter") = 0);
+        py::arg("out_index"), py::arg("out_weight"), py::arg("weight_f32"), py::arg("srcs"), py::arg("dsts"),
+        py::arg("row_bytes"), py::arg("batch"), py::arg("beta"), py::arg("stream"), py::arg("seed") = 0,
+        py::arg("counter") = 0);
   m.def("sum_tree_update", &sum_tree_update, "Write leaves, then recompute their ancestors (one block)",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("index"), py::arg("value"),
         py::arg("n"), py::arg("stream"));

@@ -231,20 +231,25 @@ _dispatch.register(UPDATE_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,)
                    available=_ext.cuda_unavailable)(_parallel_update(_cuda_update_kernel))
 
 
+CUDA_MAX_FIELDS = 16  # csrc/cuda/sum_tree.cu kMaxFields: the fields' addresses travel as kernel parameters
+
+
 @_dispatch.register(SAMPLE_GATHER_OP, "cuda", devices=("cuda",), dtypes=(torch.float64,),
                     available=_ext.cuda_unavailable)
 def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
+    if len(sources) > CUDA_MAX_FIELDS:  # (a replay transition of more fields: the Triton kernel reads a table)
+        return triton_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype)
     offsets, seed, counter, batch = _offsets_on(offsets, tree.device)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=weight_dtype, device=tree.device)  # the kernel stores either dtype
-    outs, table = _gather_table(sources, batch)
-    table = table.to(tree.device)
+    outs = _outputs(sources, batch)
     with torch.cuda.device(tree.device):
         _ext.cuda.sum_tree_sample_gather(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
                                          0 if offsets is None else offsets.data_ptr(), index.data_ptr(),
-                                         weight.data_ptr(), weight_dtype == torch.float32, table.data_ptr(),
-                                         table.shape[0], batch, float(beta), _ext.cuda_stream(tree.device), seed,
-                                         counter)
+                                         weight.data_ptr(), weight_dtype == torch.float32,
+                                         [s.data_ptr() for s in sources], [o.data_ptr() for o in outs],
+                                         [_row_bytes(s) for s in sources], batch, float(beta),
+                                         _ext.cuda_stream(tree.device), seed, counter)
     return index, weight, outs
 
 
