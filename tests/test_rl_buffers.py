@@ -380,6 +380,22 @@ def test_buffer_sample_is_the_same_draw_on_every_backend(batch):
             assert torch.allclose(a["weight"][same], b["weight"][same], rtol=1e-6), backend
 
 
+def test_sample_drawn_is_sample_of_the_drawn_offsets():
+    """SumTree.sample_drawn (the frame-stack buffers' draw): the cpu and triton kernels draw the offsets themselves,
+    numba and the reference are given them; each equals its own sample() of draw_offsets' tensor."""
+    gen = torch.Generator().manual_seed(SEED)
+    tree = SumTree(5000)
+    tree.update(torch.arange(0, 5000, 3), torch.rand(1667, generator=gen, dtype=torch.float64) + 1e-3)
+    seed, counter = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
+    for batch in (1, 33, 300):
+        for backend in BACKENDS:
+            with dlcore.use_backend(backend):
+                index, weight = tree.sample_drawn(seed, counter, batch, 0.5)
+                ref_index, ref_weight = tree.sample(st.draw_offsets(seed, counter, batch), 0.5)
+            assert torch.equal(index, ref_index) and torch.equal(weight, ref_weight), backend
+            assert bool((index % 3 == 0).all()), backend
+
+
 def test_copied_or_restored_buffer_samples_its_own_storage():
     """The CPU sample keeps its storage's addresses between calls; a deepcopy, a pickle round trip and a
     load_state_dict (storage replaced) must sample their own rows, not the original's (overwritten after the copy)."""

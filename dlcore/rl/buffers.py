@@ -18,7 +18,7 @@ import torch
 from dlcore import _dispatch
 from dlcore.rl import _memory
 from dlcore.rl import gather as _gather_op
-from dlcore.rl.sum_tree import GatherPlan, SumTree, draw_offsets
+from dlcore.rl.sum_tree import GatherPlan, SumTree
 
 FieldSpec = Mapping[str, tuple]  # name -> (shape, dtype)
 
@@ -237,7 +237,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
                 out = dict(zip(self._storage, rows))
                 out["index"] = index
             else:
-                index, weight = self._tree.sample(draw_offsets(*draw, batch_size), beta)
+                index, weight = self._tree.sample_drawn(*draw, batch_size, beta)
                 out = self._gather(index)
                 weight = weight.to(self.device, torch.float32)
             self._samples_drawn += 1

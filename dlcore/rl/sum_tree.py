@@ -434,7 +434,7 @@ def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dt
     return index, weight, outs
 
 
-_DRAWS_OFFSETS = ("cpu", "cuda", "triton")  # launchers of SAMPLE_GATHER_OP that take a Draw
+_DRAWS_OFFSETS = ("cpu", "cuda", "triton")  # launchers of SAMPLE_OP and SAMPLE_GATHER_OP that take a Draw
 
 
 def draw_offsets(seed: int, counter: int, n: int) -> torch.Tensor:
@@ -557,6 +557,13 @@ class SumTree:
             return launch(self.sum, self.min, self.levels, Draw(seed, counter, batch), beta,
                           plan if backend == "cpu" else plan.sources, weight_dtype)
         return self.sample_gather(draw_offsets(seed, counter, batch), beta, plan.sources, weight_dtype)
+
+    def sample_drawn(self, seed: int, counter: int, batch: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(draw_offsets(seed, counter, batch), beta), the offsets drawn in the kernel where it can."""
+        backend, launch = _dispatch.select(SAMPLE_OP, self.device, torch.float64)
+        if backend in _DRAWS_OFFSETS:
+            return launch(self.sum, self.min, self.levels, Draw(seed, counter, batch), beta)
+        return self.sample(draw_offsets(seed, counter, batch), beta)
 
     def sample(self, offsets: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Stratified: for b < B = len(offsets), the leaf holding mass (b + offsets[b])·total/B, and its importance
