@@ -519,3 +519,18 @@ def test_n_step_returns_stop_at_episode_ends():
     assert len(buf) == 8 and sum(emitted) == 8
     with pytest.raises(ValueError, match="num_envs=2"):
         writer.step(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3), torch.zeros(3, 2), torch.zeros(3))
+
+
+def test_repr_names_the_settings():
+    from dlcore.rl import PrioritizedFrameStackReplayBuffer
+
+    buf = PrioritizedReplayBuffer(100, alpha=0.7, beta_steps=50)
+    assert repr(buf) == ("PrioritizedReplayBuffer(capacity=100, size=0, device=cpu, fields={}, alpha=0.7, "
+                         "beta=0.4 (0.4 → 1.0 over 50 samples), eps=1e-06)")
+    buf.extend(obs=torch.zeros(3, 4), action=torch.zeros(3, dtype=torch.int64))
+    assert "size=3" in repr(buf) and "fields={obs: (4,) float32, action: () int64}" in repr(buf)
+    assert repr(ReplayBuffer(7)) == "ReplayBuffer(capacity=7, size=0, device=cpu, fields={})"
+    frames = repr(PrioritizedFrameStackReplayBuffer(100, frame_shape=(8, 8), n_step=3))
+    assert frames.startswith("PrioritizedFrameStackReplayBuffer(capacity=100, size=0, device=cpu, alpha=0.6")
+    assert "frame_shape=(8, 8), stack=4, n_step=3" in frames and "fields" not in frames
+    assert repr(SumTree(10)) == "SumTree(capacity=10, device=cpu)"

@@ -69,6 +69,20 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self._size
 
+    _lists_fields = True  # repr shows the stored fields (the frame-stack buffers show their frame layout instead)
+
+    def _repr_settings(self) -> list[str]:
+        """`name=value` items of the repr; subclasses add theirs through super()."""
+        items = [f"capacity={self.capacity}", f"size={self._size}", f"device={self.device}"]
+        if self._lists_fields:
+            fields = ", ".join(f"{name}: {tuple(shape)} {str(dtype).removeprefix('torch.')}"
+                               for name, (shape, dtype) in self.fields.items())
+            items.append(f"fields={{{fields}}}")
+        return items
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._repr_settings())})"
+
     def _as_batch(self, data: Mapping[str, object], batched: bool) -> tuple[dict[str, torch.Tensor], int]:
         if not self._storage:
             spec = {}
@@ -207,6 +221,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self._max_priority = 1.0
         self._samples_drawn = 0  # also the Philox counter of the next draw's offsets
         self._draw_seed = self._gen.initial_seed() % 2**63  # (the Philox key: an int64 in every backend)
+
+    def _repr_settings(self) -> list[str]:
+        beta = f"beta={self.beta0}" if not self.beta_steps else \
+            f"beta={self.beta:g} ({self.beta0} → {self.beta_final} over {self.beta_steps} samples)"
+        return super()._repr_settings() + [f"alpha={self.alpha}", beta, f"eps={self.eps}"]
 
     @property
     def beta(self) -> float:

@@ -120,6 +120,8 @@ class FrameStackReplayBuffer(ReplayBuffer):
     reward, next_obs, terminated (float32), discount, index.
     """
 
+    _lists_fields = False  # its fields are per-slot bookkeeping: the repr shows the frame layout
+
     def __init__(self, capacity: int, frame_shape=(84, 84), stack: int = 4, n_step: int = 1, gamma: float = 0.99,
                  padding: str = "reset", frame_dtype: torch.dtype = torch.uint8,
                  device: Union[str, torch.device] = "cpu", seed: Optional[int] = None, **prioritized):
@@ -262,6 +264,10 @@ class FrameStackReplayBuffer(ReplayBuffer):
             return self._gather(index)
 
     # ------------------------------------------------------------------------------------------------ persistence
+    def _repr_settings(self) -> list[str]:
+        return super()._repr_settings() + [f"frame_shape={self.frame_shape}", f"stack={self.stack}",
+                                           f"n_step={self.n_step}", f"gamma={self.gamma}", f"padding={self.padding!r}"]
+
     def state_dict(self) -> dict:
         with self._lock:
             state = super().state_dict()

@@ -480,6 +480,9 @@ class SumTree:
         self.sum = _memory.zeros((layout[-1],), torch.float64, self.device)  # huge pages on Linux hosts
         self.min = _memory.full((layout[-1],), float("inf"), torch.float64, self.device)
 
+    def __repr__(self) -> str:
+        return f"SumTree(capacity={self.capacity}, device={self.device})"
+
     @property
     def total(self) -> float:
         return float(self.sum[0])
