@@ -142,38 +142,31 @@ def sum_tree_update_kernel(tree, min_tree, levels, index, value, n, depth, BLOCK
         tl.debug_barrier()
 
 
-def _offsets_args(tree: torch.Tensor, offsets) -> tuple:
-    """(offsets pointer, seed, counter, batch, DRAW) for a tensor of offsets or a Draw (seed, counter, batch):
-    drawn in the kernel, the offsets argument is unused (the tree stands in for it)."""
-    if isinstance(offsets, torch.Tensor):
-        return offsets, 0, 0, offsets.numel(), False
-    return tree, int(offsets.seed), int(offsets.counter), int(offsets.batch), True
-
-
-def sample(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets, beta: float):
-    """Leaf index and weight of each stratum; offsets: float64 [B] on the tree's device, or a Draw."""
-    offsets, seed, counter, batch, draw = _offsets_args(tree, offsets)
+def sample(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets, seed: int, counter: int,
+           batch: int, beta: float):
+    """Leaf index and weight of each of `batch` strata. offsets: float64 [batch] on the tree's device, or None:
+    drawn in the kernel (Philox draw `counter` under `seed`; the tree stands in for the unused pointer)."""
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=torch.float64, device=tree.device)
     grid = (triton_cdiv(batch, SAMPLE_BLOCK),)
-    sum_tree_sample_kernel.launch(grid, tree.device, tree, min_tree, levels, offsets, index, weight, batch,
-                                  levels.numel() - 2, float(beta), seed, counter, BLOCK=SAMPLE_BLOCK, DRAW=draw,
-                                  num_warps=4)
+    sum_tree_sample_kernel.launch(grid, tree.device, tree, min_tree, levels, tree if offsets is None else offsets,
+                                  index, weight, batch, levels.numel() - 2, float(beta), seed, counter,
+                                  BLOCK=SAMPLE_BLOCK, DRAW=offsets is None, num_warps=4)
     return index, weight
 
 
-def sample_gather(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets,
-                  beta: float, table: torch.Tensor, weight_dtype: torch.dtype = torch.float64):
+def sample_gather(tree: torch.Tensor, min_tree: torch.Tensor, levels: torch.Tensor, offsets, seed: int,
+                  counter: int, batch: int, beta: float, table: torch.Tensor, weight_dtype: torch.dtype = torch.float64):
     """sample() and, in the same launch, the rows it drew of every field in `table` (int64 [fields, 3] of
     (src, dst, row_bytes) on the tree's device; the destinations hold the batch's rows). The weight is computed in
     float64 and stored in weight_dtype (float32: rounded once, by the store)."""
-    offsets, seed, counter, batch, draw = _offsets_args(tree, offsets)
     index = torch.empty(batch, dtype=torch.int64, device=tree.device)
     weight = torch.empty(batch, dtype=weight_dtype, device=tree.device)
     grid = (triton_cdiv(batch, GATHER_BLOCK),)
-    sum_tree_sample_gather_kernel.launch(grid, tree.device, tree, min_tree, levels, offsets, index, weight, table,
-                                         table.shape[0], batch, levels.numel() - 2, float(beta), seed, counter,
-                                         BLOCK=GATHER_BLOCK, CHUNK=GATHER_CHUNK, DRAW=draw, num_warps=GATHER_WARPS)
+    sum_tree_sample_gather_kernel.launch(grid, tree.device, tree, min_tree, levels,
+                                         tree if offsets is None else offsets, index, weight, table, table.shape[0],
+                                         batch, levels.numel() - 2, float(beta), seed, counter, BLOCK=GATHER_BLOCK,
+                                         CHUNK=GATHER_CHUNK, DRAW=offsets is None, num_warps=GATHER_WARPS)
     return index, weight
 
 

@@ -90,7 +90,8 @@ class Draw(NamedTuple):
 
 
 def _offsets_on(offsets, device) -> tuple[Optional[torch.Tensor], int, int, int]:
-    """(offsets tensor on `device` or None, seed, counter, batch) of an offsets tensor or a Draw."""
+    """(offsets tensor on `device` or None (drawn in the kernel), seed, counter, batch) of an offsets tensor or a
+    Draw: what every launcher that takes a Draw passes on."""
     if isinstance(offsets, Draw):
         return None, offsets.seed, offsets.counter, offsets.batch
     return offsets.to(device).contiguous(), 0, 0, offsets.numel()
@@ -259,8 +260,7 @@ def cuda_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dt
 def triton_sample(tree, min_tree, levels, offsets, beta):
     from dlcore.kernels import sum_tree as kernel
 
-    return kernel.sample(tree, min_tree, levels, offsets if isinstance(offsets, Draw) else offsets.to(tree.device),
-                         beta)
+    return kernel.sample(tree, min_tree, levels, *_offsets_on(offsets, tree.device), beta)
 
 
 @_dispatch.register(SAMPLE_GATHER_OP, "triton", devices=("cpu", "cuda"), dtypes=(torch.float64,),
@@ -268,10 +268,10 @@ def triton_sample(tree, min_tree, levels, offsets, beta):
 def triton_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dtype=torch.float64):
     from dlcore.kernels import sum_tree as kernel
 
-    batch = offsets.batch if isinstance(offsets, Draw) else offsets.numel()
+    offsets, seed, counter, batch = _offsets_on(offsets, tree.device)
     outs, table = _gather_table(sources, batch)
-    offsets = offsets if isinstance(offsets, Draw) else offsets.to(tree.device)
-    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets, beta, table.to(tree.device), weight_dtype)
+    index, weight = kernel.sample_gather(tree, min_tree, levels, offsets, seed, counter, batch, beta,
+                                         table.to(tree.device), weight_dtype)
     return index, weight, outs
 
 
@@ -418,15 +418,13 @@ def _cpu_sample_gather(tree, min_tree, levels, offsets, beta, sources, weight_dt
     """The C++ sample and gather. offsets: a tensor, or a Draw (the C++ draws them); sources: a list of tensors or
     their GatherPlan (a replay buffer's, made once)."""
     plan = sources if isinstance(sources, GatherPlan) else GatherPlan(sources)
-    if isinstance(offsets, Draw):
-        address, seed, counter, batch = 0, offsets.seed, offsets.counter, offsets.batch
-    else:
-        address, seed, counter, batch = offsets.data_ptr(), 0, 0, offsets.numel()
+    offsets, seed, counter, batch = _offsets_on(offsets, tree.device)
     index = torch.empty(batch, dtype=torch.int64)
     weight = torch.empty(batch, dtype=weight_dtype)  # written in either dtype by the C++ (saves a conversion call)
     outs, out_addrs = plan.outputs(batch)
     status = _ext.cpu.sum_tree_sample_gather(
-        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2, address, batch, float(beta),
+        tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
+        0 if offsets is None else offsets.data_ptr(), batch, float(beta),
         index.data_ptr(), weight.data_ptr(), weight_dtype == torch.float32, plan.src_addrs, out_addrs,
         plan.row_bytes, plan.limit, seed, counter)
     if status:  # a drawn leaf past a source's rows: the caller's sources are shorter than the tree's written part
