@@ -233,6 +233,12 @@ def test_seeded_reproducible_and_exact_save_load(cls, tmp_path):
         assert torch.equal(restored._storage[name], a._storage[name])
     x, y = a.sample(16), restored.sample(16)
     assert all(torch.equal(x[k], y[k]) for k in x)
+    if cls is PrioritizedReplayBuffer:  # a state saved before the Philox draws (no draw_seed) still loads and samples
+        old_state = a.state_dict()
+        del old_state["draw_seed"]
+        older = cls(50, seed=999)
+        older.load_state_dict(old_state)
+        assert older.sample(4)["index"].numel() == 4 and older.state_dict()["draw_seed"] >= 0
     if cls is PrioritizedReplayBuffer:  # trees of another layout (the binary one before 8-ary) are refused, not misread
         state = a.state_dict()
         state["tree_sum"], state["tree_min"] = torch.zeros(128, dtype=torch.float64), torch.zeros(128)
