@@ -419,6 +419,11 @@ def test_copied_or_restored_buffer_samples_its_own_storage():
     clones.append(restored)
     buf.extend(obs=torch.full((64, 2), -1.0), tag=torch.full((64,), -1))  # the original's rows all overwritten
     assert bool((buf.sample(16)["tag"] == -1).all())
+    older = buf.__getstate__()  # a buffer pickled before the cached addresses and the Philox draws existed
+    del older["_plan"], older["_draw_seed"]
+    unpickled = PrioritizedReplayBuffer.__new__(PrioritizedReplayBuffer)
+    unpickled.__setstate__(copy.deepcopy(older))
+    assert unpickled.sample(4)["tag"].numel() == 4
     for clone in clones:
         out = clone.sample(16)
         assert torch.equal(out["tag"], out["index"]) and torch.equal(out["obs"][:, 0], out["index"].float())

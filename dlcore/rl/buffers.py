@@ -188,6 +188,7 @@ class ReplayBuffer:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._plan = None  # (also absent from buffers pickled before it existed)
 
     def load(self, path) -> None:
         self.load_state_dict(torch.load(path, weights_only=False))
@@ -270,6 +271,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             # one call (SumTree.update converts index and priority once): validation (finite, non-negative, index < transitions stored), leaves, ancestors
             top = self._tree.update(index, priority, eps=self.eps, alpha=self.alpha, limit=self._size)
             self._max_priority = max(self._max_priority, top)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_draw_seed" not in state:  # pickled before the Philox draws
+            self._draw_seed = self._gen.initial_seed() % 2**63
 
     def state_dict(self) -> dict:
         with self._lock:
