@@ -5,8 +5,9 @@
 Storage is a circular array per field, allocated from the first transition added (or from `fields=`). Adds,
 samples and priority updates take a lock, so an actor thread may add while a learner thread samples. Sampling is
 seeded by the buffer's own generator (`seed=`, else drawn from torch's global generator, so torch.manual_seed makes
-runs reproducible). `state_dict()` / `load_state_dict()` and `save()` / `load()` round-trip everything exactly,
-generator state included.
+runs reproducible): uniform draws come from it, prioritized ones are the Philox numbers of (its seed, the number of
+samples drawn so far), computed inside the sampling kernel on every backend. `state_dict()` / `load_state_dict()`
+and `save()` / `load()` round-trip everything exactly, generator state included.
 """
 from __future__ import annotations
 
