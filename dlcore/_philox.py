@@ -12,6 +12,12 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
+def draw_seed(dropout_p: float) -> int:
+    """A dropout mask's Philox seed, drawn from torch's default CPU generator (so torch.manual_seed reproduces it);
+    0 when nothing is dropped."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout_p > 0 else 0
+
+
 def _mul32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32-bit words of a·m for 32-bit values held in int64 (the product does not fit in int64)."""
     lo_part, hi_part = (a & 0xFFFF) * m, (a >> 16) * m  # each < 2⁴⁸

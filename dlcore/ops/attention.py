@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from dlcore import _dispatch, _eager, _ext
-from dlcore._philox import philox4x32_10
+from dlcore._philox import draw_seed, philox4x32_10
 
 FORWARD, BACKWARD = "attention", "attention_backward"
 for _name in (FORWARD, BACKWARD):
@@ -378,11 +378,6 @@ def _broadcast_bias(bias: torch.Tensor, name: str, full: tuple) -> torch.Tensor:
         raise ValueError(f"{name} of shape {tuple(bias.shape)} does not broadcast to {full}") from None
 
 
-def _draw_seed(dropout_p: float) -> int:
-    """The dropout seed, drawn from torch's default CPU generator (so torch.manual_seed reproduces it)."""
-    return int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout_p > 0 else 0
-
-
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
@@ -452,7 +447,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         keep = torch.rand((q.shape[0], q.shape[1], lq, lk), device=q.device) >= float(dropout_p)
         o = _reference_math(q, k, v, bias, klen, scale, (left, right), float(dropout_p), 0, keep=keep)[0].to(q.dtype)
     else:
-        o, _ = _attention(q, k, v, bias, klen, scale, left, right, float(dropout_p), _draw_seed(dropout_p))
+        o, _ = _attention(q, k, v, bias, klen, scale, left, right, float(dropout_p), draw_seed(dropout_p))
     return o if four_d else o.reshape(*lead, hq, lq, value.shape[-1])
 
 
@@ -527,6 +522,6 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         return (out, lse) if return_lse else out
     o, lse = _attention(pad(q, where_q, lq), pad(k, where_k, lk), pad(v, where_k, lk), key_bias,
                         (len_k + shift_k).to(torch.int32), scale, left, right, float(dropout_p),
-                        _draw_seed(dropout_p))
+                        draw_seed(dropout_p))
     out = o.transpose(1, 2)[where_q]
     return (out, lse.permute(1, 0, 2)[:, where_q[0], where_q[1]]) if return_lse else out

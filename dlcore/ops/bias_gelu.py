@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dlcore import _checks, _dispatch, _eager, _ext
+from dlcore._philox import draw_seed
 
 FORWARD, BACKWARD = "bias_gelu", "bias_gelu_backward"
 for _name in (FORWARD, BACKWARD):
@@ -217,7 +218,7 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor] = None, activatio
     if p > 0 and _eager.in_transform():  # torch's dropout, whose mask vmap draws per its `randomness` mode (a
         # Philox seed is one integer, which .item() cannot read from a batched draw)
         return F.dropout(bias_act(input, bias, activation, 0.0), p)
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0 else 0
+    seed = draw_seed(p)
     cols = input.shape[-1]
     if bias is not None:
         _checks.tensor("bias", bias, like=input, same_dtype=False)
