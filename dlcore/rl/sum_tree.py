@@ -458,7 +458,7 @@ _dispatch.register(SAMPLE_GATHER_OP, "cpu", devices=("cpu",), dtypes=(torch.floa
 @_dispatch.register(UPDATE_OP, "cpu", devices=("cpu",), dtypes=(torch.float64,), available=_ext.cpu_unavailable)
 def cpu_update(tree, min_tree, levels, index, priority, eps, alpha, limit):
     return _ext.cpu.sum_tree_update(tree.data_ptr(), min_tree.data_ptr(), levels.data_ptr(), levels.numel() - 2,
-                                    index.data_ptr(), priority.data_ptr(), priority.dtype == torch.float32,
+                                    index.data_ptr(), priority.data_ptr(), priority.dtype is torch.float32,
                                     index.numel(), float(eps), float(alpha), int(limit))
 
 
@@ -500,14 +500,13 @@ class SumTree:
     def update(self, index, priority, eps: float = 0.0, alpha: float = 1.0, limit: int | None = None) -> float:
         """Leaves `index` ← (priority + eps)^alpha. Raises on a negative or non-finite priority or an index outside
         [0, limit) (default: capacity), before writing anything. Returns max(priority + eps)."""
-        if not isinstance(index, torch.Tensor):
-            index = torch.as_tensor(index)
-        if index.dtype not in _INDEX_DTYPES:
-            raise TypeError(f"index must hold integer positions, got {index.dtype}")
-        index = as_vector(index, torch.int64, self.device)
-        # fp32 priorities (TD errors) reach the kernels as they are: each widens them exactly (saves a conversion)
-        wide = torch.float32 if isinstance(priority, torch.Tensor) and priority.dtype == torch.float32 else torch.float64
-        priority = as_vector(priority, wide, self.device)
+        # a learner's usual call (int64 indices, fp32 or fp64 |TD errors|, 1-D and contiguous on the tree's device)
+        # goes straight on: the conversions' checks cost ~1 µs of a ~7 µs update on the CPU
+        if not (type(index) is torch.Tensor and type(priority) is torch.Tensor and index.dtype is torch.int64
+                and (priority.dtype is torch.float32 or priority.dtype is torch.float64) and index.ndim == 1
+                and priority.ndim == 1 and index.is_contiguous() and priority.is_contiguous()
+                and index.device == self.device and priority.device == self.device):
+            index, priority = self._update_vectors(index, priority)
         if index.numel() != priority.numel():
             raise ValueError(f"index has {index.numel()} entries but priority has {priority.numel()}")
         limit = self.capacity if limit is None else int(limit)
@@ -518,6 +517,16 @@ class SumTree:
         if status == BAD_INDEX:
             raise IndexError(f"index out of range [0, {limit}): min {int(index.min())}, max {int(index.max())}")
         return top
+
+    def _update_vectors(self, index, priority) -> tuple[torch.Tensor, torch.Tensor]:
+        """index as int64 and priority as fp32 (kept: the kernels widen it exactly) or fp64, 1-D contiguous on the
+        tree's device."""
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+        if index.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"index must hold integer positions, got {index.dtype}")
+        wide = torch.float32 if isinstance(priority, torch.Tensor) and priority.dtype == torch.float32 else torch.float64
+        return as_vector(index, torch.int64, self.device), as_vector(priority, wide, self.device)
 
     def check_saved(self, tree_sum: torch.Tensor, tree_min: torch.Tensor) -> None:
         """Raise ValueError unless saved trees have this tree's capacity and layout."""
