@@ -77,6 +77,27 @@ def builds(cfg):
         yield replace(cfg, divisible_ints=ints, label=f"{cfg.label or cfg.kernel.__name__} [ints %16]")
 
 
+RANDOM_FLAGS = ("DROPOUT", "STOCHASTIC", "DRAW")  # constexprs that switch a kernel's Philox/hash path on
+RANDOM_INTS = ("seed", "counter")  # its integer keys, any value a user may pass, 1 included
+
+
+def random_keys_as_one():
+    """One shipped config per kernel with a random path switched on, its seed/counter arguments compiled as the
+    constexpr 1 the runtime turns them into when they equal 1 (Triton specialises integer arguments equal to 1;
+    a constexpr has no .to(), so `seed.to(...)` compiles for every seed but 1)."""
+    seen, out = set(), []
+    for mod in kernel_modules():
+        for cfg in mod.AOT_CONFIGS:
+            keys = [n for n in RANDOM_INTS if cfg.signature.get(n) in ("i32", "i64")]
+            if not keys or cfg.kernel.__name__ in seen or not any(cfg.constexprs.get(f) for f in RANDOM_FLAGS):
+                continue
+            seen.add(cfg.kernel.__name__)
+            out.append(replace(cfg, signature={**cfg.signature, **{n: "constexpr" for n in keys}},
+                               constexprs={**cfg.constexprs, **{n: 1 for n in keys}},
+                               label=f"{cfg.label or cfg.kernel.__name__} [{'='.join(keys)}=1]"))
+    return out
+
+
 def shipped_builds():
     return [b for mod in kernel_modules() for cfg in mod.AOT_CONFIGS for b in builds(cfg)]
 

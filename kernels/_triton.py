@@ -162,7 +162,9 @@ def dual_helper(fn) -> DualHelper:
 # (kernels/attention.py) and the replay buffers' sampling offsets (kernels/sum_tree.py).
 def _philox4x32_10(c0, c1, c2, c3, seed):
     """The four output words for uint32 counter tensors (c0, c1, c2, c3) under the 64-bit key `seed`."""
-    seed = seed.to(tl.int64)  # a seed below 2^31 arrives as an i32 (Triton types integer arguments by value)
+    # a seed below 2^31 arrives as an i32 (Triton types integer arguments by value), and a seed of 1 as a constexpr
+    # (the runtime specialises ints equal to 1), which has no .to(): tl.cast takes both
+    seed = tl.cast(seed, tl.int64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     for _ in tl.static_range(10):
@@ -179,7 +181,7 @@ def _philox4x32_10(c0, c1, c2, c3, seed):
 def _uniform53(seed, counter, i):
     """Element i (an integer tensor) of draw `counter`: float64 in [0, 1) from the top 53 bits of words (w0, w1) of
     counter (i, counter_lo, counter_hi, 1) — csrc/common/philox.h uniform53."""
-    counter = counter.to(tl.int64)
+    counter = tl.cast(counter, tl.int64)  # an i32, an i64, or a constexpr (1 is specialised): see above
     c0 = i.to(tl.uint32)
     zero = c0 * 0
     c1 = zero + (counter & 0xFFFFFFFF).to(tl.uint32)

@@ -80,7 +80,7 @@ def adam_kernel(ptrs, numels, scal, chunks, grad_scale_ptr, found_inf_ptr,
         k = k ^ (k >> 15)
         k = k * 0x846CA68B
         k = k ^ (k >> 16)
-        k = k ^ seed.to(tl.uint32)
+        k = k ^ tl.cast(seed, tl.uint32)  # (a seed of 1 arrives as a constexpr: the runtime specialises 1)
         k = k ^ (k >> 16)
         k = k * 0x7FEB352D
         k = k ^ (k >> 15)

@@ -25,6 +25,20 @@ def test_triton_config_compiles_for_sm90_without_spills(cfg):
     assert not usage.problems, f"{cfg.label}: {usage.problems}"
 
 
+RANDOM_AS_ONE = _static_check.random_keys_as_one()
+
+
+def test_every_random_kernel_is_checked_with_its_keys_as_one():
+    names = {c.kernel.__name__ for c in RANDOM_AS_ONE}
+    assert {"sum_tree_sample_gather_kernel", "adam_kernel", "bias_gelu_forward_kernel"} <= names, names
+
+
+@pytest.mark.parametrize("cfg", RANDOM_AS_ONE, ids=[c.label for c in RANDOM_AS_ONE])
+def test_random_kernel_compiles_with_seed_one(cfg):
+    """A seed or draw counter of 1 reaches the kernel as a constexpr (Triton's specialisation): it must compile."""
+    assert not _static_check.triton_usage(cfg, arch=90).problems
+
+
 def _nvcc():
     return os.environ.get("DLCORE_NVCC") or shutil.which("nvcc")
 
