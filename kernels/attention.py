@@ -94,9 +94,9 @@ def attention_forward_kernel(Q, K, V, O, LSE, BIAS, KLEN,
                              HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr, DROPOUT: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)  # (head, batch) on grid axes 1 and 2: each may reach 65535, their product past it
+    b = tl.program_id(2)
+    bh = (b * H + h).to(tl.int64)  # int64: bh·LQ·LK offsets pass 2³¹ once B·H passes 65535
     hk = h // GROUP
     rows = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -166,7 +166,7 @@ def attention_split_forward_kernel(Q, K, V, PART_ACC, PART_ML, BIAS, KLEN,
     """Program (split, b·h): every row (LQ ≤ BM) over keys [split·CHUNK, (split+1)·CHUNK) ∩ what the rows can see;
     writes its unnormalised (acc [BM, BD], m [BM], l [BM]) partials."""
     split = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1)  # (b·h on one axis: this path runs only while B·H programs leave the GPU's SMs idle)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -218,9 +218,9 @@ def attention_backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KLEN,
                                    HAS_BIAS: tl.constexpr, HAS_KLEN: tl.constexpr, DROPOUT: tl.constexpr,
                                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)  # (head, batch) on grid axes 1 and 2: each may reach 65535, their product past it
+    b = tl.program_id(2)
+    bh = (b * H + h).to(tl.int64)  # int64: bh·LQ·LK offsets pass 2³¹ once B·H passes 65535
     hk = h // GROUP
     cols = pid_n * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
@@ -278,9 +278,9 @@ def attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, BIAS, KLEN,
                                  DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                                  PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)  # (head, batch) on grid axes 1 and 2: each may reach 65535, their product past it
+    b = tl.program_id(2)
+    bh = (b * H + h).to(tl.int64)  # int64: bh·LQ·LK offsets pass 2³¹ once B·H passes 65535
     hk = h // GROUP
     rows = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -396,6 +396,9 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _common(q, k, bias, klen, scale, window, dropout_p, seed):
     b, h, lq, d = q.shape
+    if b > 65535 or h > 65535:  # grid axes 1 (heads) and 2 (sequences): CUDA's limit on each
+        raise ValueError(f"the Triton attention takes at most 65535 sequences and 65535 heads per call, got "
+                         f"B={b}, H={h}")
     hk, lk = k.shape[1], k.shape[2]
     threshold = min(int(round(dropout_p * 2 ** 32)), 2 ** 32)
     drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
@@ -474,7 +477,7 @@ def forward(q, k, v, bias, klen, scale: float, window: tuple[int, int], dropout_
                                               num_stages=NUM_STAGES)
         return o, lse
     bm, bn, bd, warps = _blocks("forward", d, _heavy(bias, klen, dropout_p), gpu_tiles(q), q.dtype == torch.float32)
-    attention_forward_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, o, lse, bias_arg, klen_arg,
+    attention_forward_kernel.launch((triton.cdiv(lq, bm), h, b), q.device, q, k, v, o, lse, bias_arg, klen_arg,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
                                     BM=bm, BN=bn, BD=bd, num_warps=warps, num_stages=NUM_STAGES, **args)
     return o, lse
@@ -495,11 +498,11 @@ def backward(do, q, k, v, o, lse, bias, bias_grad: bool, klen, scale, window, dr
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *sb)
     bias_arg, klen_arg = (q if bias is None else bias), (q if klen is None else klen)
     bm, bn, bd, warps = _blocks("dkdv", d, heavy, gpu_tiles(q), q.dtype == torch.float32)
-    attention_backward_dkdv_kernel.launch((triton.cdiv(lk, bn), b * h), q.device, q, k, v, do, lse, delta, dk, dv,
+    attention_backward_dkdv_kernel.launch((triton.cdiv(lk, bn), h, b), q.device, q, k, v, do, lse, delta, dk, dv,
                                           bias_arg, klen_arg, *common, scale=scale, BM=bm, BN=bn, BD=bd,
                                           num_warps=warps, num_stages=NUM_STAGES, **args)
     bm, bn, bd, warps = _blocks("dq", d, heavy, gpu_tiles(q), q.dtype == torch.float32)
-    attention_backward_dq_kernel.launch((triton.cdiv(lq, bm), b * h), q.device, q, k, v, do, lse, delta, dq,
+    attention_backward_dq_kernel.launch((triton.cdiv(lq, bm), h, b), q.device, q, k, v, do, lse, delta, dq,
                                         q if dbias is None else dbias, bias_arg, klen_arg, *common, scale=scale,
                                         BIAS_GRAD=bias_grad, BM=bm, BN=bn, BD=bd, num_warps=warps,
                                         num_stages=NUM_STAGES, **args)

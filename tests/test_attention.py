@@ -221,6 +221,23 @@ def test_triton_dropout_with_a_seed_below_2_31():
         torch.testing.assert_close(o.double(), want, atol=2e-6, rtol=1e-5)
 
 
+def test_triton_attention_grid_limits_are_per_axis():
+    """Heads and sequences sit on grid axes 1 and 2 (CUDA: 65535 each), so B·H may pass 65535; a batch past 65535
+    is a ValueError naming B, never a launch failure. (seed 1 and B·H = 6: the interpreter runs the 3-D grid.)"""
+    if ("triton", "cpu") not in backend_device_pairs(A.FORWARD, torch.float32):
+        pytest.skip("triton is not available")
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(3, 2, 5, 16, generator=gen) for _ in range(3))
+    with dlcore.use_backend("triton"):
+        o, _ = A.attention_op(q, k, v, None, None, 0.25, -1, -1, 0.5, 1)
+    want, _ = A._reference_math(q.double(), k.double(), v.double(), None, None, 0.25, (-1, -1), 0.5, 1,
+                                math_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), want, atol=2e-6, rtol=1e-5)
+    big = torch.zeros(65536, 1, 1, 16)
+    with dlcore.use_backend("triton"), pytest.raises(ValueError, match="B=65536"):
+        A.attention_op(big, big, big, None, None, 0.25, -1, -1, 0.0, 0)
+
+
 def test_sdpa_under_autocast_runs_in_autocast_dtype():
     """As torch's SDPA on autocast's lower-precision list: fp32 inputs (and an additive mask) run in bf16 and return
     bf16, close to torch's own autocast result; float64 inputs stay float64."""

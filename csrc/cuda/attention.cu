@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_kernel(const AttnAr
   float* os = reinterpret_cast<float*>(ps + kBM * kLdP);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.HK);
+  // (head, batch) on grid axes y and z: each may reach 65535, their product past it
+  const int64_t h = blockIdx.y, b = blockIdx.z, bh = b * a.H + h, hk = h / (a.H / a.HK);
   const int64_t r0 = int64_t(blockIdx.x) * kBM;
   const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
   const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_dkdv_kernel(const BackArgs 
   float* delta_t = lse_t + kBM;
 
   const int tid = threadIdx.x;
-  const int64_t bhk = blockIdx.y, b = bhk / a.HK, hk = bhk % a.HK, group = a.H / a.HK;
+  const int64_t hk = blockIdx.y, b = blockIdx.z, group = a.H / a.HK;  // grid (key blocks, HK, B)
   const int64_t c0 = int64_t(blockIdx.x) * kBN;
   const int64_t klen = a.klen ? min(int64_t(a.klen[b]), a.LK) : a.LK;
   load_tile(ks, ldt, static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1], a.sk[2], c0, a.LK, a.D, Dp);
@@ -400,7 +401,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_dq_kernel(const BackArgs g)
   float* delta_t = lse_t + kBM;
 
   const int tid = threadIdx.x;
-  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.HK);
+  // (head, batch) on grid axes y and z: each may reach 65535, their product past it
+  const int64_t h = blockIdx.y, b = blockIdx.z, bh = b * a.H + h, hk = h / (a.H / a.HK);
   const int64_t r0 = int64_t(blockIdx.x) * kBM;
   const int64_t klen = a.klen ? min(int64_t(a.klen[b]), a.LK) : a.LK;
   load_tile(qs, ldt, static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1], a.sq[2], r0, a.LQ, a.D, Dp);
@@ -464,10 +466,11 @@ void launch_backward(const BackArgs& g, cudaStream_t stream) {
   const size_t kv_bytes = dkdv_smem_bytes(a.Dp, sizeof(T)), q_bytes = dq_smem_bytes(a.Dp, sizeof(T));
   allow_smem(flash_dkdv_kernel<T>, kv_bytes, a.D);
   allow_smem(flash_dq_kernel<T>, q_bytes, a.D);
-  flash_dkdv_kernel<T><<<dim3(unsigned((a.LK + kBN - 1) / kBN), unsigned(a.B * a.HK)), kThreads, kv_bytes,
-                         stream>>>(g);
+  flash_dkdv_kernel<T><<<dim3(unsigned((a.LK + kBN - 1) / kBN), unsigned(a.HK), unsigned(a.B)), kThreads,
+                         kv_bytes, stream>>>(g);
   DL_CUDA_CHECK_LAUNCH();
-  flash_dq_kernel<T><<<dim3(unsigned((a.LQ + kBM - 1) / kBM), unsigned(a.B * a.H)), kThreads, q_bytes, stream>>>(g);
+  flash_dq_kernel<T><<<dim3(unsigned((a.LQ + kBM - 1) / kBM), unsigned(a.H), unsigned(a.B)), kThreads, q_bytes,
+                       stream>>>(g);
   DL_CUDA_CHECK_LAUNCH();
 }
 
@@ -475,7 +478,7 @@ template <class T>
 void launch_forward(const AttnArgs& a, cudaStream_t stream) {
   const size_t bytes = smem_bytes(a.Dp, sizeof(T));
   allow_smem(flash_forward_kernel<T>, bytes, a.D);
-  const dim3 grid(unsigned((a.LQ + kBM - 1) / kBM), unsigned(a.B * a.H));
+  const dim3 grid(unsigned((a.LQ + kBM - 1) / kBM), unsigned(a.H), unsigned(a.B));
   flash_forward_kernel<T><<<grid, kThreads, bytes, stream>>>(a);
   DL_CUDA_CHECK_LAUNCH();
 }
@@ -488,7 +491,8 @@ AttnArgs make_args(int64_t q, int64_t k, int64_t v, int64_t bias, int64_t klen, 
                    int64_t win_r, uint64_t seed, uint64_t threshold, float drop_scale) {
   if (D < 1 || D > 256) throw std::invalid_argument("dlcore: CUDA attention takes head dims 1..256");
   if (HK < 1 || H % HK) throw std::invalid_argument("dlcore: query heads must be a multiple of key heads");
-  if (B * H > 65535) throw std::invalid_argument("dlcore: CUDA attention takes at most 65535 batch × heads");
+  if (B > 65535 || H > 65535)  // grid axes z and y
+    throw std::invalid_argument("dlcore: CUDA attention takes at most 65535 sequences and 65535 heads per call");
   AttnArgs a{};
   a.q = reinterpret_cast<const void*>(q), a.k = reinterpret_cast<const void*>(k);
   a.v = reinterpret_cast<const void*>(v), a.bias = reinterpret_cast<const void*>(bias);
