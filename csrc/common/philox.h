@@ -41,6 +41,14 @@ DL_HD double uniform53(uint64_t seed, uint64_t counter, uint32_t i) {
   return double(((uint64_t(r.w[0]) << 32) | r.w[1]) >> 11) * 0x1p-53;
 }
 
+// A stratified sample's offsets: `given` (offset b at given[b]), or, when given is null, element b of Philox draw
+// `counter` under `seed` — the CPU and CUDA sum-tree kernels' one reader of both.
+struct DrawOffsets {
+  const double* given;
+  uint64_t seed, counter;
+  DL_HD double at(int64_t b) const { return given ? given[b] : uniform53(seed, counter, uint32_t(b)); }
+};
+
 #if !defined(__CUDACC__)
 // The same words for 16 consecutive columns j0..j0+15 of row i at once (GCC vectors; the 32×32→64-bit products
 // become vpmuludq on AVX-512/AVX2). Returns a lane mask: all ones where the element is kept.

@@ -105,25 +105,17 @@ inline int64_t level_avx512(const double* base, int64_t* node, double* mass, int
 }
 #endif
 
-// The offsets of a stratified draw: given (offsets != nullptr, pointing at draw b0), or drawn from Philox as
-// dlcore.rl.sum_tree.draw_offsets does (element b of draw `counter` under `seed`).
-struct Offsets {
-  const double* given;
-  uint64_t seed, counter;
-  double operator()(int64_t b0, int64_t b) const {
-    return given ? given[b] : dlcore::uniform53(seed, counter, uint32_t(b0 + b));
-  }
-};
-
-// Draws [b0, b1) of a batch of `batch`: node/weight point at draw b0.
-void descend(const double* tree, const double* min_tree, const int64_t* levels, int depth, const Offsets& offsets,
+// Draws [b0, b1) of a batch of `batch` (offsets indexed by draw): node/weight point at draw b0.
+void descend(const double* tree, const double* min_tree, const int64_t* levels, int depth,
+             const dlcore::DrawOffsets& offsets,
              int64_t b0, int64_t b1, int64_t batch_total, double beta, int64_t* node, void* weight, bool weight_f32) {
   const double total = tree[0];
   const int64_t batch = b1 - b0;
   std::vector<double> mass(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
     // stratum b of B: mass (b + u_b)·total/B, kept below the total
-    mass[b] = std::min((double(b0 + b) + offsets(b0, b)) * (total / double(batch_total)), total * (1.0 - 0x1p-52));
+    const double u = offsets.at(b0 + b);
+    mass[b] = std::min((double(b0 + b) + u) * (total / double(batch_total)), total * (1.0 - 0x1p-52));
     node[b] = 0;
   }
   for (int level = 1; level <= depth; ++level) {  // one 8-ary level (three binary levels) of every descent per pass
@@ -152,15 +144,14 @@ int sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int depth, int
                   const std::vector<int64_t>& dsts, const std::vector<int64_t>& row_bytes, int64_t limit,
                   uint64_t seed, uint64_t counter) {
   int status = 0;
-  const double* given = reinterpret_cast<const double*>(offsets);
+  const dlcore::DrawOffsets draw{reinterpret_cast<const double*>(offsets), seed, counter};
   const bool split = batch >= kSplitBatch && omp_get_max_threads() > 1;  // torch.set_num_threads(1) holds
 #pragma omp parallel num_threads(2) if (split) reduction(| : status)
   {
     const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
     const int64_t b0 = batch * part / parts, b1 = batch * (part + 1) / parts;
-    const Offsets part_offsets{given ? given + b0 : nullptr, seed, counter};
     descend(reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
-            reinterpret_cast<const int64_t*>(levels), depth, part_offsets, b0, b1,
+            reinterpret_cast<const int64_t*>(levels), depth, draw, b0, b1,
             batch, beta, reinterpret_cast<int64_t*>(out_index) + b0,
             reinterpret_cast<char*>(out_weight) + b0 * (weight_f32 ? sizeof(float) : sizeof(double)), weight_f32);
     if (!srcs.empty() && b1 > b0) {
@@ -325,16 +316,17 @@ std::tuple<int, double> update(int64_t tree, int64_t min_tree, int64_t levels, i
 
 void draw_offsets(uint64_t seed, uint64_t counter, int64_t n, int64_t out) {
   double* o = reinterpret_cast<double*>(out);
-  for (int64_t i = 0; i < n; ++i) o[i] = dlcore::uniform53(seed, counter, uint32_t(i));
+  const dlcore::DrawOffsets draw{nullptr, seed, counter};
+  for (int64_t i = 0; i < n; ++i) o[i] = draw.at(i);
 }
 
 }  // namespace
 
 void register_sum_tree(py::module_& m) {
   m.def("sum_tree_sample_gather", &sample_gather,
-        "Stratified descents of the 8-ary sum-tree (offsets 0: drawn from Philox (seed, counter)) (leaf index, weight (p/p_min)^-beta as float64, or float32 when "
-        "weight_f32), then rows index of every "
-        "source (addresses and row sizes in bytes; none: no gather); 1 if a row index is out of [0, limit)",
+        "Stratified descents of the 8-ary sum-tree (offsets 0: drawn from Philox (seed, counter)): leaf index, "
+        "weight (p/p_min)^-beta as float64, or float32 when weight_f32; then rows index of every source (addresses "
+        "and row sizes in bytes; none: no gather); 1 if a row index is out of [0, limit)",
         py::arg("tree"), py::arg("min_tree"), py::arg("levels"), py::arg("depth"), py::arg("offsets"),
         py::arg("batch"), py::arg("beta"), py::arg("out_index"), py::arg("out_weight"), py::arg("weight_f32"),
         py::arg("srcs"), py::arg("dsts"), py::arg("row_bytes"), py::arg("limit"), py::arg("seed") = 0,

@@ -37,15 +37,6 @@ __device__ __forceinline__ bool pick(double& mass, double left, double right) {
   return go_right;
 }
 
-// The strata's offsets: given (a device array), or Philox draw `counter` under `seed` when given is null.
-struct Offsets {
-  const double* given;
-  uint64_t seed, counter;
-  __device__ double operator[](int b) const {
-    return given ? given[b] : dlcore::uniform53(seed, counter, uint32_t(b));
-  }
-};
-
 // Where the weights go: float64, or float32 (computed in float64, rounded once by the store).
 struct Weights {
   void* out;
@@ -60,11 +51,11 @@ struct Weights {
 
 // Stratum b's descent; stores its leaf index and weight and returns the leaf index.
 __device__ int64_t descend(const double* __restrict__ tree, const double* __restrict__ min_tree,
-                           const int64_t* __restrict__ levels, int depth, const Offsets& offsets,
+                           const int64_t* __restrict__ levels, int depth, const dlcore::DrawOffsets& offsets,
                            int64_t* __restrict__ out_index, const Weights& out_weight, int b, int batch,
                            double beta) {
   const double total = tree[0];
-  double mass = fmin((b + offsets[b]) * (total / batch), total * (1.0 - 0x1p-52));
+  double mass = fmin((b + offsets.at(b)) * (total / batch), total * (1.0 - 0x1p-52));
   int64_t node = 0;
   for (int level = 1; level <= depth; ++level) {
     const double* c = tree + levels[level] + 8 * node;
@@ -84,7 +75,7 @@ __device__ int64_t descend(const double* __restrict__ tree, const double* __rest
 
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
-                  const int64_t* __restrict__ levels, int depth, Offsets offsets,
+                  const int64_t* __restrict__ levels, int depth, dlcore::DrawOffsets offsets,
                   int64_t* __restrict__ out_index, Weights out_weight, int batch, double beta) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b < batch) descend(tree, min_tree, levels, depth, offsets, out_index, out_weight, b, batch, beta);
@@ -100,7 +91,7 @@ struct Fields {
 
 __global__ void __launch_bounds__(kGatherThreads)
     sample_gather_kernel(const double* __restrict__ tree, const double* __restrict__ min_tree,
-                         const int64_t* __restrict__ levels, int depth, Offsets offsets,
+                         const int64_t* __restrict__ levels, int depth, dlcore::DrawOffsets offsets,
                          int64_t* __restrict__ out_index, Weights out_weight, const Fields fields, int batch,
                          double beta) {
   __shared__ int64_t rows[kGatherThreads];
@@ -160,7 +151,8 @@ void sum_tree_sample(int64_t tree, int64_t min_tree, int64_t levels, int64_t dep
   sample_kernel<<<blocks, kSampleThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
       reinterpret_cast<const int64_t*>(levels), int(depth),
-      Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
+      dlcore::DrawOffsets{reinterpret_cast<const double*>(offsets), seed, counter},
+      reinterpret_cast<int64_t*>(out_index),
       Weights{reinterpret_cast<void*>(out_weight), false}, int(batch), beta);
   DL_CUDA_CHECK_LAUNCH();
 }
@@ -183,7 +175,8 @@ void sum_tree_sample_gather(int64_t tree, int64_t min_tree, int64_t levels, int6
   sample_gather_kernel<<<blocks, kGatherThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const double*>(tree), reinterpret_cast<const double*>(min_tree),
       reinterpret_cast<const int64_t*>(levels), int(depth),
-      Offsets{reinterpret_cast<const double*>(offsets), seed, counter}, reinterpret_cast<int64_t*>(out_index),
+      dlcore::DrawOffsets{reinterpret_cast<const double*>(offsets), seed, counter},
+      reinterpret_cast<int64_t*>(out_index),
       Weights{reinterpret_cast<void*>(out_weight), weight_f32}, fields, int(batch), beta);
   DL_CUDA_CHECK_LAUNCH();
 }
