@@ -77,10 +77,10 @@ def test_param_groups_tensor_lr_and_missing_grads(backend, device):
     nets = [small_net(device, torch.float32, SEED) for _ in range(2)]
     oracle = small_net(device, torch.float64, SEED)
 
-    def groups(net, lr):
+    def groups(net, lr):  # groups of generators, as `{"params": model.head.parameters()}` gives
         ps = list(net.parameters())
-        return [{"params": ps[:2], "lr": lr, "betas": (0.5, 0.9)}, {"params": ps[2:4], "weight_decay": 0.2},
-                {"params": ps[4:]}]
+        return [{"params": iter(ps[:2]), "lr": lr, "betas": (0.5, 0.9)},
+                {"params": (p for p in ps[2:4]), "weight_decay": 0.2}, {"params": ps[4:]}]
 
     frozen = lambda net: list(net.parameters())[-1].requires_grad_(False)  # noqa: E731  (no grad: not stepped)
     for n in (*nets, oracle):
@@ -92,6 +92,23 @@ def test_param_groups_tensor_lr_and_missing_grads(backend, device):
     for g, r, w in zip(got, ref, want):
         assert max_error(g, w) <= 2 * max_error(r, w) + 5e-6, f"seed {SEED}"
     assert torch.equal(got[-1], list(small_net(device, torch.float32, SEED).parameters())[-1].detach())
+
+
+def test_add_param_group_takes_generators_and_refuses_sets():
+    stock, ours = small_net("cpu", torch.float32, SEED), small_net("cpu", torch.float32, SEED)
+    opts = []
+    for net, cls in ((stock, torch.optim.Adam), (ours, dlcore.optim.Adam)):
+        opt = cls(net[0].parameters(), lr=1e-2)
+        opt.add_param_group({"params": net[3].parameters(), "lr": 3e-2})
+        opt.add_param_group({"params": net[5].weight})
+        opts.append(opt)
+    assert [len(g["params"]) for g in opts[1].param_groups] == [2, 2, 1]
+    batches = make_batches(5, "cpu", SEED)
+    for g, r in zip(train(ours, opts[1], batches), train(stock, opts[0], batches)):
+        assert max_error(g, r) <= 1e-5, f"seed {SEED}"
+    assert len(opts[1].state) == 5
+    with pytest.raises(TypeError, match="set"):
+        opts[1].add_param_group({"params": {ours[5].bias}})
 
 
 def _rand_lists(n_elems, device, dtype, state_dtype, amsgrad=False, master=False, seed=0):

@@ -99,7 +99,9 @@ class Adam(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not isinstance(params, set):  # (torch's add_param_group raises for a set: sets have no order)
+            # listed once, here: a generator (`model.head.parameters()`) would otherwise reach torch exhausted
+            params = param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
         state_dtype = param_group.get("state_dtype", self.defaults["state_dtype"])
         for i, p in enumerate(params):
             if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
