@@ -250,6 +250,42 @@ def test_seeded_reproducible_and_exact_save_load(cls, tmp_path):
         assert all(torch.equal(after["storage"][k], v) for k, v in before["storage"].items())
 
 
+def test_a_state_of_another_kind_or_capacity_is_refused_before_anything_is_replaced():
+    from dlcore.rl import FrameStackReplayBuffer, PrioritizedFrameStackReplayBuffer
+
+    def filled(buf):
+        if isinstance(buf, FrameStackReplayBuffer):
+            for t in range(6):
+                frame = torch.full((2, 2), t, dtype=torch.uint8)
+                buf.add(frame, t, 1.0, frame + 1, terminated=t == 5)
+        else:
+            buf.extend(obs=torch.randn(6, 3))
+        return buf
+
+    kinds = [ReplayBuffer, PrioritizedReplayBuffer, lambda c: FrameStackReplayBuffer(c, frame_shape=(2, 2)),
+             lambda c: PrioritizedFrameStackReplayBuffer(c, frame_shape=(2, 2))]
+    cases = [(1, 0, "sum-tree"), (2, 0, "no episodes"), (3, 1, "no episodes"), (3, 2, "sum-tree"),
+             (0, 0, "capacity"), (1, 1, "capacity"), (3, 3, "capacity")]
+    for into, saved, message in cases:
+        target = filled(kinds[into](32))
+        state = filled(kinds[saved](32 if message != "capacity" else 16)).state_dict()
+        before = target.state_dict()
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(state)
+        after = target.state_dict()
+        assert after["size"] == before["size"] and after["pos"] == before["pos"]
+        assert all(torch.equal(after["storage"][k], v) for k, v in before["storage"].items())
+    filled(kinds[0](16)).load_state_dict(filled(kinds[1](16)).state_dict())  # priorities dropped: loads
+
+
+def test_a_device_that_cannot_hold_tensors_is_refused_at_construction():
+    device = "cuda" if not torch.cuda.is_available() else "cuda:99"
+    with pytest.raises(ValueError, match="device="):
+        ReplayBuffer(8, device=device)
+    with pytest.raises(ValueError, match="device="):
+        PrioritizedReplayBuffer(8, device=device)
+
+
 def test_actor_adds_while_learner_samples():
     buf = PrioritizedReplayBuffer(500, seed=SEED)
     buf.extend(obs=torch.zeros(1, 4), action=torch.zeros(1, dtype=torch.int64))

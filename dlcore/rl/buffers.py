@@ -40,6 +40,10 @@ class ReplayBuffer:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = int(capacity)
         self.device = torch.device(device)
+        try:  # storage is allocated at the first add: say now, not then, that this device cannot hold it
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as err:  # (torch without CUDA raises an AssertionError)
+            raise ValueError(f"device={str(device)!r} cannot hold tensors in this process: {err}") from err
         self._storage: dict[str, torch.Tensor] = {}
         self._pos = 0
         self._size = 0
@@ -165,10 +169,23 @@ class ReplayBuffer:
                     "storage": {k: v.clone() for k, v in self._storage.items()},
                     "generator": self._gen.get_state()}
 
+    def _require(self, state: Mapping, keys: tuple) -> None:
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing}: a {type(self).__name__} loads the state_dict() of its own kind "
+                             "(a buffer without priorities saves no sum-tree; one without frames no episodes)")
+
+    def _check_state(self, state: Mapping) -> None:
+        """Raise ValueError, before anything is replaced, unless `state` is a state_dict() this buffer can load
+        (each subclass checks its own part after its parent's)."""
+        self._require(state, ("capacity", "pos", "size", "storage", "generator"))
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"state has capacity {state['capacity']}, this buffer {self.capacity}")
+
     def load_state_dict(self, state: dict) -> None:
+        """Replace everything stored (and the sampling generator's state) by a `state_dict()`'s copy."""
         with self._lock:
-            if state["capacity"] != self.capacity:
-                raise ValueError(f"state has capacity {state['capacity']}, this buffer {self.capacity}")
+            self._check_state(state)
             self._storage = {k: _memory.rows(tuple(v.shape), v.dtype, self.device).copy_(v)
                              for k, v in state["storage"].items()}
             self._plan = None
@@ -176,6 +193,7 @@ class ReplayBuffer:
             self._gen.set_state(state["generator"])
 
     def save(self, path) -> None:
+        """torch.save of `state_dict()` (storage, positions, generator state) to `path`; `load(path)` restores it."""
         torch.save(self.state_dict(), path)
 
     def __getstate__(self) -> dict:
@@ -192,6 +210,7 @@ class ReplayBuffer:
         self._plan = None  # (also absent from buffers pickled before it existed)
 
     def load(self, path) -> None:
+        """Restore, into this buffer (same kind and capacity), what `save(path)` wrote."""
         self.load_state_dict(torch.load(path, weights_only=False))
 
 
@@ -286,10 +305,14 @@ class PrioritizedReplayBuffer(ReplayBuffer):
                          draw_seed=self._draw_seed)
             return state
 
+    def _check_state(self, state: Mapping) -> None:
+        super()._check_state(state)
+        self._require(state, ("tree_sum", "tree_min", "max_priority", "samples_drawn"))
+        self._tree.check_saved(state["tree_sum"], state["tree_min"])
+
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
-            self._tree.check_saved(state["tree_sum"], state["tree_min"])  # before anything is replaced
-            super().load_state_dict(state)
+            super().load_state_dict(state)  # (checks the whole state first)
             self._tree.load_trees(state["tree_sum"], state["tree_min"])
             self._max_priority = float(state["max_priority"])
             self._samples_drawn = int(state["samples_drawn"])

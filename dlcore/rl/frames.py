@@ -276,12 +276,16 @@ class FrameStackReplayBuffer(ReplayBuffer):
                                  "gamma": self.gamma, "padding": self.padding})
             return state
 
+    def _check_state(self, state) -> None:
+        super()._check_state(state)
+        self._require(state, ("episode", "episode_steps", "count", "layout"))
+        layout = {"frame_shape": self.frame_shape, "stack": self.stack, "n_step": self.n_step,
+                  "gamma": self.gamma, "padding": self.padding}
+        if state["layout"] != layout:
+            raise ValueError(f"state was saved with {state['layout']}, this buffer has {layout}")
+
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
-            layout = {"frame_shape": self.frame_shape, "stack": self.stack, "n_step": self.n_step,
-                      "gamma": self.gamma, "padding": self.padding}
-            if state.get("layout") != layout:
-                raise ValueError(f"state was saved with {state.get('layout')}, this buffer has {layout}")
             super().load_state_dict(state)
             self._views = None
             self._episode, self._steps, self._count = state["episode"], state["episode_steps"], state["count"]
