@@ -40,6 +40,29 @@ class Progress:
             self._bar.stop()
 
 
+# Integer options are sizes, counts and periods (`step % eval_every`, `(s + 1) / warmup`): argparse refuses one
+# below 1, naming the flag, instead of a ZeroDivisionError or an empty history deep in a run. These few may be 0,
+# and a seed may be anything.
+ZERO_ALLOWED = frozenset({"learning_starts", "pretrain_steps", "solve_episodes", "top"})  # (solve_episodes 0: no goal)
+ANY_INT = frozenset({"seed"})
+
+
+def int_at_least(lowest: int):
+    """An argparse `type`: an int ≥ lowest (argparse then reports "argument --x: must be ≥ …, got …")."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # (argparse names the type in its "invalid int value" message)
+    return parse
+
+
+def int_option(name: str):
+    return int if name in ANY_INT else int_at_least(0 if name in ZERO_ALLOWED else 1)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """One --flag per field of the dataclass instance `defaults` (bools as --x/--no-x, tuples as lists)."""
     for name, value in asdict(defaults).items():
@@ -47,17 +70,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, defaults) -> None:
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif isinstance(value, (tuple, list)):
-            parser.add_argument(flag, type=int, nargs="+", default=list(value))
+            parser.add_argument(flag, type=int_option(name), nargs="+", default=list(value))
         elif value is None:
             parser.add_argument(flag, default=None)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=int_option(name) if isinstance(value, int) else type(value),
+                                default=value)
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, batch: int, compile_option: bool = True) -> None:
     """The options every `dlcore profile <model>` takes (its model-specific ones are added beside them)."""
-    parser.add_argument("--batch", type=int, default=batch)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int_option("batch"), default=batch)
+    parser.add_argument("--steps", type=int_option("steps"), default=3,
+                        help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast")
     if compile_option:
         parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd stock twin")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dlcore import registry
-from dlcore.models._training import dataclass_arguments
+from dlcore.models._training import dataclass_arguments, int_option
 from dlcore.models._vision import ClassifierTrainConfig, classifier_run
 from dlcore.nn import Conv2dReLU, Conv2dReLUMaxPool2d, Dropout, Linear, LinearReLUDropout
 from dlcore.ops.batch_norm import as_layout
@@ -130,8 +130,8 @@ def profile(batch: int = 16, image_size: int = 224, steps: int = 3, autocast: bo
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
     from dlcore.models._training import add_profile_arguments
 
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--top", type=int, default=8, help="rows of torch.profiler's kernel table")
+    p.add_argument("--image-size", type=int_option("image_size"), default=224)
+    p.add_argument("--top", type=int_option("top"), default=8, help="rows of torch.profiler's kernel table")
     add_profile_arguments(p, batch=16)
 
 

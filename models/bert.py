@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import _eager, registry
-from dlcore.models._training import dataclass_arguments, write_summary
+from dlcore.models._training import dataclass_arguments, int_option, write_summary
 from dlcore.nn import Linear
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.bias_gelu import linear_gelu
@@ -444,7 +444,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     from dlcore.models._training import add_profile_arguments
 
     p.add_argument("--config", choices=sorted(PROFILE_CONFIGS), default="bench-cpu")
-    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--length", type=int_option("length"), default=128)
     add_profile_arguments(p, batch=8)
 
 

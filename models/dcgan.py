@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, registry
-from dlcore.models._training import dataclass_arguments, write_summary
+from dlcore.models._training import dataclass_arguments, int_option, write_summary
 
 
 def _levels(image_size: int) -> int:
@@ -239,7 +239,7 @@ def profile(batch: int = 64, image_size: int = 64, steps: int = 3, autocast: boo
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
     from dlcore.models._training import add_profile_arguments
 
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int_option("image_size"), default=64)
     add_profile_arguments(p, batch=64)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, patching, registry
-from dlcore.models._training import dataclass_arguments
+from dlcore.models._training import dataclass_arguments, int_option
 from dlcore.models._vision import ClassifierTrainConfig, classifier_run
 
 
@@ -226,7 +226,7 @@ def _profile_arguments_for(default_batch: int):
     def add(p: argparse.ArgumentParser) -> None:
         from dlcore.models._training import add_profile_arguments
 
-        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--image-size", type=int_option("image_size"), default=224)
         p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
         add_profile_arguments(p, batch=default_batch)
     return add

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dlcore import registry
-from dlcore.models._training import dataclass_arguments, write_summary
+from dlcore.models._training import dataclass_arguments, int_option, write_summary
 from dlcore.ops.additive_attention import BahdanauAttention
 from dlcore.ops.attention import scaled_dot_product_attention
 from dlcore.ops.cross_entropy import linear_cross_entropy
@@ -313,7 +313,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--attention", choices=["bahdanau", "luong"], default="bahdanau")
     p.add_argument("--rnn", choices=["gru", "lstm"], default="gru")
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int_option("hidden"), default=128)
     add_profile_arguments(p, batch=64, compile_option=False)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcore import blocks, registry
-from dlcore.models._training import dataclass_arguments, write_summary
+from dlcore.models._training import dataclass_arguments, int_option, write_summary
 from dlcore.models import resnet
 from dlcore.ops.nt_xent import nt_xent_loss
 
@@ -264,8 +264,8 @@ def profile(batch: int = 64, image_size: int = 32, width: int = 64, steps: int =
 def _profile_arguments(p: argparse.ArgumentParser) -> None:
     from dlcore.models._training import add_profile_arguments
 
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--width", type=int, default=64, help="the ResNet-18 encoder's first-stage channels")
+    p.add_argument("--image-size", type=int_option("image_size"), default=32)
+    p.add_argument("--width", type=int_option("width"), default=64, help="the ResNet-18 encoder's first-stage channels")
     add_profile_arguments(p, batch=64)
 
 

@@ -82,3 +82,19 @@ def test_import_installs_no_top_level_kernels_or_models_module():
     proc = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kernels'), "
                            "u.find_spec('models'))"], capture_output=True, text=True, cwd="/", timeout=120)
     assert proc.stdout.strip() == "None None", proc.stdout + proc.stderr
+
+
+def test_cli_refuses_sizes_counts_and_periods_below_one(capsys):
+    from dlcore import cli
+
+    for argv, flag in ((["train", "gpt", "--steps", "0"], "--steps"), (["train", "dqn", "--eval-every", "0"],
+                       "--eval-every"), (["profile", "alexnet", "--batch", "-2"], "--batch"),
+                       (["train", "transformer", "--warmup", "0"], "--warmup"),
+                       (["profile", "bert", "--length", "0"], "--length")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (not an int at all: argparse's own message)
+        cli.main(["train", "gpt", "--steps", "many"])
+    assert "invalid int value: 'many'" in capsys.readouterr().err
