@@ -457,7 +457,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="enable_gqa"):
         scaled_dot_product_attention(q, kv, kv)
     big = torch.randn(1, 1, 4, 300)
-    with pytest.raises(ValueError, match="head dim 300"):
+    with dlcore.use_backend("cpu"), pytest.raises(dlcore.BackendUnavailableError, match="head dims up to 256"):
         scaled_dot_product_attention(big, big, big)
     x = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="attn_mask"):
@@ -502,3 +502,17 @@ def test_torch_2_13_semantics_mask_with_causal_broadcast_kv_and_empty_queries():
     assert out.shape == (2, 3, 0, 8)
     out.sum().backward()
     assert all(t.grad is not None and not t.grad.any() for t in leaves)
+    # no key at all: zeros that backward runs through too (was outside the graph); a NaN query keeps them zeros
+    # (torch's SDPA then returns NaN everywhere, every batch element's rows included)
+    leaves = [t.clone().requires_grad_() for t in (q, k[:, :, :0], v[:, :, :0])]
+    assert torch.equal(scaled_dot_product_attention(*leaves), F.scaled_dot_product_attention(*leaves))
+    with torch.no_grad():
+        leaves[0][0, 0, 0, 0] = float("nan")
+    out = scaled_dot_product_attention(*leaves)
+    assert out.requires_grad and out.shape == (2, 3, 5, 8) and not out.any()
+    out.sum().backward()
+    assert all(t.grad is not None and not t.grad.any() for t in leaves)
+    # head dims over the flash kernels' 256 (torch takes any): the reference runs them, gradients included
+    big = [torch.randn(1, 2, n, 288, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7)]
+    torch.testing.assert_close(torch.autograd.grad(scaled_dot_product_attention(*big).square().sum(), big),
+                               torch.autograd.grad(F.scaled_dot_product_attention(*big).square().sum(), big))

@@ -235,13 +235,15 @@ def cuda_backward(do, q, k, v, o, lse, bias, bias_grad, klen, scale, window, dro
 
 # ---------------------------------------------------------------------------------------------------- custom ops
 def _launcher(name: str, q: torch.Tensor, v: torch.Tensor):
-    """The dispatch choice, except that a value head dim unlike the query's (torch allows it), or fp32 on a GPU at a
-    head dim the Triton tables have no tiles for, runs the reference unless a backend was asked for by name (then
-    BackendUnavailableError says why)."""
+    """The dispatch choice, except that a value head dim unlike the query's or a head dim over MAX_HEAD_DIM (torch
+    allows both), or fp32 on a GPU at a head dim the Triton tables have no tiles for, runs the reference (which forms
+    the L×S matrix) unless a backend was asked for by name (then BackendUnavailableError says why)."""
     backend, launch = _dispatch.select(name, q.device, q.dtype)
     why = None
     if backend != "reference" and v.shape[-1] != q.shape[-1]:
         why = f"needs value head dim == query head dim, got {v.shape[-1]} and {q.shape[-1]}"
+    elif backend != "reference" and q.shape[-1] > MAX_HEAD_DIM:
+        why = f"supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
     elif backend == "triton":
         from dlcore.kernels import attention as kernel
 
@@ -347,8 +349,6 @@ def _check_qkv(q, k, v, enable_gqa: bool) -> None:
         raise ValueError(f"key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}")
     if k.shape[-2] != v.shape[-2] or k.shape[-3] != v.shape[-3]:
         raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} differ in heads or length")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {max(q.shape[-1], v.shape[-1])} is over the supported maximum {MAX_HEAD_DIM}")
     hq, hk = q.shape[-3], k.shape[-3]
     if hq != hk and not (hk == 1 or enable_gqa and hk > 0 and hq % hk == 0):  # (one key/value head broadcasts)
         raise ValueError(f"query has {hq} heads and key/value {hk}: " + (
@@ -397,6 +397,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     take part — right-padded batches, whose padded key blocks the kernel then skips (the variable-length path);
     window_size (left, right): query i sees keys i-left..i+right (-1 = unbounded).
     A query row that sees no key returns zeros (as torch). fp32, fp16, bf16 (fp32 math inside) and float64.
+    Head dims up to 256 run the flash kernels; larger ones (or a value head dim unlike the query's) the reference,
+    which forms the L×S matrix, unless a backend was asked for by name (then an error).
     Under autocast, floating inputs (float64 aside) run in autocast's dtype, as torch's SDPA does.
     """
     query, key, value, attn_mask, key_padding_mask = _eager.autocast_inputs(query, key, value, attn_mask,
@@ -433,9 +435,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         klen = key_lengths.reshape(batch).to(torch.int32)
     if lq == 0 or lk == 0 or batch == 0 or hq == 0:
         shape = (*lead, hq, lq, value.shape[-1])
-        if math.prod(shape) == 0:  # an empty result stays in the graph: backward gives zero gradients, as torch's
-            return (query.sum(-1, keepdim=True) * 0 + key.sum() * 0 + value.sum() * 0).expand(shape)
-        return query.new_zeros(shape)  # (no key at all: zeros, outside the graph as torch's)
+        # zeros (a query that sees no key), in the graph as torch's: backward gives every input a zero gradient
+        # (a where, not a product by 0, which would turn a NaN or inf input into NaN)
+        inputs = query.sum(-1, keepdim=True) + key.sum() + value.sum()
+        return torch.where(torch.zeros((), dtype=torch.bool, device=query.device), inputs, 0.0).expand(shape)
     if key.shape[:-3] != tuple(lead):  # batch dims of size 1 broadcast over query's, as torch's
         key, value = (t.expand(*lead, *t.shape[-3:]).contiguous() for t in (key, value))
     scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
