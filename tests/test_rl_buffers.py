@@ -566,6 +566,27 @@ def test_n_step_returns_stop_at_episode_ends():
     assert len(buf) == 8 and sum(emitted) == 8
     with pytest.raises(ValueError, match="num_envs=2"):
         writer.step(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3), torch.zeros(3, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="truncated must have a leading dimension"):
+        writer.step(torch.zeros(2, 2), torch.zeros(2), torch.zeros(2), torch.zeros(2, 2), torch.zeros(2),
+                    torch.zeros(3))
+
+
+def test_n_step_returns_of_a_truncated_episode_still_bootstrap():
+    from dlcore.rl import NStepWriter
+
+    buf = ReplayBuffer(100, seed=0)
+    writer = NStepWriter(buf, n=3, gamma=0.5)
+    # rewards 1, 2 then a time limit (truncated, not terminated), then a new episode: 4, 8, 16 (terminated)
+    steps = [(1, False, False), (2, False, True), (4, False, False), (8, False, False), (16, True, False)]
+    for t, (r, terminated, truncated) in enumerate(steps):
+        writer.step(torch.tensor([[float(t)]]), torch.tensor([t]), torch.tensor([float(r)]),
+                    torch.tensor([[t + 100.0]]), torch.tensor([terminated]), torch.tensor([truncated]))
+    got = {int(o): (float(r), bool(d), float(g), int(n)) for o, r, d, g, n in
+           zip(*(buf._storage[k][:len(buf)].flatten() for k in ("obs", "reward", "done", "discount", "next_obs")))}
+    # t: (n-step reward, done, discount, next_obs); the truncated episode's windows end at its last step, done False
+    assert got == {0: (1 + 0.5 * 2, False, 0.25, 101), 1: (2, False, 0.5, 101),
+                   2: (4 + 0.5 * 8 + 0.25 * 16, True, 0.125, 104), 3: (8 + 0.5 * 16, True, 0.25, 104),
+                   4: (16, True, 0.5, 104)}
 
 
 def test_repr_names_the_settings():
